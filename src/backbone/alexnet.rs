@@ -1,0 +1,61 @@
+//! torchvision AlexNet's convolutional part (`features`), the paper's feature extractor.
+//! Max-pools use our differentiable op so input gradients reach the pixels (localization).
+
+use super::{expect_shape, get, Backbone, BackboneKind};
+use crate::error::Result;
+use crate::ops::max_pool2d;
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?.relu()?)
+    }
+}
+
+pub struct AlexNet {
+    convs: Vec<Conv>,
+}
+
+/// (torchvision index, out, in, kernel, stride, padding) of the five convolutions.
+pub const LAYERS: [(usize, usize, usize, usize, usize, usize); 5] =
+    [(0, 64, 3, 11, 4, 2), (3, 192, 64, 5, 1, 2), (6, 384, 192, 3, 1, 1), (8, 256, 384, 3, 1, 1), (10, 256, 256, 3, 1, 1)];
+
+impl AlexNet {
+    /// Builds from torchvision key names (`features.{0,3,6,8,10}.{weight,bias}`).
+    pub fn new(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Self> {
+        let mut convs = vec![];
+        for (idx, o, i, k, stride, padding) in LAYERS {
+            let wn = format!("features.{idx}.weight");
+            let bn = format!("features.{idx}.bias");
+            let weight = get(tensors, &wn, path)?;
+            let bias = get(tensors, &bn, path)?;
+            expect_shape(&weight, &[o, i, k, k], &wn, path)?;
+            expect_shape(&bias, &[o], &bn, path)?;
+            convs.push(Conv { weight, bias, stride, padding });
+        }
+        Ok(AlexNet { convs })
+    }
+}
+
+impl Backbone for AlexNet {
+    fn kind(&self) -> BackboneKind {
+        BackboneKind::Alexnet
+    }
+    fn feature_maps(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.convs;
+        let x = max_pool2d(&c[0].forward(x)?, 3, 2)?;
+        let x = max_pool2d(&c[1].forward(&x)?, 3, 2)?;
+        let x = c[4].forward(&c[3].forward(&c[2].forward(&x)?)?)?;
+        Ok(max_pool2d(&x, 3, 2)?)
+    }
+}

