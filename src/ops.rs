@@ -14,6 +14,29 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f3
     }
 }
 
+/// dst += a·src, with AVX2+FMA when the processor has them (checked once).
+fn axpy(dst: &mut [f32], src: &[f32], a: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *FAST.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            // SAFETY: the features were detected on this processor.
+            return unsafe { axpy_avx2(dst, src, a) };
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += a * s;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(dst: &mut [f32], src: &[f32], a: f32) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.mul_add(a, *d);
+    }
+}
+
 struct Atan;
 
 impl CustomOp1 for Atan {
@@ -127,53 +150,71 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
     x.contiguous()?.apply_op1(MaxPool { k: kernel, s: stride })
 }
 
-/// Depthwise convolution (groups = channels) on an already padded NCHW input, with the
-/// per-channel bias and optional ReLU6 fused. Weight shape [C, 1, k, k].
-struct Depthwise {
+/// Direct k×k convolution for the two cases EfficientNet needs, dense with few input channels
+/// (the stem) and depthwise (groups = channels), with zero padding, bias and optional ReLU6
+/// fused into one pass. Weight [O, C/groups, k, k]; padding (top, bottom, left, right).
+struct DirectConv {
     stride: usize,
+    pad: (usize, usize, usize, usize),
     bias: Vec<f32>,
     relu6: bool,
+    depthwise: bool,
 }
 
-impl CustomOp2 for Depthwise {
+impl CustomOp2 for DirectConv {
     fn name(&self) -> &'static str {
-        "depthwise_conv2d"
+        "direct_conv2d"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "depthwise_conv2d")?;
-        let wt = contiguous_f32(s2, l2, "depthwise_conv2d")?;
+        let x = contiguous_f32(s1, l1, "direct_conv2d")?;
+        let wt = contiguous_f32(s2, l2, "direct_conv2d")?;
         let (n, c, h, w) = l1.shape().dims4()?;
-        let (wc, _, k, _) = l2.shape().dims4()?;
-        if wc != c || h < k || w < k {
-            candle_core::bail!("depthwise_conv2d: input {:?} does not fit weight {:?}", l1.shape(), l2.shape())
+        let (o, wc, k, _) = l2.shape().dims4()?;
+        let (pt, pb, pl, pr) = self.pad;
+        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        let fits = if self.depthwise { o == c && wc == 1 } else { wc == c };
+        if !fits || hp < k || wp < k || self.bias.len() != o {
+            candle_core::bail!("direct_conv2d: input {:?} does not fit weight {:?}", l1.shape(), l2.shape())
         }
         let s = self.stride;
-        let (oh, ow) = ((h - k) / s + 1, (w - k) / s + 1);
-        let mut out = vec![0f32; n * c * oh * ow];
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, o)| {
-            let ch = p % c;
+        let (oh, ow) = ((hp - k) / s + 1, (wp - k) / s + 1);
+        // Every input plane is copied once into a zero-padded buffer split into `s` column
+        // phases (phase r holds padded columns r, r+s, ...), so all inner loops are contiguous.
+        let pw = wp.div_ceil(s);
+        let plane_len = s * hp * pw;
+        let mut phases = vec![0f32; n * c * plane_len];
+        phases.par_chunks_mut(plane_len).enumerate().for_each(|(p, ph)| {
             let plane = &x[p * h * w..(p + 1) * h * w];
-            let kern = &wt[ch * k * k..(ch + 1) * k * k];
-            let b = self.bias[ch];
-            let mut tmp = vec![0f32; if s == 1 { 0 } else { ow }];
+            for r in 0..s {
+                // phase r, padded column j*s + r = input column j*s + r - pl
+                let first = if r >= pl { 0 } else { (pl - r).div_ceil(s) };
+                for y in 0..h {
+                    let row = &plane[y * w..(y + 1) * w];
+                    let dst = &mut ph[(r * hp + y + pt) * pw..(r * hp + y + pt + 1) * pw];
+                    for (j, d) in dst.iter_mut().enumerate().skip(first) {
+                        let col = j * s + r - pl;
+                        if col >= w {
+                            break;
+                        }
+                        *d = row[col];
+                    }
+                }
+            }
+        });
+        let mut out = vec![0f32; n * o * oh * ow];
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out_plane)| {
+            let (b, oc) = (p / o, p % o);
+            let inputs = if self.depthwise { oc..oc + 1 } else { 0..c };
             for oy in 0..oh {
-                let orow = &mut o[oy * ow..(oy + 1) * ow];
-                orow.fill(b);
-                for ky in 0..k {
-                    let irow = &plane[(oy * s + ky) * w..(oy * s + ky + 1) * w];
-                    for kx in 0..k {
-                        let wv = kern[ky * k + kx];
-                        if s == 1 {
-                            for (d, v) in orow.iter_mut().zip(&irow[kx..kx + ow]) {
-                                *d += wv * v;
-                            }
-                        } else {
-                            for (ox, t) in tmp.iter_mut().enumerate() {
-                                *t = irow[ox * s + kx];
-                            }
-                            for (d, v) in orow.iter_mut().zip(&tmp) {
-                                *d += wv * v;
-                            }
+                let orow = &mut out_plane[oy * ow..(oy + 1) * ow];
+                orow.fill(self.bias[oc]);
+                for (j, ic) in inputs.clone().enumerate() {
+                    let ph = &phases[(b * c + ic) * plane_len..(b * c + ic + 1) * plane_len];
+                    let kern = &wt[(oc * wc + j) * k * k..(oc * wc + j + 1) * k * k];
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let base = ((kx % s) * hp + oy * s + ky) * pw + kx / s;
+                            axpy(orow, &ph[base..base + ow], kern[ky * k + kx]);
                         }
                     }
                 }
@@ -184,13 +225,116 @@ impl CustomOp2 for Depthwise {
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+        Ok((CpuStorage::F32(out), Shape::from((n, o, oh, ow))))
     }
 }
 
-/// Depthwise k×k convolution with fused bias (and ReLU6). `x` must be padded already.
-pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &[f32], stride: usize, relu6: bool) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Depthwise { stride, bias: bias.to_vec(), relu6 })
+/// Depthwise k×k convolution with zero padding (top, bottom, left, right), fused bias and
+/// optional ReLU6. Inference only: it has no backward pass.
+pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &[f32], stride: usize, pad: (usize, usize, usize, usize), relu6: bool) -> Result<Tensor> {
+    let op = DirectConv { stride, pad, bias: bias.to_vec(), relu6, depthwise: true };
+    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+}
+
+/// Dense k×k convolution for few input channels (EfficientNet's stem), same fusion as above.
+pub fn dense_conv2d(x: &Tensor, weight: &Tensor, bias: &[f32], stride: usize, pad: (usize, usize, usize, usize), relu6: bool) -> Result<Tensor> {
+    let op = DirectConv { stride, pad, bias: bias.to_vec(), relu6, depthwise: false };
+    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+}
+
+/// 1×1 convolution as one matrix product per image (`gemm`), with bias, optional ReLU6 and
+/// optional residual added in the same pass. Weight is [O, C] row-major. Inference only.
+struct Pointwise<'a> {
+    weight: &'a [f32],
+    bias: &'a [f32],
+    relu6: bool,
+}
+
+impl Pointwise<'_> {
+    fn run(&self, x: &[f32], shape: &Shape, residual: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = shape.dims4()?;
+        let o = self.bias.len();
+        if self.weight.len() != o * c {
+            candle_core::bail!("pointwise_conv: weight has {} values, expected {o}x{c}", self.weight.len())
+        }
+        let hw = h * w;
+        let mut out = vec![0f32; n * o * hw];
+        // Column tiles small enough to stay in cache, so bias, ReLU6 and the residual are
+        // applied right after the tile's product instead of in another pass over memory.
+        const TILE: usize = 256;
+        let tiles = hw.div_ceil(TILE);
+        let dst = SharedMut(out.as_mut_ptr());
+        (0..n * tiles).into_par_iter().for_each(|job| {
+            let (b, t) = (job / tiles, job % tiles);
+            let (c0, cols) = (t * TILE, TILE.min(hw - t * TILE));
+            let base = b * o * hw + c0;
+            // SAFETY: every job writes a disjoint column range [c0, c0+cols) of its image's rows.
+            let d = dst.get();
+            unsafe {
+                for (r, &bv) in self.bias.iter().enumerate() {
+                    std::slice::from_raw_parts_mut(d.add(base + r * hw), cols).fill(bv);
+                }
+                gemm::gemm(
+                    o, cols, c,
+                    d.add(base), 1, hw as isize, true,
+                    self.weight.as_ptr(), 1, c as isize,
+                    x.as_ptr().add(b * c * hw + c0), 1, hw as isize,
+                    1.0, 1.0, false, false, false,
+                    gemm::Parallelism::None,
+                );
+                for r in 0..o {
+                    let row = std::slice::from_raw_parts_mut(d.add(base + r * hw), cols);
+                    if self.relu6 {
+                        row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+                    }
+                    if let Some(res) = residual {
+                        row.iter_mut().zip(&res[base + r * hw..base + r * hw + cols]).for_each(|(v, x)| *v += x);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, o, h, w))))
+    }
+}
+
+impl CustomOp1 for Pointwise<'_> {
+    fn name(&self) -> &'static str {
+        "pointwise_conv"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(contiguous_f32(s, l, "pointwise_conv")?, l.shape(), None)
+    }
+}
+
+impl CustomOp2 for Pointwise<'_> {
+    fn name(&self) -> &'static str {
+        "pointwise_conv_residual"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let r = contiguous_f32(s2, l2, "pointwise_conv_residual")?;
+        self.run(contiguous_f32(s1, l1, "pointwise_conv_residual")?, l1.shape(), Some(r))
+    }
+}
+
+/// A raw pointer that may be shared by rayon jobs writing disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+impl SharedMut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Fused 1×1 convolution: `relu6?(W·x + b) (+ residual)`; `weight` is [O, C] row-major.
+pub fn pointwise_conv(x: &Tensor, weight: &[f32], bias: &[f32], relu6: bool, residual: Option<&Tensor>) -> Result<Tensor> {
+    let op = Pointwise { weight, bias, relu6 };
+    let x = x.contiguous()?;
+    match residual {
+        Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
+        None => x.apply_op1_no_bwd(&op),
+    }
 }
 
 #[cfg(test)]
@@ -236,10 +380,36 @@ mod tests {
         let w = Tensor::randn(0f32, 1., (3, 1, 3, 3), &dev)?;
         for stride in [1, 2] {
             let want = x.conv2d(&w, 0, stride, 1, 3)?;
-            let got = depthwise_conv2d(&x, &w, &[0.0; 3], stride, false)?;
+            let got = depthwise_conv2d(&x, &w, &[0.0; 3], stride, (0, 0, 0, 0), false)?;
             let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "stride {stride}: {diff}");
+            // padding fused into the op equals explicit zero padding (asymmetric, TF-SAME style)
+            let padded = x.pad_with_zeros(2, 1, 2)?.pad_with_zeros(3, 2, 1)?;
+            let want = padded.conv2d(&w, 0, stride, 1, 3)?;
+            let got = depthwise_conv2d(&x, &w, &[0.0; 3], stride, (1, 2, 2, 1), false)?;
+            let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "padded, stride {stride}: {diff}");
+            let wd = Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev)?;
+            let want = padded.conv2d(&wd, 0, stride, 1, 1)?;
+            let got = dense_conv2d(&x, &wd, &[0.0; 4], stride, (1, 2, 2, 1), false)?;
+            let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "dense, stride {stride}: {diff}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn pointwise_matches_matmul_with_bias_relu6_and_residual() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 3., (2, 5, 4, 3), &dev)?;
+        let w = Tensor::randn(0f32, 1., (7, 5), &dev)?;
+        let b = Tensor::randn(0f32, 1., 7, &dev)?;
+        let r = Tensor::randn(0f32, 1., (2, 7, 4, 3), &dev)?;
+        let want = w.broadcast_matmul(&x.reshape((2, 5, 12))?)?.broadcast_add(&b.reshape((1, 7, 1))?)?.reshape((2, 7, 4, 3))?;
+        let want = (want.clamp(0f32, 6f32)? + &r)?;
+        let got = pointwise_conv(&x, &w.flatten_all()?.to_vec1()?, &b.to_vec1()?, true, Some(&r))?;
+        let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
         Ok(())
     }
 }

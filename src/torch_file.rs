@@ -24,7 +24,9 @@ enum Val {
     None,
     Bool(bool),
     Int(i64),
-    Float(f64),
+    /// Integers wider than 64 bits (the legacy format's magic number).
+    BigInt(i128),
+    Float,
     Str(String),
     Tuple(Vec<Val>),
     List(Vec<Val>),
@@ -111,9 +113,15 @@ impl<'a> Pickle<'a> {
                     if n > 0 && n < 16 && b[n - 1] & 0x80 != 0 {
                         v -= 1i128 << (8 * n);
                     }
-                    stack.push(Val::Int(v as i64))
+                    stack.push(match i64::try_from(v) {
+                        Ok(i) => Val::Int(i),
+                        Err(_) => Val::BigInt(v),
+                    })
                 }
-                b'G' => stack.push(Val::Float(f64::from_be_bytes(self.take(8)?.try_into().unwrap()))),
+                b'G' => {
+                    self.take(8)?;
+                    stack.push(Val::Float)
+                }
                 b'X' => {
                     let n = self.u32()? as usize;
                     stack.push(Val::Str(String::from_utf8_lossy(self.take(n)?).into_owned()))
@@ -380,7 +388,7 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, RawTensor)>> {
 fn read_legacy(path: &Path, bytes: &[u8]) -> Result<Vec<(String, RawTensor)>> {
     let mut p = Pickle { data: bytes, pos: 0, path };
     match p.run()? {
-        Val::Int(m) if m as u128 == LEGACY_MAGIC => {}
+        Val::BigInt(m) if m as u128 == LEGACY_MAGIC => {}
         _ => return Err(Error::format(path, "not a PyTorch file (no zip header, no legacy magic number)")),
     }
     match p.run()? {

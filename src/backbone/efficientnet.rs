@@ -3,7 +3,7 @@
 
 use super::{get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
-use crate::ops::depthwise_conv2d;
+use crate::ops::{dense_conv2d, depthwise_conv2d, pointwise_conv};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,10 +22,11 @@ pub const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
     (3, 1, 6, 192, 320, 1),
 ];
 
-/// A convolution with batch norm folded in: weight [O, I/groups, k, k] and bias [O].
+/// A convolution with batch norm folded in: weight [O, I/groups, k, k] and bias [O]
+/// (also kept as plain vectors for the fused kernels).
 struct FoldedConv {
     weight: Tensor,
-    bias: Tensor,
+    weight_vec: Vec<f32>,
     bias_vec: Vec<f32>,
 }
 
@@ -53,8 +54,8 @@ fn fold(tensors: &HashMap<String, Tensor>, conv: &str, bn: &str, path: &Path) ->
     }
     let dev = w.device();
     Ok(FoldedConv {
-        weight: Tensor::from_vec(folded, dims.as_slice(), dev)?,
-        bias: Tensor::from_vec(bias.clone(), dims[0], dev)?,
+        weight: Tensor::from_vec(folded.clone(), dims.as_slice(), dev)?,
+        weight_vec: folded,
         bias_vec: bias,
     })
 }
@@ -66,21 +67,16 @@ pub fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize)
     (pad / 2, pad - pad / 2)
 }
 
-fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+/// TF-SAME padding of an NCHW tensor as (top, bottom, left, right).
+fn same_padding_2d(x: &Tensor, kernel: usize, stride: usize) -> Result<(usize, usize, usize, usize)> {
     let (_, _, h, w) = x.dims4()?;
     let (t, b) = same_padding(h, kernel, stride);
     let (l, r) = same_padding(w, kernel, stride);
-    Ok(x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?)
+    Ok((t, b, l, r))
 }
 
-/// 1×1 convolution as a batched matrix product, plus bias, optional ReLU6.
-fn pointwise(x: &Tensor, c: &FoldedConv, relu6: bool) -> Result<Tensor> {
-    let (n, ci, h, w) = x.dims4()?;
-    let co = c.weight.dim(0)?;
-    let wm = c.weight.reshape((co, ci))?;
-    let y = wm.broadcast_matmul(&x.reshape((n, ci, h * w))?)?;
-    let y = y.broadcast_add(&c.bias.reshape((1, co, 1))?)?.reshape((n, co, h, w))?;
-    Ok(if relu6 { y.clamp(0f32, 6f32)? } else { y })
+fn pointwise(x: &Tensor, c: &FoldedConv, relu6: bool, residual: Option<&Tensor>) -> Result<Tensor> {
+    Ok(pointwise_conv(x, &c.weight_vec, &c.bias_vec, relu6, residual)?)
 }
 
 struct MbConv {
@@ -95,13 +91,12 @@ struct MbConv {
 impl MbConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.expand {
-            Some(e) => pointwise(x, e, true)?,
+            Some(e) => pointwise(x, e, true, None)?,
             None => x.clone(),
         };
-        let h = pad_same(&h, self.kernel, self.stride)?;
-        let h = depthwise_conv2d(&h, &self.depthwise.weight, &self.depthwise.bias_vec, self.stride, true)?;
-        let h = pointwise(&h, &self.project, false)?;
-        Ok(if self.residual { (h + x)? } else { h })
+        let pad = same_padding_2d(&h, self.kernel, self.stride)?;
+        let h = depthwise_conv2d(&h, &self.depthwise.weight, &self.depthwise.bias_vec, self.stride, pad, true)?;
+        pointwise(&h, &self.project, false, if self.residual { Some(x) } else { None })
     }
 }
 
@@ -142,7 +137,7 @@ impl EfficientNetLite0 {
     /// ImageNet logits (head conv, ReLU6, mean, fc): used to check the weights are really ImageNet's.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let (conv, w, b) = self.head.as_ref().ok_or_else(|| Error::Weights("weights lack the classifier head".into()))?;
-        let h = pointwise(&self.feature_maps(x)?, conv, true)?.mean((2, 3))?;
+        let h = pointwise(&self.feature_maps(x)?, conv, true, None)?.mean((2, 3))?;
         Ok(h.matmul(&w.t()?)?.broadcast_add(b)?)
     }
 
@@ -158,8 +153,8 @@ impl EfficientNetLite0 {
     }
 
     fn stem_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = pad_same(x, 3, 2)?.conv2d(&self.stem.weight, 0, 2, 1, 1)?;
-        Ok(h.broadcast_add(&self.stem.bias.reshape((1, (), 1, 1))?)?.clamp(0f32, 6f32)?)
+        let pad = same_padding_2d(x, 3, 2)?;
+        Ok(dense_conv2d(x, &self.stem.weight, &self.stem.bias_vec, 2, pad, true)?)
     }
 
     pub fn device(&self) -> &Device {

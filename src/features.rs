@@ -1,0 +1,118 @@
+//! Features of image views: decode → resize to 448 → view (rotation/jitter) → normalize →
+//! multi-scale backbone features, with an on-disk cache keyed by image content, backbone and view.
+
+use crate::backbone::{self, multiscale_features, Backbone, BackboneKind, INPUT_SIZE};
+use crate::error::{write_atomic, Error, Result};
+use crate::transforms::{load_rgb, normalize_lut, resize_bilinear, to_normalized_chw, Rgb8, View};
+use crate::weights::sha256_hex;
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+
+/// A frozen backbone plus what identifies its weights.
+pub struct Extractor {
+    pub backbone: Box<dyn Backbone>,
+    pub weights_sha256: String,
+    pub device: Device,
+    /// Views per forward pass.
+    pub batch: usize,
+    lut: [[f32; 256]; 3],
+}
+
+impl Extractor {
+    pub fn load(kind: BackboneKind, weights: &Path, device: &Device) -> Result<Self> {
+        let weights_sha256 = crate::weights::sha256_file(weights)?;
+        Ok(Extractor { backbone: backbone::load(kind, weights, device)?, weights_sha256, device: device.clone(), batch: 4, lut: normalize_lut() })
+    }
+
+    pub fn kind(&self) -> BackboneKind {
+        self.backbone.kind()
+    }
+
+    /// The network input of one view, [1, 3, 448, 448].
+    pub fn input_tensor(&self, resized: &Rgb8, view: &View) -> Result<Tensor> {
+        let v = view.apply(resized);
+        Ok(Tensor::from_vec(to_normalized_chw(&v, &self.lut), (1, 3, INPUT_SIZE, INPUT_SIZE), &self.device)?)
+    }
+
+    /// Multi-scale features of each view of an image resized to 448×448: [views, dim] row-major.
+    pub fn view_features(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(views.len() * self.kind().feature_dim());
+        for chunk in views.chunks(self.batch.max(1)) {
+            let inputs: Vec<Tensor> = chunk.iter().map(|v| self.input_tensor(resized, v)).collect::<Result<_>>()?;
+            let x = Tensor::cat(&inputs, 0)?;
+            let y = multiscale_features(self.backbone.as_ref(), &x)?;
+            out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
+/// Decodes an image and resizes it to the network input (paper: 448×448, aspect not kept).
+pub fn load_resized(path: &Path) -> Result<Rgb8> {
+    Ok(resize_bilinear(&load_rgb(path)?, INPUT_SIZE, INPUT_SIZE))
+}
+
+/// On-disk feature cache; `None` folder disables it.
+#[derive(Clone, Debug)]
+pub struct FeatureCache {
+    pub dir: Option<PathBuf>,
+}
+
+const MAGIC: &[u8; 8] = b"DNFEAT01";
+
+impl FeatureCache {
+    pub fn default_dir() -> PathBuf {
+        crate::weights::home().join("features")
+    }
+
+    /// The cache key: image bytes, backbone, its weights, and the exact views.
+    pub fn key(image_bytes: &[u8], ex: &Extractor, views: &[View]) -> String {
+        let spec = serde_json::to_string(views).expect("views serialize");
+        let image = sha256_hex(image_bytes);
+        sha256_hex(format!("{image}|{}|{}|{spec}", ex.kind().id(), ex.weights_sha256).as_bytes())
+    }
+
+    fn file(&self, key: &str) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join(&key[..2]).join(format!("{key}.f32")))
+    }
+
+    fn read(path: &Path, n_views: usize, dim: usize) -> Option<Vec<f32>> {
+        let bytes = std::fs::read(path).ok()?;
+        if bytes.len() != 16 + n_views * dim * 4 || &bytes[..8] != MAGIC {
+            return None;
+        }
+        let (v, d) = (u32::from_le_bytes(bytes[8..12].try_into().ok()?), u32::from_le_bytes(bytes[12..16].try_into().ok()?));
+        if v as usize != n_views || d as usize != dim {
+            return None;
+        }
+        Some(bytes[16..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+    }
+
+    /// Features of `views` of the image at `path`: from the cache when present, else computed
+    /// (and stored atomically). Returns [views, dim] row-major.
+    pub fn features(&self, ex: &Extractor, path: &Path, views: &[View]) -> Result<Vec<f32>> {
+        let dim = ex.kind().feature_dim();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let file = self.file(&Self::key(&bytes, ex, views));
+        if let Some(f) = &file {
+            if let Some(v) = Self::read(f, views.len(), dim) {
+                return Ok(v);
+            }
+        }
+        let img = crate::transforms::decode_rgb(&bytes).map_err(|reason| Error::Image { path: path.to_path_buf(), reason })?;
+        let resized = resize_bilinear(&img, INPUT_SIZE, INPUT_SIZE);
+        let feats = ex.view_features(&resized, views)?;
+        if feats.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Image { path: path.to_path_buf(), reason: "backbone produced non-finite features".into() });
+        }
+        if let Some(f) = file {
+            let mut buf = Vec::with_capacity(16 + feats.len() * 4);
+            buf.extend_from_slice(MAGIC);
+            buf.extend_from_slice(&(views.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&(dim as u32).to_le_bytes());
+            feats.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+            write_atomic(&f, &buf)?;
+        }
+        Ok(feats)
+    }
+}

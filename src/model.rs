@@ -1,0 +1,146 @@
+//! Model files: one safetensors file holding the flow parameters and, in its metadata, a JSON
+//! manifest (versions, backbone and its weights checksum, hyperparameters, threshold, checksums).
+
+use crate::backbone::BackboneKind;
+use crate::error::{write_atomic, Error, Result};
+use crate::flow::{FlowConfig, NormalizingFlow};
+use crate::score::ScoreKind;
+use crate::train::{TrainConfig, TrainingSummary};
+use candle_core::Device;
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const FORMAT: &str = "differnet-model";
+pub const FORMAT_VERSION: u32 = 1;
+const MANIFEST_KEY: &str = "differnet_manifest";
+
+/// The decision threshold θ of eq. 6 and how it was chosen.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Threshold {
+    pub value: f64,
+    /// `user`, `fpr=<rate> on <n> good images`, or `best-f1 on <n> labelled images`.
+    pub method: String,
+}
+
+/// What the model was trained on.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainingData {
+    pub root: String,
+    pub n_images: usize,
+    /// sha256 over the sorted per-image sha256s.
+    pub images_sha256: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub library_version: String,
+    pub backbone: BackboneKind,
+    pub backbone_weights_sha256: String,
+    pub flow: FlowConfig,
+    pub permutations: Vec<Vec<u32>>,
+    pub score: ScoreKind,
+    /// Number of test views (rotations i·360/n).
+    pub test_views: usize,
+    pub train: TrainConfig,
+    pub threshold: Option<Threshold>,
+    pub training_data: TrainingData,
+    pub training: TrainingSummary,
+    /// sha256 over all parameter bytes (f32 little-endian) in `named_parameters` order.
+    pub parameters_sha256: String,
+}
+
+pub struct Model {
+    pub manifest: Manifest,
+    pub flow: NormalizingFlow,
+}
+
+fn parameters_sha256(flow: &NormalizingFlow) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (_, v) in flow.named_parameters() {
+        for x in v.as_tensor().flatten_all()?.to_vec1::<f32>()? {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Model {
+    pub fn new(mut manifest: Manifest, flow: NormalizingFlow) -> Result<Self> {
+        manifest.parameters_sha256 = parameters_sha256(&flow)?;
+        manifest.permutations = flow.blocks.iter().map(|b| b.perm.clone()).collect();
+        Ok(Model { manifest, flow })
+    }
+
+    /// Writes the model atomically (temp file + rename): an existing file is replaced whole or not at all.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let params = self.flow.named_parameters();
+        let data: Vec<(String, candle_core::Tensor)> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let mut meta = HashMap::new();
+        meta.insert(MANIFEST_KEY.to_string(), serde_json::to_string(&self.manifest).expect("manifest serializes"));
+        let buf = safetensors::serialize(data.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+            .map_err(|e| Error::Model { path: path.to_path_buf(), reason: e.to_string() })?;
+        write_atomic(path, &buf)
+    }
+
+    /// Reads only the manifest (cheap).
+    pub fn read_manifest(path: &Path) -> Result<Manifest> {
+        let bad = |reason: String| Error::Model { path: path.to_path_buf(), reason };
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        use std::io::Read;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|_| bad("file too short to be a model".into()))?;
+        let n = u64::from_le_bytes(len);
+        if n > 100 << 20 {
+            return Err(bad("header length is implausible: not a differnet model file".into()));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(|_| bad("truncated header".into()))?;
+        let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+        let text = v.get("__metadata__").and_then(|m| m.get(MANIFEST_KEY)).and_then(|s| s.as_str())
+            .ok_or_else(|| bad("no differnet manifest in the file (is it a differnet model?)".into()))?;
+        let m: Manifest = serde_json::from_str(text).map_err(|e| bad(format!("manifest: {e}")))?;
+        if m.format != FORMAT {
+            return Err(bad(format!("format `{}` is not `{FORMAT}`", m.format)));
+        }
+        if m.format_version != FORMAT_VERSION {
+            return Err(bad(format!("format version {} is not supported (this build reads version {FORMAT_VERSION})", m.format_version)));
+        }
+        Ok(m)
+    }
+
+    /// Loads and verifies a model: format version, parameter shapes and checksum.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let manifest = Self::read_manifest(path)?;
+        let bad = |reason: String| Error::Model { path: path.to_path_buf(), reason };
+        let tensors = candle_core::safetensors::load(path, device).map_err(|e| bad(format!("parameters: {e}")))?;
+        let flow = NormalizingFlow::new(manifest.flow.clone(), 0, device)?;
+        for (k, b) in flow.blocks.iter().enumerate() {
+            if manifest.permutations.get(k) != Some(&b.perm) {
+                return Err(bad(format!("permutation of block {k} differs from this build's")));
+            }
+        }
+        flow.load_parameters(&tensors, path)?;
+        let sha = parameters_sha256(&flow)?;
+        if sha != manifest.parameters_sha256 {
+            return Err(bad("parameter checksum mismatch: the file is corrupted or was edited".into()));
+        }
+        Ok(Model { manifest, flow })
+    }
+
+    /// Refuses a backbone whose kind or weights differ from the ones the model was trained with.
+    pub fn check_backbone(&self, kind: BackboneKind, weights_sha256: &str, path: &Path) -> Result<()> {
+        if kind != self.manifest.backbone || weights_sha256 != self.manifest.backbone_weights_sha256 {
+            return Err(Error::Model {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "trained with {} weights {}, but the available {} weights are {}",
+                    self.manifest.backbone.id(), &self.manifest.backbone_weights_sha256[..12], kind.id(), &weights_sha256[..12.min(weights_sha256.len())]
+                ),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,103 @@
+//! A small synthetic defect dataset for the demo and tests: procedural textures (MVTec layout)
+//! with scratches, spots and cracks painted into the test images, masks included; seeded.
+
+use crate::error::{Error, Result};
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+
+pub const SIZE: usize = 224;
+pub const DEFECTS: [&str; 3] = ["scratch", "spot", "crack"];
+
+/// A woven-fabric-like gray texture with random phase, slight illumination change and noise.
+fn texture(rng: &mut impl Rng) -> Vec<f32> {
+    let (px, py) = (rng.random_range(0.0..6.28f32), rng.random_range(0.0..6.28f32));
+    let gain = rng.random_range(0.95..1.05f32);
+    let mut v = vec![0f32; SIZE * SIZE];
+    for y in 0..SIZE {
+        for x in 0..SIZE {
+            let (fx, fy) = (x as f32, y as f32);
+            let weave = (fx * 0.55 + px).sin() * (fy * 0.55 + py).sin();
+            let grain = (fx * 0.09 + fy * 0.05 + px).sin() * 0.3;
+            v[y * SIZE + x] = gain * (128.0 + 40.0 * weave + 20.0 * grain) + rng.random_range(-6.0..6.0f32);
+        }
+    }
+    v
+}
+
+fn stamp(img: &mut [f32], mask: &mut [u8], x: f32, y: f32, r: f32, delta: f32) {
+    let (x0, x1) = ((x - r).floor().max(0.0) as usize, ((x + r).ceil() as usize).min(SIZE - 1));
+    let (y0, y1) = ((y - r).floor().max(0.0) as usize, ((y + r).ceil() as usize).min(SIZE - 1));
+    for yy in y0..=y1 {
+        for xx in x0..=x1 {
+            if (xx as f32 - x).powi(2) + (yy as f32 - y).powi(2) <= r * r {
+                img[yy * SIZE + xx] += delta;
+                mask[yy * SIZE + xx] = 255;
+            }
+        }
+    }
+}
+
+/// Paints one defect; returns its mask.
+pub fn paint_defect(img: &mut [f32], kind: &str, rng: &mut impl Rng) -> Vec<u8> {
+    let mut mask = vec![0u8; SIZE * SIZE];
+    let m = SIZE as f32;
+    match kind {
+        "scratch" => {
+            let (x, y) = (rng.random_range(0.2 * m..0.8 * m), rng.random_range(0.2 * m..0.8 * m));
+            let a = rng.random_range(0.0..3.14f32);
+            let len = rng.random_range(0.25 * m..0.45 * m);
+            for t in 0..(len as usize) {
+                let t = t as f32 - len / 2.0;
+                stamp(img, &mut mask, x + t * a.cos(), y + t * a.sin(), 1.5, 6.0);
+            }
+        }
+        "spot" => {
+            let (x, y) = (rng.random_range(0.25 * m..0.75 * m), rng.random_range(0.25 * m..0.75 * m));
+            stamp(img, &mut mask, x, y, rng.random_range(0.05 * m..0.08 * m), -70.0);
+        }
+        _ => {
+            let (mut x, mut y) = (rng.random_range(0.25 * m..0.75 * m), rng.random_range(0.25 * m..0.75 * m));
+            let mut a = rng.random_range(0.0..6.28f32);
+            for _ in 0..70 {
+                a += rng.random_range(-0.5..0.5f32);
+                x = (x + a.cos() * 1.5).clamp(2.0, m - 3.0);
+                y = (y + a.sin() * 1.5).clamp(2.0, m - 3.0);
+                stamp(img, &mut mask, x, y, 1.6, -60.0);
+            }
+        }
+    }
+    mask
+}
+
+fn save_gray(path: &Path, w: usize, h: usize, v: &[u8]) -> Result<()> {
+    std::fs::create_dir_all(path.parent().unwrap()).map_err(|e| Error::io(path, e))?;
+    image::GrayImage::from_raw(w as u32, h as u32, v.to_vec())
+        .expect("buffer matches size")
+        .save(path)
+        .map_err(|e| Error::format(path, e.to_string()))
+}
+
+fn to_u8(v: &[f32]) -> Vec<u8> {
+    v.iter().map(|x| x.round().clamp(0.0, 255.0) as u8).collect()
+}
+
+/// Writes `n_train` good training images, `n_test_good` good test images and `n_per_defect`
+/// images of each defect type (with masks) under `root`, deterministically from `seed`.
+pub fn generate(root: &Path, n_train: usize, n_test_good: usize, n_per_defect: usize, seed: u64) -> Result<()> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for i in 0..n_train {
+        save_gray(&root.join(format!("train/good/{i:03}.png")), SIZE, SIZE, &to_u8(&texture(&mut rng)))?;
+    }
+    for i in 0..n_test_good {
+        save_gray(&root.join(format!("test/good/{i:03}.png")), SIZE, SIZE, &to_u8(&texture(&mut rng)))?;
+    }
+    for kind in DEFECTS {
+        for i in 0..n_per_defect {
+            let mut img = texture(&mut rng);
+            let mask = paint_defect(&mut img, kind, &mut rng);
+            save_gray(&root.join(format!("test/{kind}/{i:03}.png")), SIZE, SIZE, &to_u8(&img))?;
+            save_gray(&root.join(format!("ground_truth/{kind}/{i:03}_mask.png")), SIZE, SIZE, &mask)?;
+        }
+    }
+    Ok(())
+}
