@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod features;
 pub mod flow;
+pub mod flow_grad;
 pub mod metrics;
 pub mod model;
 pub mod ops;

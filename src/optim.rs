@@ -50,27 +50,31 @@ impl InplaceOp2 for AdamKernel<'_> {
         let (p, g) = (&mut p[a1..b1], &g[a2..b2]);
         let mut guard = self.moments.lock().unwrap();
         let (m, v) = &mut *guard;
-        let c = self.c;
-        let (beta1, beta2, eps, wd) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, c.weight_decay as f32);
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let step_size = (c.lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        const CHUNK: usize = 1 << 14;
-        p.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((p, g), (m, v))| {
-                for i in 0..p.len() {
-                    let gi = g[i] + wd * p[i];
-                    m[i] = beta1 * m[i] + (1.0 - beta1) * gi;
-                    v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi;
-                    let denom = v[i].sqrt() / bc2_sqrt + eps;
-                    p[i] -= step_size * m[i] / denom;
-                }
-            });
+        adam_update(p, g, m, v, self.c, self.step);
         Ok(())
     }
+}
+
+/// One Adam update of `p` with gradient `g` and moments `m`, `v` (step counts from 1).
+pub fn adam_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &AdamConfig, step: u64) {
+    let (beta1, beta2, eps, wd) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, c.weight_decay as f32);
+    let bc1 = 1.0 - c.beta1.powi(step as i32);
+    let bc2 = 1.0 - c.beta2.powi(step as i32);
+    let step_size = (c.lr / bc1) as f32;
+    let bc2_sqrt = bc2.sqrt() as f32;
+    const CHUNK: usize = 1 << 14;
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .for_each(|((p, g), (m, v))| {
+            for i in 0..p.len() {
+                let gi = g[i] + wd * p[i];
+                m[i] = beta1 * m[i] + (1.0 - beta1) * gi;
+                v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi;
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                p[i] -= step_size * m[i] / denom;
+            }
+        });
 }
 
 impl Adam {

@@ -29,7 +29,7 @@ fn stamp(img: &mut [f32], mask: &mut [u8], x: f32, y: f32, r: f32, delta: f32) {
     let (y0, y1) = ((y - r).floor().max(0.0) as usize, ((y + r).ceil() as usize).min(SIZE - 1));
     for yy in y0..=y1 {
         for xx in x0..=x1 {
-            if (xx as f32 - x).powi(2) + (yy as f32 - y).powi(2) <= r * r {
+            if (xx as f32 - x).powi(2) + (yy as f32 - y).powi(2) <= r * r && mask[yy * SIZE + xx] == 0 {
                 img[yy * SIZE + xx] += delta;
                 mask[yy * SIZE + xx] = 255;
             }
@@ -37,7 +37,7 @@ fn stamp(img: &mut [f32], mask: &mut [u8], x: f32, y: f32, r: f32, delta: f32) {
     }
 }
 
-/// Paints one defect; returns its mask.
+/// Paints one defect (each pixel changed at most once); returns its mask.
 pub fn paint_defect(img: &mut [f32], kind: &str, rng: &mut impl Rng) -> Vec<u8> {
     let mut mask = vec![0u8; SIZE * SIZE];
     let m = SIZE as f32;
@@ -48,7 +48,7 @@ pub fn paint_defect(img: &mut [f32], kind: &str, rng: &mut impl Rng) -> Vec<u8> 
             let len = rng.random_range(0.25 * m..0.45 * m);
             for t in 0..(len as usize) {
                 let t = t as f32 - len / 2.0;
-                stamp(img, &mut mask, x + t * a.cos(), y + t * a.sin(), 1.5, 6.0);
+                stamp(img, &mut mask, x + t * a.cos(), y + t * a.sin(), 1.2, 50.0);
             }
         }
         "spot" => {
@@ -62,7 +62,7 @@ pub fn paint_defect(img: &mut [f32], kind: &str, rng: &mut impl Rng) -> Vec<u8> 
                 a += rng.random_range(-0.5..0.5f32);
                 x = (x + a.cos() * 1.5).clamp(2.0, m - 3.0);
                 y = (y + a.sin() * 1.5).clamp(2.0, m - 3.0);
-                stamp(img, &mut mask, x, y, 1.6, -60.0);
+                stamp(img, &mut mask, x, y, 1.4, -70.0);
             }
         }
     }

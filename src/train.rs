@@ -5,6 +5,7 @@ use crate::backbone::BackboneKind;
 use crate::error::{Error, Result};
 use crate::features::{Extractor, FeatureCache};
 use crate::flow::{nll_loss, FlowConfig, NormalizingFlow};
+use crate::flow_grad::FlowTrainer;
 use crate::optim::{Adam, AdamConfig};
 use crate::transforms::{Augment, View};
 use candle_core::Tensor;
@@ -82,6 +83,13 @@ pub fn training_features(images: &[PathBuf], cfg: &TrainConfig, ex: &Extractor, 
     Ok(out)
 }
 
+fn check_finite(loss: f64, epoch: usize) -> Result<()> {
+    if !loss.is_finite() {
+        return Err(Error::Training(format!("loss became {loss} in epoch {}; nothing was saved (try a lower --lr)", epoch + 1)));
+    }
+    Ok(())
+}
+
 /// Trains a fresh flow on per-image feature matrices. The same seed gives the same flow.
 pub fn train_flow(features: &[Vec<f32>], cfg: &TrainConfig, ex_device: &candle_core::Device, bar: &ProgressBar) -> Result<(NormalizingFlow, TrainingSummary)> {
     cfg.validate()?;
@@ -89,7 +97,13 @@ pub fn train_flow(features: &[Vec<f32>], cfg: &TrainConfig, ex_device: &candle_c
         return Err(Error::Training("no training images".into()));
     }
     let dim = cfg.flow.dim;
+    if let Some((i, _)) = features.iter().enumerate().find(|(_, f)| f.len() % dim != 0 || f.len() / dim < cfg.views_per_image) {
+        return Err(Error::Training(format!("training image {i} has too few feature views for {} views per epoch", cfg.views_per_image)));
+    }
     let flow = NormalizingFlow::new(cfg.flow.clone(), cfg.seed, ex_device)?;
+    // On the CPU the flow trains with its hand-written backward pass (flow_grad); elsewhere
+    // with candle's autograd. Both compute the same loss and gradients (tests/flow_reference.rs).
+    let mut fast = if ex_device.is_cpu() { Some(FlowTrainer::from_flow(&flow)?) } else { None };
     let mut adam = Adam::new(flow.named_parameters().into_iter().map(|(_, v)| v.clone()).collect(), cfg.adam.clone());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EED);
     let mut summary = TrainingSummary::default();
@@ -109,15 +123,24 @@ pub fn train_flow(features: &[Vec<f32>], cfg: &TrainConfig, ex_device: &candle_c
                     rows.extend_from_slice(&features[i][v * dim..(v + 1) * dim]);
                 }
             }
-            let y = Tensor::from_vec(rows, (chunk.len() * cfg.views_per_image, dim), ex_device)?;
-            let (z, logdet) = flow.forward(&y)?;
-            let loss = nll_loss(&z, &logdet)?;
-            let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                return Err(Error::Training(format!("loss became {value} in epoch {}; nothing was saved (try a lower --lr)", epoch + 1)));
-            }
-            let grads = loss.backward()?;
-            adam.step(&grads)?;
+            let n_rows = chunk.len() * cfg.views_per_image;
+            let value = match fast.as_mut() {
+                Some(t) => {
+                    let value = t.loss_and_gradients(&rows, n_rows);
+                    check_finite(value, epoch)?;
+                    t.adam_step(&cfg.adam);
+                    value
+                }
+                None => {
+                    let y = Tensor::from_vec(rows, (n_rows, dim), ex_device)?;
+                    let (z, logdet) = flow.forward(&y)?;
+                    let loss = nll_loss(&z, &logdet)?;
+                    let value = loss.to_scalar::<f32>()? as f64;
+                    check_finite(value, epoch)?;
+                    adam.step(&loss.backward()?)?;
+                    value
+                }
+            };
             total += value;
             batches += 1;
         }
@@ -126,6 +149,9 @@ pub fn train_flow(features: &[Vec<f32>], cfg: &TrainConfig, ex_device: &candle_c
         bar.set_message(format!("loss {mean:.4}"));
         bar.inc(1);
         tracing::debug!(epoch = epoch + 1, loss = mean, "epoch done");
+    }
+    if let Some(t) = &fast {
+        t.write_to(&flow)?;
     }
     summary.epochs = cfg.epochs;
     summary.flow_seconds = start.elapsed().as_secs_f64();

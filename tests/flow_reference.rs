@@ -142,3 +142,32 @@ fn one_adam_step_matches_pytorch_and_closed_form() {
     let loss2 = nll_loss(&z, &ld).unwrap();
     assert!(max_abs_diff(&loss2, &f["loss_after_adam_step"]) < 1e-6);
 }
+
+#[test]
+fn hand_written_gradients_equal_autograd_and_pytorch() {
+    use differnet::flow_grad::FlowTrainer;
+    let (flow, f) = fixture_flow();
+    let x = &f["x"];
+    let (z, ld) = flow.forward(x).unwrap();
+    let loss = nll_loss(&z, &ld).unwrap();
+    let grads = loss.backward().unwrap();
+    let mut fast = FlowTrainer::from_flow(&flow).unwrap();
+    let fast_loss = fast.loss_and_gradients(&vec_f32(x), 8);
+    assert!((fast_loss - vec_f32(&f["loss_f64"])[0] as f64).abs() < 1e-6, "loss {fast_loss}");
+    let want_sumsq = vec_f32(&f["grad_sumsq_f64"]);
+    for (i, ((name, var), g)) in flow.named_parameters().iter().zip(fast.gradients()).enumerate() {
+        let auto = vec_f32(grads.get(var.as_tensor()).unwrap());
+        let scale = auto.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let err = auto.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err <= 1e-4 * scale, "{name}: max diff {err} of scale {scale}");
+        let sumsq: f64 = g.iter().map(|v| (*v as f64).powi(2)).sum();
+        let want = want_sumsq[i] as f64;
+        assert!((sumsq - want).abs() <= 1e-3 * want.max(1e-12), "{name}: sum g² {sumsq} vs PyTorch {want}");
+    }
+    // the Adam step on buffers gives PyTorch's updated parameters
+    fast.adam_step(&AdamConfig::default());
+    fast.write_to(&flow).unwrap();
+    let (z, ld) = flow.forward(x).unwrap();
+    let loss2 = nll_loss(&z, &ld).unwrap();
+    assert!(max_abs_diff(&loss2, &f["loss_after_adam_step"]) < 1e-6);
+}

@@ -1,0 +1,287 @@
+//! Hand-written forward and backward pass of the flow for fast CPU training: the computation of
+//! `flow::NormalizingFlow::forward` and loss (eq. 4) on plain buffers, gradients written by gemm.
+
+use crate::error::Result;
+use crate::flow::{FlowConfig, NormalizingFlow};
+use crate::optim::{adam_update, AdamConfig};
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+/// Row-major matrix view: (data, row stride, column stride).
+type Mat<'a> = (&'a [f32], usize, usize);
+
+/// dst[m×n] (row-major, contiguous) = (acc ? dst : 0) + A[m×k]·B[k×n].
+fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], acc: bool, a: Mat, b: Mat) {
+    debug_assert!(dst.len() >= m * n);
+    let threads = rayon::current_num_threads();
+    let par = if m * n * k > 1 << 18 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the strides describe sub-slices of the given buffers (checked by the callers' shapes).
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, n as isize, acc,
+            a.0.as_ptr(), a.2 as isize, a.1 as isize,
+            b.0.as_ptr(), b.2 as isize, b.1 as isize,
+            1.0, 1.0, false, false, false, par,
+        )
+    }
+}
+
+/// Parameters (or their gradients) in `NormalizingFlow::named_parameters` order.
+pub struct FlowBuffers {
+    pub tensors: Vec<Vec<f32>>,
+}
+
+/// Index of a parameter: block, subnet (0 = s1, 1 = s2), layer 0..4, bias?
+fn idx(block: usize, subnet: usize, layer: usize, bias: bool) -> usize {
+    ((block * 2 + subnet) * 4 + layer) * 2 + bias as usize
+}
+
+struct SubnetCache {
+    input: Vec<f32>,
+    /// Post-ReLU activations of the three hidden layers.
+    hidden: [Vec<f32>; 3],
+}
+
+struct BlockCache {
+    x1: Vec<f32>,
+    x2: Vec<f32>,
+    s2_raw: Vec<f32>,
+    e2: Vec<f32>,
+    s1_raw: Vec<f32>,
+    e1: Vec<f32>,
+    clamped: Vec<bool>,
+    s1: SubnetCache,
+    s2: SubnetCache,
+}
+
+/// Flow training state on plain buffers: parameters, gradients and Adam moments.
+pub struct FlowTrainer {
+    pub config: FlowConfig,
+    perms: Vec<Vec<u32>>,
+    shapes: Vec<(usize, usize)>,
+    pub params: FlowBuffers,
+    grads: FlowBuffers,
+    m: FlowBuffers,
+    v: FlowBuffers,
+    step: u64,
+}
+
+impl FlowTrainer {
+    /// Copies the parameters of `flow`.
+    pub fn from_flow(flow: &NormalizingFlow) -> Result<Self> {
+        let named = flow.named_parameters();
+        let mut tensors = vec![];
+        let mut shapes = vec![];
+        for (_, v) in &named {
+            tensors.push(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+            let d = v.dims();
+            shapes.push(if d.len() == 2 { (d[0], d[1]) } else { (d[0], 1) });
+        }
+        let zeros = || FlowBuffers { tensors: tensors.iter().map(|t| vec![0f32; t.len()]).collect() };
+        Ok(FlowTrainer {
+            config: flow.config.clone(),
+            perms: flow.blocks.iter().map(|b| b.perm.clone()).collect(),
+            shapes,
+            grads: zeros(),
+            m: zeros(),
+            v: zeros(),
+            params: FlowBuffers { tensors },
+            step: 0,
+        })
+    }
+
+    /// Writes the trained parameters back into `flow`.
+    pub fn write_to(&self, flow: &NormalizingFlow) -> Result<()> {
+        for ((_, var), t) in flow.named_parameters().iter().zip(&self.params.tensors) {
+            var.set(&Tensor::from_slice(t, var.dims(), var.device())?)?;
+        }
+        Ok(())
+    }
+
+    fn subnet_forward(&self, block: usize, subnet: usize, input: &[f32], batch: usize) -> (Vec<f32>, SubnetCache) {
+        let mut h = input.to_vec();
+        let mut hidden: [Vec<f32>; 3] = Default::default();
+        for l in 0..4 {
+            let (out, inp) = self.shapes[idx(block, subnet, l, false)];
+            let w = &self.params.tensors[idx(block, subnet, l, false)];
+            let b = &self.params.tensors[idx(block, subnet, l, true)];
+            let mut a = vec![0f32; batch * out];
+            a.par_chunks_mut(out).for_each(|row| row.copy_from_slice(b));
+            gemm(batch, out, inp, &mut a, true, (&h, inp, 1), (w, 1, inp));
+            if l < 3 {
+                a.par_iter_mut().for_each(|v| *v = v.max(0.0));
+                hidden[l] = a.clone();
+            }
+            h = a;
+        }
+        (h, SubnetCache { input: input.to_vec(), hidden })
+    }
+
+    /// Backpropagates `g` (gradient of the subnet output); writes weight gradients, returns the input gradient.
+    fn subnet_backward(&mut self, block: usize, subnet: usize, cache: &SubnetCache, mut g: Vec<f32>, batch: usize) -> Vec<f32> {
+        for l in (0..4).rev() {
+            let (out, inp) = self.shapes[idx(block, subnet, l, false)];
+            let h_in: &[f32] = if l == 0 { &cache.input } else { &cache.hidden[l - 1] };
+            let gw = &mut self.grads.tensors[idx(block, subnet, l, false)];
+            gemm(out, inp, batch, gw, false, (&g, 1, out), (h_in, inp, 1));
+            let gb = &mut self.grads.tensors[idx(block, subnet, l, true)];
+            gb.fill(0.0);
+            for row in g.chunks(out) {
+                gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+            let w = &self.params.tensors[idx(block, subnet, l, false)];
+            let mut gh = vec![0f32; batch * inp];
+            gemm(batch, inp, out, &mut gh, false, (&g, out, 1), (w, inp, 1));
+            if l > 0 {
+                gh.par_iter_mut().zip(h_in.par_iter()).for_each(|(g, h)| if *h <= 0.0 { *g = 0.0 });
+            }
+            g = gh;
+        }
+        g
+    }
+
+    /// Loss L (eq. 4, batch mean / D) and gradients of all parameters for features y [batch, dim].
+    pub fn loss_and_gradients(&mut self, y: &[f32], batch: usize) -> f64 {
+        let d = self.config.dim;
+        let (n1, n2) = (d / 2, d - d / 2);
+        let alpha = self.config.alpha;
+        let inv_alpha = (1.0 / alpha) as f32;
+        let c = (alpha * 0.636) as f32;
+        let soft = |s: f32| (s * inv_alpha).atan() * c;
+        let dsoft = |s: f32| {
+            let u = s * inv_alpha;
+            c * inv_alpha / (1.0 + u * u)
+        };
+        let mut x = y.to_vec();
+        let mut logdet = vec![0f64; batch];
+        let mut caches = vec![];
+        for k in 0..self.config.blocks {
+            let perm = &self.perms[k];
+            let mut x1 = vec![0f32; batch * n1];
+            let mut x2 = vec![0f32; batch * n2];
+            for b in 0..batch {
+                let row = &x[b * d..(b + 1) * d];
+                for i in 0..n1 {
+                    x1[b * n1 + i] = row[perm[i] as usize];
+                }
+                for i in 0..n2 {
+                    x2[b * n2 + i] = row[perm[n1 + i] as usize];
+                }
+            }
+            let (r2, c2) = self.subnet_forward(k, 1, &x2, batch);
+            let mut s2_raw = vec![0f32; batch * n1];
+            let mut e2 = vec![0f32; batch * n1];
+            let mut y1 = vec![0f32; batch * n1];
+            for b in 0..batch {
+                let mut ld = 0f32;
+                for i in 0..n1 {
+                    let s = r2[b * 2 * n1 + i];
+                    let ls = soft(s);
+                    ld += ls;
+                    let e = ls.exp();
+                    s2_raw[b * n1 + i] = s;
+                    e2[b * n1 + i] = e;
+                    y1[b * n1 + i] = e * x1[b * n1 + i] + r2[b * 2 * n1 + n1 + i];
+                }
+                logdet[b] += ld as f64;
+            }
+            let (r1, c1) = self.subnet_forward(k, 0, &y1, batch);
+            let mut s1_raw = vec![0f32; batch * n2];
+            let mut e1 = vec![0f32; batch * n2];
+            let mut out = vec![0f32; batch * d];
+            let mut clamped = vec![false; batch * d];
+            for b in 0..batch {
+                let mut ld = 0f32;
+                for i in 0..n2 {
+                    let s = r1[b * 2 * n2 + i];
+                    let ls = soft(s);
+                    ld += ls;
+                    let e = ls.exp();
+                    s1_raw[b * n2 + i] = s;
+                    e1[b * n2 + i] = e;
+                    out[b * d + n1 + i] = e * x2[b * n2 + i] + r1[b * 2 * n2 + n2 + i];
+                }
+                out[b * d..b * d + n1].copy_from_slice(&y1[b * n1..(b + 1) * n1]);
+                logdet[b] += ld as f64;
+            }
+            for (v, cl) in out.iter_mut().zip(clamped.iter_mut()) {
+                if v.abs() > 1e6 {
+                    *v = v.clamp(-1e6, 1e6);
+                    *cl = true;
+                }
+            }
+            caches.push(BlockCache { x1, x2, s2_raw, e2, s1_raw, e1, clamped, s1: c1, s2: c2 });
+            x = out;
+        }
+        // loss = mean_b(0.5·|z_b|² − logdet_b) / D
+        let scale = 1.0 / (batch * d) as f64;
+        let loss: f64 = (0..batch)
+            .map(|b| 0.5 * x[b * d..(b + 1) * d].iter().map(|v| (*v as f64).powi(2)).sum::<f64>() - logdet[b])
+            .sum::<f64>()
+            * scale;
+        let g_ld = -scale as f32;
+        let mut g: Vec<f32> = x.iter().map(|v| v * scale as f32).collect();
+        for k in (0..self.config.blocks).rev() {
+            let cache = caches.pop().unwrap();
+            for (gv, cl) in g.iter_mut().zip(&cache.clamped) {
+                if *cl {
+                    *gv = 0.0;
+                }
+            }
+            // y2 = e1 ⊙ x2 + t1(y1)
+            let mut g_r1 = vec![0f32; batch * 2 * n2];
+            let mut g_x2 = vec![0f32; batch * n2];
+            for b in 0..batch {
+                for i in 0..n2 {
+                    let j = b * n2 + i;
+                    let gy2 = g[b * d + n1 + i];
+                    g_x2[j] = gy2 * cache.e1[j];
+                    let g_ls = gy2 * cache.e1[j] * cache.x2[j] + g_ld;
+                    g_r1[b * 2 * n2 + i] = g_ls * dsoft(cache.s1_raw[j]);
+                    g_r1[b * 2 * n2 + n2 + i] = gy2;
+                }
+            }
+            let g_y1_from_s1 = self.subnet_backward(k, 0, &cache.s1, g_r1, batch);
+            // y1 = e2 ⊙ x1 + t2(x2)
+            let mut g_r2 = vec![0f32; batch * 2 * n1];
+            let mut g_x1 = vec![0f32; batch * n1];
+            for b in 0..batch {
+                for i in 0..n1 {
+                    let j = b * n1 + i;
+                    let gy1 = g[b * d + i] + g_y1_from_s1[j];
+                    g_x1[j] = gy1 * cache.e2[j];
+                    let g_ls = gy1 * cache.e2[j] * cache.x1[j] + g_ld;
+                    g_r2[b * 2 * n1 + i] = g_ls * dsoft(cache.s2_raw[j]);
+                    g_r2[b * 2 * n1 + n1 + i] = gy1;
+                }
+            }
+            let g_x2_from_s2 = self.subnet_backward(k, 1, &cache.s2, g_r2, batch);
+            let perm = &self.perms[k];
+            let mut g_in = vec![0f32; batch * d];
+            for b in 0..batch {
+                for i in 0..n1 {
+                    g_in[b * d + perm[i] as usize] = g_x1[b * n1 + i];
+                }
+                for i in 0..n2 {
+                    g_in[b * d + perm[n1 + i] as usize] = g_x2[b * n2 + i] + g_x2_from_s2[b * n2 + i];
+                }
+            }
+            g = g_in;
+        }
+        loss
+    }
+
+    /// Gradient buffers of the last `loss_and_gradients` call, in `named_parameters` order.
+    pub fn gradients(&self) -> &[Vec<f32>] {
+        &self.grads.tensors
+    }
+
+    /// One torch-style Adam step with the current gradients.
+    pub fn adam_step(&mut self, c: &AdamConfig) {
+        self.step += 1;
+        for i in 0..self.params.tensors.len() {
+            adam_update(&mut self.params.tensors[i], &self.grads.tensors[i], &mut self.m.tensors[i], &mut self.v.tensors[i], c, self.step);
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The `differnet` binary end to end on a tiny generated dataset: train, test, predict,
+//! calibrate, info; bad input exits non-zero with a message naming the file.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+fn differnet(home: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_differnet"))
+        .args(args)
+        .env("DIFFERNET_HOME", home)
+        .output()
+        .expect("run differnet");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn train_test_predict_calibrate_and_errors() {
+    let home = tempfile::tempdir().unwrap();
+    let w = home.path().join("weights");
+    std::fs::create_dir_all(&w).unwrap();
+    std::fs::copy(shared().join("fixtures/efficientnet_lite0.safetensors"), w.join("efficientnet-lite0.safetensors")).unwrap();
+    let data = home.path().join("data");
+    differnet::synth::generate(&data, 4, 2, 1, 11).unwrap();
+    let model = home.path().join("m.safetensors");
+    let (d, m) = (data.to_str().unwrap(), model.to_str().unwrap());
+
+    let (ok, _, err) = differnet(home.path(), &["--quiet", "train", "--data", d, "--out", m, "--epochs", "2", "--hidden", "32", "--cached-views", "2", "--views", "2", "--batch", "2", "--test-views", "2"]);
+    assert!(ok, "train failed: {err}");
+    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "test", "--model", m, "--data", d]);
+    assert!(ok, "test failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let auroc = v["image_auroc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&auroc));
+    assert_eq!(v["n_good"], 2);
+    assert_eq!(v["n_defect"], 3);
+    assert_eq!(v["per_defect_auroc"].as_object().unwrap().len(), 3);
+
+    let (ok, _, err) = differnet(home.path(), &["--quiet", "calibrate", "--model", m, "--best-f1", "--data", d]);
+    assert!(ok, "calibrate failed: {err}");
+    let good = data.join("test/good");
+    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "predict", "--model", m, good.to_str().unwrap()]);
+    assert!(ok, "predict failed: {err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["score"].is_f64() && r["is_anomaly"].is_boolean()));
+    let (ok, out, _) = differnet(home.path(), &["info", m]);
+    assert!(ok && out.contains("efficientnet-lite0") && out.contains("best-f1"), "{out}");
+
+    // bad input: a broken image, a missing model, an empty dataset, a missing backbone
+    let broken = home.path().join("broken.jpg");
+    std::fs::write(&broken, b"\xff\xd8\xff garbage").unwrap();
+    let (ok, _, err) = differnet(home.path(), &["--quiet", "predict", "--model", m, broken.to_str().unwrap()]);
+    assert!(!ok && err.contains("broken.jpg"), "{err}");
+    let (ok, _, err) = differnet(home.path(), &["--quiet", "test", "--model", "nope.safetensors", "--data", d]);
+    assert!(!ok && err.contains("nope.safetensors"), "{err}");
+    let empty = home.path().join("empty");
+    std::fs::create_dir_all(empty.join("train/good")).unwrap();
+    let (ok, _, err) = differnet(home.path(), &["--quiet", "train", "--data", empty.to_str().unwrap(), "--out", m]);
+    assert!(!ok && err.contains("empty"), "{err}");
+    let (ok, _, err) = differnet(home.path(), &["--quiet", "train", "--backbone", "alexnet", "--data", d, "--out", m]);
+    assert!(!ok && err.contains("weights import alexnet"), "{err}");
+    // the model is still the good one after the failed runs
+    let (ok, _, err) = differnet(home.path(), &["--quiet", "test", "--model", m, "--data", d]);
+    assert!(ok, "{err}");
+}

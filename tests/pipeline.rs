@@ -1,0 +1,231 @@
+//! Training, model files, data loading and the feature cache, on small generated inputs.
+
+mod common;
+use candle_core::Device;
+use common::*;
+use differnet::backbone::BackboneKind;
+use differnet::features::{Extractor, FeatureCache};
+use differnet::flow::FlowConfig;
+use differnet::model::{Manifest, Model, TrainingData, FORMAT, FORMAT_VERSION};
+use differnet::score::ScoreKind;
+use differnet::train::{train_flow, TrainConfig};
+use differnet::transforms::{load_rgb, View};
+use indicatif::ProgressBar;
+use rand::{Rng, SeedableRng};
+
+fn tiny_config(seed: u64) -> TrainConfig {
+    let mut cfg = TrainConfig::new(BackboneKind::Alexnet);
+    cfg.flow = FlowConfig { dim: 12, blocks: 2, hidden: 16, alpha: 3.0 };
+    cfg.epochs = 5;
+    cfg.batch_images = 3;
+    cfg.views_per_image = 2;
+    cfg.cached_views = 4;
+    cfg.seed = seed;
+    cfg
+}
+
+fn random_features(n: usize, views: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| (0..views * dim).map(|_| rng.random_range(-1.0..1.0f32)).collect()).collect()
+}
+
+fn params(m: &differnet::flow::NormalizingFlow) -> Vec<f32> {
+    m.named_parameters().iter().flat_map(|(_, v)| vec_f32(v.as_tensor())).collect()
+}
+
+#[test]
+fn same_seed_same_model_and_loss_decreases() {
+    let feats = random_features(7, 4, 12, 1);
+    let (a, sa) = train_flow(&feats, &tiny_config(3), &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let (b, _) = train_flow(&feats, &tiny_config(3), &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let (c, _) = train_flow(&feats, &tiny_config(4), &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    assert_eq!(params(&a), params(&b));
+    assert_ne!(params(&a), params(&c));
+    assert!(sa.epoch_losses.last().unwrap() < sa.epoch_losses.first().unwrap(), "{:?}", sa.epoch_losses);
+}
+
+#[test]
+fn non_finite_loss_stops_training_with_an_error() {
+    let mut feats = random_features(4, 4, 12, 2);
+    feats[2][5] = f32::NAN;
+    let err = train_flow(&feats, &tiny_config(0), &Device::Cpu, &ProgressBar::hidden()).err().expect("must fail");
+    assert!(matches!(err, differnet::Error::Training(_)), "{err}");
+    assert!(err.to_string().contains("NaN"), "{err}");
+}
+
+fn tiny_model() -> Model {
+    let cfg = tiny_config(0);
+    let (flow, summary) = train_flow(&random_features(4, 4, 12, 5), &cfg, &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        library_version: "test".into(),
+        backbone: BackboneKind::Alexnet,
+        backbone_weights_sha256: "ab".repeat(32),
+        flow: cfg.flow.clone(),
+        permutations: vec![],
+        score: ScoreKind::MeanZ2,
+        test_views: 4,
+        train: cfg,
+        threshold: None,
+        training_data: TrainingData { root: "x".into(), n_images: 4, images_sha256: "0".into() },
+        training: summary,
+        parameters_sha256: String::new(),
+    };
+    Model::new(manifest, flow).unwrap()
+}
+
+#[test]
+fn model_round_trip_and_corruption_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let m = tiny_model();
+    m.save(&path).unwrap();
+    let back = Model::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(params(&back.flow), params(&m.flow));
+    assert_eq!(back.manifest.parameters_sha256, m.manifest.parameters_sha256);
+    // a flipped byte in the parameter data
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0x40;
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, &bytes).unwrap();
+    let e = Model::load(&bad, &Device::Cpu).err().expect("corrupt file must be refused").to_string();
+    assert!(e.contains("checksum") && e.contains("bad.safetensors"), "{e}");
+    // truncated
+    std::fs::write(&bad, &bytes[..n / 2]).unwrap();
+    assert!(Model::load(&bad, &Device::Cpu).is_err());
+    // not a model
+    std::fs::write(&bad, b"hello").unwrap();
+    let e = Model::load(&bad, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("bad.safetensors"), "{e}");
+    // a newer format version
+    let mut newer = tiny_model();
+    newer.manifest.format_version = 99;
+    newer.save(&bad).unwrap();
+    let e = Model::load(&bad, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("format version 99"), "{e}");
+    // a different backbone is refused
+    let e = back.check_backbone(BackboneKind::EfficientnetLite0, &"cd".repeat(32), &path).err().unwrap().to_string();
+    assert!(e.contains("trained with alexnet"), "{e}");
+    // saving over an existing model replaces it whole and leaves no temp files
+    m.save(&path).unwrap();
+    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+}
+
+#[test]
+fn image_formats_decode_to_the_same_rgb() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = (13u32, 7u32);
+    let gray = image::GrayImage::from_fn(w, h, |x, y| image::Luma([(x * 19 + y * 7) as u8]));
+    let rgb = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 19) as u8, (y * 30) as u8, 200]));
+    let expect_gray: Vec<u8> = gray.pixels().flat_map(|p| [p[0]; 3]).collect();
+    let expect_rgb: Vec<u8> = rgb.as_raw().clone();
+    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path)>, &Vec<u8>)> = vec![
+        ("g.png", Box::new(|p| gray.save(p).unwrap()), &expect_gray),
+        ("g.bmp", Box::new(|p| image::DynamicImage::ImageLuma8(gray.clone()).to_rgb8().save(p).unwrap()), &expect_gray),
+        ("g.tif", Box::new(|p| gray.save(p).unwrap()), &expect_gray),
+        ("c.png", Box::new(|p| rgb.save(p).unwrap()), &expect_rgb),
+        ("c.tiff", Box::new(|p| rgb.save(p).unwrap()), &expect_rgb),
+        ("a.png", Box::new(|p| image::DynamicImage::ImageRgb8(rgb.clone()).to_rgba8().save(p).unwrap()), &expect_rgb),
+        ("g16.png", Box::new(|p| image::DynamicImage::ImageLuma8(gray.clone()).to_luma16().save(p).unwrap()), &expect_gray),
+    ];
+    for (name, write, want) in cases {
+        let p = dir.path().join(name);
+        write(&p);
+        let img = load_rgb(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((img.width, img.height), (w as usize, h as usize), "{name}");
+        assert_eq!(&img.data, want, "{name}");
+    }
+    // JPEG is lossy: close, not equal
+    let p = dir.path().join("c.jpg");
+    rgb.save(&p).unwrap();
+    let img = load_rgb(&p).unwrap();
+    let err = img.data.iter().zip(&expect_rgb).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    assert!(err < 40, "jpeg error {err}");
+}
+
+#[test]
+fn bad_images_and_folders_give_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = {
+        let mut v = std::io::Cursor::new(vec![]);
+        image::GrayImage::new(20, 20).write_to(&mut v, image::ImageFormat::Png).unwrap();
+        v.into_inner()
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty.png", vec![]),
+        ("text.png", b"this is not an image".to_vec()),
+        ("truncated.png", png[..png.len() / 2].to_vec()),
+        ("bomb.png", {
+            // a valid PNG header claiming 100000 x 100000 pixels
+            let mut b = png.clone();
+            b[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+            b[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+            b
+        }),
+    ];
+    for (name, bytes) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = load_rgb(&p).err().unwrap_or_else(|| panic!("{name} must be refused")).to_string();
+        assert!(e.contains(name), "{e}");
+    }
+    let e = load_rgb(&dir.path().join("missing.png")).err().unwrap().to_string();
+    assert!(e.contains("missing.png"), "{e}");
+    let empty = dir.path().join("empty_dataset");
+    std::fs::create_dir_all(empty.join("train/good")).unwrap();
+    let e = differnet::data::Dataset::open(&empty).err().unwrap().to_string();
+    assert!(e.contains("empty_dataset"), "{e}");
+}
+
+#[test]
+fn cached_features_equal_fresh_ones_and_invalidate() {
+    let weights = shared().join("fixtures/efficientnet_lite0.safetensors");
+    let ex = Extractor::load(BackboneKind::EfficientnetLite0, &weights, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    differnet::synth::generate(&dir.path().join("d"), 1, 0, 0, 9).unwrap();
+    let img = dir.path().join("d/train/good/000.png");
+    let cache = FeatureCache { dir: Some(dir.path().join("cache")) };
+    let nocache = FeatureCache { dir: None };
+    let views = vec![View::rotation(0.0), View::rotation(37.0)];
+    let fresh = nocache.features(&ex, &img, &views).unwrap();
+    let first = cache.features(&ex, &img, &views).unwrap();
+    let again = cache.features(&ex, &img, &views).unwrap();
+    assert_eq!(fresh, first);
+    assert_eq!(first, again);
+    let count = || walk(&dir.path().join("cache"));
+    assert_eq!(count(), 1);
+    // other views, other image content: new entries
+    cache.features(&ex, &img, &views[..1]).unwrap();
+    assert_eq!(count(), 2);
+    let rgb = load_rgb(&img).unwrap();
+    let mut changed = image::RgbImage::from_raw(rgb.width as u32, rgb.height as u32, rgb.data).unwrap();
+    changed.put_pixel(3, 3, image::Rgb([255, 0, 0]));
+    changed.save(&img).unwrap();
+    let after = cache.features(&ex, &img, &views).unwrap();
+    assert_eq!(count(), 3);
+    assert_ne!(after, first);
+}
+
+fn walk(p: &std::path::Path) -> usize {
+    std::fs::read_dir(p).map(|rd| rd.filter_map(|e| e.ok()).map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum()).unwrap_or(0)
+}
+
+#[test]
+fn synthetic_data_is_deterministic_and_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    differnet::synth::generate(&dir.path().join("a"), 2, 1, 1, 5).unwrap();
+    differnet::synth::generate(&dir.path().join("b"), 2, 1, 1, 5).unwrap();
+    for rel in ["train/good/001.png", "test/crack/000.png", "ground_truth/spot/000_mask.png"] {
+        assert_eq!(std::fs::read(dir.path().join("a").join(rel)).unwrap(), std::fs::read(dir.path().join("b").join(rel)).unwrap(), "{rel}");
+    }
+    let ds = differnet::data::Dataset::open(&dir.path().join("a")).unwrap();
+    assert_eq!(ds.train.len(), 2);
+    assert_eq!(ds.test.len(), 4);
+    for s in ds.test.iter().filter(|s| s.is_defect()) {
+        let m = load_rgb(s.mask.as_ref().unwrap()).unwrap();
+        assert!(m.data.iter().any(|&v| v == 255), "{} mask is empty", s.path.display());
+    }
+}
