@@ -7,7 +7,7 @@ use differnet::data::{expand_inputs, Dataset};
 use differnet::features::{Extractor, FeatureCache};
 use differnet::model::{Manifest, Model, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
 use differnet::score::{anomaly_score, Evaluation, SampleScore, ScoreKind};
-use differnet::train::{train_flow, training_features, TrainConfig};
+use differnet::train::{train_flow_with_checkpoints, training_features, Checkpoint, TrainConfig, TrainingSummary};
 use differnet::transforms::test_views;
 use differnet::{metrics, weights};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -128,6 +128,9 @@ struct TrainArgs {
     /// Seed for every random choice (views, initialisation, batches).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also write the model every N epochs, as OUT with `.epochN` before the extension.
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
 }
 
 #[derive(Args)]
@@ -326,13 +329,14 @@ fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
     let feats = training_features(&images, &cfg, &ex, &cache, &b)?;
     b.finish();
     let feature_seconds = t0.elapsed().as_secs_f64();
-    let b = bar(cli, cfg.epochs as u64, "flow");
-    let (flow, mut summary) = train_flow(&feats, &cfg, dev, &b)?;
-    b.finish();
-    summary.feature_seconds = feature_seconds;
     let mut shas: Vec<String> = images.iter().map(|p| weights::sha256_file(p)).collect::<differnet::Result<_>>()?;
     shas.sort();
-    let manifest = Manifest {
+    let training_data = TrainingData {
+        root: a.data.display().to_string(),
+        n_images: images.len(),
+        images_sha256: weights::sha256_hex(shas.join("").as_bytes()),
+    };
+    let manifest = |cfg: &TrainConfig, summary: TrainingSummary| Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
         library_version: env!("CARGO_PKG_VERSION").into(),
@@ -342,17 +346,29 @@ fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
         permutations: vec![],
         score: a.score,
         test_views: a.test_views,
-        train: cfg,
+        train: cfg.clone(),
         threshold: a.threshold.map(|value| Threshold { value, method: "user".into() }),
-        training_data: TrainingData {
-            root: a.data.display().to_string(),
-            n_images: images.len(),
-            images_sha256: weights::sha256_hex(shas.join("").as_bytes()),
-        },
-        training: summary,
+        training_data: training_data.clone(),
+        training: TrainingSummary { feature_seconds, ..summary },
         parameters_sha256: String::new(),
     };
-    let model = Model::new(manifest, flow)?;
+    let mut save_checkpoint = |epoch: usize, flow: &differnet::flow::NormalizingFlow, summary: &TrainingSummary| -> differnet::Result<()> {
+        let mut c = cfg.clone();
+        c.epochs = epoch;
+        let path = a.out.with_extension(format!("epoch{epoch}.safetensors"));
+        let copy = differnet::flow::NormalizingFlow::new(c.flow.clone(), 0, dev)?;
+        let params: std::collections::HashMap<String, candle_core::Tensor> =
+            flow.named_parameters().into_iter().map(|(n, v)| (n, v.as_tensor().copy().expect("copy"))).collect();
+        copy.load_parameters(&params, &path)?;
+        Model::new(manifest(&c, summary.clone()), copy)?.save(&path)?;
+        tracing::info!(epoch, path = %path.display(), "checkpoint written");
+        Ok(())
+    };
+    let b = bar(cli, cfg.epochs as u64, "flow");
+    let checkpoint = a.checkpoint_every.map(|every| Checkpoint { every, save: &mut save_checkpoint });
+    let (flow, summary) = train_flow_with_checkpoints(&feats, &cfg, dev, &b, checkpoint)?;
+    b.finish();
+    let model = Model::new(manifest(&cfg, summary), flow)?;
     model.save(&a.out)?;
     Ok(model)
 }
@@ -511,6 +527,7 @@ fn demo(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
         threshold: None,
         max_images: None,
         seed: a.seed,
+        checkpoint_every: None,
     };
     train(cli, &args, dev)?;
     let ev = test(cli, &model_path, &data, None, &args.backbone, dev)?;

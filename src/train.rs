@@ -90,8 +90,25 @@ fn check_finite(loss: f64, epoch: usize) -> Result<()> {
     Ok(())
 }
 
+/// Called after every `every` epochs with the epoch number and the flow as trained so far.
+pub struct Checkpoint<'a> {
+    pub every: usize,
+    pub save: &'a mut dyn FnMut(usize, &NormalizingFlow, &TrainingSummary) -> Result<()>,
+}
+
 /// Trains a fresh flow on per-image feature matrices. The same seed gives the same flow.
 pub fn train_flow(features: &[Vec<f32>], cfg: &TrainConfig, ex_device: &candle_core::Device, bar: &ProgressBar) -> Result<(NormalizingFlow, TrainingSummary)> {
+    train_flow_with_checkpoints(features, cfg, ex_device, bar, None)
+}
+
+/// [`train_flow`] with an optional checkpoint callback.
+pub fn train_flow_with_checkpoints(
+    features: &[Vec<f32>],
+    cfg: &TrainConfig,
+    ex_device: &candle_core::Device,
+    bar: &ProgressBar,
+    mut checkpoint: Option<Checkpoint>,
+) -> Result<(NormalizingFlow, TrainingSummary)> {
     cfg.validate()?;
     if features.is_empty() {
         return Err(Error::Training("no training images".into()));
@@ -149,6 +166,14 @@ pub fn train_flow(features: &[Vec<f32>], cfg: &TrainConfig, ex_device: &candle_c
         bar.set_message(format!("loss {mean:.4}"));
         bar.inc(1);
         tracing::debug!(epoch = epoch + 1, loss = mean, "epoch done");
+        if let Some(c) = checkpoint.as_mut() {
+            if c.every > 0 && (epoch + 1) % c.every == 0 && epoch + 1 < cfg.epochs {
+                if let Some(t) = &fast {
+                    t.write_to(&flow)?;
+                }
+                (c.save)(epoch + 1, &flow, &summary)?;
+            }
+        }
     }
     if let Some(t) = &fast {
         t.write_to(&flow)?;

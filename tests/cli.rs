@@ -61,6 +61,17 @@ fn train_test_predict_calibrate_and_errors() {
     assert!(!ok && err.contains("empty"), "{err}");
     let (ok, _, err) = differnet(home.path(), &["--quiet", "train", "--backbone", "alexnet", "--data", d, "--out", m]);
     assert!(!ok && err.contains("weights import alexnet"), "{err}");
+    // AlexNet weights a user supplies: a complete file is imported, an incomplete one refused
+    let subset = shared().join("fixtures/alexnet_seed0_features_subset.pth");
+    let (ok, _, err) = differnet(home.path(), &["weights", "import", "alexnet", subset.to_str().unwrap()]);
+    assert!(!ok && err.contains("features.3.weight"), "{err}");
+    let full = shared().join("fixtures/alexnet_seed0_features.safetensors");
+    let (ok, _, err) = differnet(home.path(), &["weights", "import", "alexnet", full.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = differnet(home.path(), &["--json", "weights", "list"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert!(ok && rows.iter().all(|r| r["installed"] == true), "{out}");
+    assert_eq!(rows[1]["info"]["source_sha256"], "f06ee7fd234fa31e624c46d94e3b9da841ad6466587a913bba3f50b2a4995b87");
     // the model is still the good one after the failed runs
     let (ok, _, err) = differnet(home.path(), &["--quiet", "test", "--model", m, "--data", d]);
     assert!(ok, "{err}");
