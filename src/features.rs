@@ -24,6 +24,11 @@ impl Extractor {
         Ok(Extractor { backbone: backbone::load(kind, weights, device)?, weights_sha256, device: device.clone(), batch: 4, lut: normalize_lut() })
     }
 
+    /// Wraps a backbone built in memory (weights identified by `weights_sha256`).
+    pub fn from_backbone(backbone: Box<dyn Backbone>, weights_sha256: String, device: &Device) -> Self {
+        Extractor { backbone, weights_sha256, device: device.clone(), batch: 4, lut: normalize_lut() }
+    }
+
     pub fn kind(&self) -> BackboneKind {
         self.backbone.kind()
     }

@@ -5,6 +5,7 @@
 //! [`features`]) → latent z ([`flow`]) → anomaly score ([`score`]). See `docs/ARCHITECTURE.md`.
 
 pub mod backbone;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod features;

@@ -49,6 +49,30 @@ enum Command {
     Weights(WeightsCommand),
     /// Generate a synthetic defect dataset, train briefly, evaluate: no data needed.
     Demo(DemoArgs),
+    /// Measure backbone and flow throughput, test latency and peak memory on this machine.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Backbone to time (AlexNet uses random weights when none are installed).
+    #[arg(long, value_enum, default_value = "efficientnet-lite0")]
+    backbone: BackboneKind,
+    /// Backbone views to time.
+    #[arg(long, default_value_t = 32)]
+    views: usize,
+    /// Views per backbone forward pass.
+    #[arg(long, default_value_t = 4)]
+    backbone_batch: usize,
+    /// Flow training steps to time (batch 96, paper width).
+    #[arg(long, default_value_t = 5)]
+    flow_steps: usize,
+    /// Flow training batch (views).
+    #[arg(long, default_value_t = 96)]
+    flow_batch: usize,
+    /// Hidden width of the flow's subnets.
+    #[arg(long, default_value_t = 2048)]
+    hidden: usize,
 }
 
 #[derive(Args)]
@@ -298,6 +322,21 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Info { model } => print_json(&Model::read_manifest(model)?),
         Command::Weights(w) => weights_cmd(cli, w)?,
         Command::Demo(a) => demo(cli, a, &dev)?,
+        Command::Bench(a) => {
+            let path = weights::weights_path(a.backbone);
+            let mut ex = if path.is_file() {
+                Extractor::load(a.backbone, &path, &dev)?
+            } else if a.backbone == BackboneKind::Alexnet {
+                Extractor::from_backbone(Box::new(differnet::backbone::AlexNet::random(&dev)?), "random".into(), &dev)
+            } else {
+                bail!("no {} weights: run `differnet weights fetch`", a.backbone.id());
+            };
+            ex.batch = a.backbone_batch.max(1);
+            let mut flow = differnet::flow::FlowConfig::new(a.backbone.feature_dim());
+            flow.hidden = a.hidden;
+            let r = differnet::bench::run(&ex, a.views, &flow, a.flow_batch, a.flow_steps)?;
+            if cli.json { print_json(&r) } else { print!("{}", r.table()) }
+        }
     }
     Ok(())
 }

@@ -30,7 +30,33 @@ pub struct AlexNet {
 pub const LAYERS: [(usize, usize, usize, usize, usize, usize); 5] =
     [(0, 64, 3, 11, 4, 2), (3, 192, 64, 5, 1, 2), (6, 384, 192, 3, 1, 1), (8, 256, 384, 3, 1, 1), (10, 256, 256, 3, 1, 1)];
 
+/// Multiply-adds ×2 of the five convolutions for an input of side `size`.
+pub fn flops(size: usize) -> f64 {
+    let conv = |s: usize, k: usize, st: usize, p: usize| (s + 2 * p - k) / st + 1;
+    let pool = |s: usize| (s - 3) / 2 + 1;
+    let mut side = size;
+    let mut f = 0.0;
+    for (i, (_, o, c, k, st, p)) in LAYERS.iter().enumerate() {
+        side = conv(side, *k, *st, *p);
+        f += 2.0 * (o * c * k * k * side * side) as f64;
+        if i < 2 {
+            side = pool(side);
+        }
+    }
+    f
+}
+
 impl AlexNet {
+    /// Random weights of the right shapes (for speed measurements; weights do not affect speed).
+    pub fn random(device: &candle_core::Device) -> Result<Self> {
+        let mut t = HashMap::new();
+        for (idx, o, i, k, _, _) in LAYERS {
+            t.insert(format!("features.{idx}.weight"), Tensor::randn(0f32, 0.02, (o, i, k, k), device)?);
+            t.insert(format!("features.{idx}.bias"), Tensor::zeros(o, candle_core::DType::F32, device)?);
+        }
+        Self::new(&t, Path::new("random"))
+    }
+
     /// Builds from torchvision key names (`features.{0,3,6,8,10}.{weight,bias}`).
     pub fn new(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Self> {
         let mut convs = vec![];

@@ -175,6 +175,24 @@ impl Backbone for EfficientNetLite0 {
     }
 }
 
+/// Multiply-adds ×2 of the feature maps (stem + 16 blocks) for an input of side `size`.
+pub fn flops(size: usize) -> f64 {
+    let mut side = size.div_ceil(2);
+    let mut f = 2.0 * (32 * 3 * 9 * side * side) as f64;
+    for (k, s, e, cin, cout, reps) in STAGES {
+        for r in 0..reps {
+            let (inp, stride) = if r == 0 { (cin, s) } else { (cout, 1) };
+            let exp = inp * e;
+            if e != 1 {
+                f += 2.0 * (inp * exp * side * side) as f64;
+            }
+            side = side.div_ceil(stride);
+            f += 2.0 * (exp * k * k * side * side) as f64 + 2.0 * (exp * cout * side * side) as f64;
+        }
+    }
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::same_padding;

@@ -48,6 +48,15 @@ impl BackboneKind {
             BackboneKind::EfficientnetLite0 => 320,
         }
     }
+    /// FLOPs (2 per multiply-add) of one view's three scales.
+    pub fn multiscale_flops(self) -> f64 {
+        (0..N_SCALES)
+            .map(|s| match self {
+                BackboneKind::Alexnet => alexnet::flops(INPUT_SIZE >> s),
+                BackboneKind::EfficientnetLite0 => efficientnet::flops(INPUT_SIZE >> s),
+            })
+            .sum()
+    }
     /// Length of the multi-scale feature vector y (paper: 3·256 = 768 for AlexNet).
     pub fn feature_dim(self) -> usize {
         self.channels() * N_SCALES

@@ -1,0 +1,162 @@
+//! Throughput and memory measurements (`differnet bench`): backbone, flow training and test
+//! latency on this machine, each next to the same process's large-matrix sgemm rate.
+
+use crate::backbone::{multiscale_features, BackboneKind, INPUT_SIZE};
+use crate::error::Result;
+use crate::features::Extractor;
+use crate::flow::{FlowConfig, NormalizingFlow};
+use crate::flow_grad::FlowTrainer;
+use crate::optim::AdamConfig;
+use crate::transforms::{test_views, Rgb8};
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+
+/// Peak resident memory of this process since the last reset (Linux `VmHWM`), bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Resets the peak-RSS counter (Linux `clear_refs` 5); false where unsupported.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// GFLOP/s of an n×n×n single-precision matrix product with the `gemm` crate, best of `reps`.
+pub fn sgemm_gflops(n: usize, reps: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b = a.clone();
+    let mut c = vec![0f32; n * n];
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        // SAFETY: all three buffers are n×n row-major.
+        unsafe {
+            gemm::gemm(n, n, n, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, n as isize, b.as_ptr(), 1, n as isize,
+                0.0, 1.0, false, false, false, gemm::Parallelism::Rayon(rayon::current_num_threads()));
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub threads: usize,
+    pub sgemm_gflops: f64,
+    pub backbone: String,
+    pub backbone_views_per_s: f64,
+    pub backbone_gflops: f64,
+    pub conv_to_sgemm_ratio: f64,
+    pub flow_dim: usize,
+    pub flow_hidden: usize,
+    pub flow_batch: usize,
+    pub flow_train_samples_per_s: f64,
+    pub flow_train_gflops: f64,
+    pub flow_to_sgemm_ratio: f64,
+    pub test_seconds_per_image_16_views: f64,
+    pub test_seconds_per_image_64_views: f64,
+    pub peak_rss_bytes_flow_training: Option<u64>,
+    pub peak_rss_bytes_testing: Option<u64>,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Runs every measurement; `views` backbone views are timed (after one warm-up batch).
+pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usize, flow_steps: usize) -> Result<BenchReport> {
+    let sgemm = sgemm_gflops(2048, 3);
+    let kind: BackboneKind = ex.kind();
+    let x = Tensor::randn(0f32, 1.0, (ex.batch, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu)?;
+    multiscale_features(ex.backbone.as_ref(), &x)?;
+    let batches = views.div_ceil(ex.batch).max(1);
+    let t = Instant::now();
+    for _ in 0..batches {
+        multiscale_features(ex.backbone.as_ref(), &x)?;
+    }
+    let views_per_s = (batches * ex.batch) as f64 / t.elapsed().as_secs_f64();
+    let backbone_gflops = views_per_s * kind.multiscale_flops() / 1e9;
+
+    reset_peak_rss();
+    let flow = NormalizingFlow::new(flow_cfg.clone(), 0, &Device::Cpu)?;
+    let mut trainer = FlowTrainer::from_flow(&flow)?;
+    drop(flow);
+    let y: Vec<f32> = (0..flow_batch * flow_cfg.dim).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    trainer.loss_and_gradients(&y, flow_batch);
+    trainer.adam_step(&AdamConfig::default());
+    let t = Instant::now();
+    for _ in 0..flow_steps {
+        trainer.loss_and_gradients(&y, flow_batch);
+        trainer.adam_step(&AdamConfig::default());
+    }
+    let samples_per_s = (flow_steps * flow_batch) as f64 / t.elapsed().as_secs_f64();
+    let params: usize = trainer.params.tensors.iter().map(|t| t.len()).sum();
+    let flow_gflops = samples_per_s * 6.0 * params as f64 / 1e9;
+    let rss_train = peak_rss_bytes();
+
+    // test latency: one image end to end (resize done once, views, backbone, flow)
+    reset_peak_rss();
+    let flow = NormalizingFlow::new(flow_cfg.clone(), 0, &Device::Cpu)?;
+    trainer.write_to(&flow)?;
+    drop(trainer);
+    let img = Rgb8 { width: 600, height: 500, data: (0..600 * 500 * 3).map(|i| (i * 31 % 251) as u8).collect() };
+    let mut latency = [0.0; 2];
+    for (slot, n) in [16usize, 64].iter().enumerate() {
+        let t = Instant::now();
+        let resized = crate::transforms::resize_bilinear(&img, INPUT_SIZE, INPUT_SIZE);
+        let f = ex.view_features(&resized, &test_views(*n))?;
+        crate::score::anomaly_score(&flow, &f, flow_cfg.dim, crate::score::ScoreKind::MeanZ2, &Device::Cpu)?;
+        latency[slot] = t.elapsed().as_secs_f64();
+    }
+    let rss_test = peak_rss_bytes();
+    Ok(BenchReport {
+        threads: rayon::current_num_threads(),
+        sgemm_gflops: sgemm,
+        backbone: kind.id().into(),
+        backbone_views_per_s: views_per_s,
+        backbone_gflops,
+        conv_to_sgemm_ratio: backbone_gflops / sgemm,
+        flow_dim: flow_cfg.dim,
+        flow_hidden: flow_cfg.hidden,
+        flow_batch,
+        flow_train_samples_per_s: samples_per_s,
+        flow_train_gflops: flow_gflops,
+        flow_to_sgemm_ratio: flow_gflops / sgemm,
+        test_seconds_per_image_16_views: latency[0],
+        test_seconds_per_image_64_views: latency[1],
+        peak_rss_bytes_flow_training: rss_train,
+        peak_rss_bytes_testing: rss_test,
+        peak_rss_bytes: rss_train.max(rss_test),
+    })
+}
+
+impl BenchReport {
+    pub fn table(&self) -> String {
+        let mb = |b: Option<u64>| b.map(|b| format!("{:.0} MB", b as f64 / 1e6)).unwrap_or_else(|| "n/a".into());
+        format!(
+            "threads                      {}\n\
+             sgemm 2048³                  {:.1} GFLOP/s (reference)\n\
+             backbone {:<19} {:.2} views/s (3 scales), {:.1} GFLOP/s, {:.2} of sgemm\n\
+             flow training {}×{} b{:<4}  {:.1} samples/s, {:.1} GFLOP/s, {:.2} of sgemm\n\
+             test latency 16 views        {:.2} s/image\n\
+             test latency 64 views        {:.2} s/image\n\
+             peak RSS flow training       {}\n\
+             peak RSS testing             {}\n",
+            self.threads, self.sgemm_gflops, self.backbone, self.backbone_views_per_s, self.backbone_gflops, self.conv_to_sgemm_ratio,
+            self.flow_dim, self.flow_hidden, self.flow_batch, self.flow_train_samples_per_s, self.flow_train_gflops, self.flow_to_sgemm_ratio,
+            self.test_seconds_per_image_16_views, self.test_seconds_per_image_64_views, mb(self.peak_rss_bytes_flow_training), mb(self.peak_rss_bytes_testing)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flop_counts_match_hand_computed_values() {
+        // AlexNet at 224 (torchvision): about 0.71 GMAC in the convolutions
+        let f = crate::backbone::alexnet::flops(224);
+        assert!((f / 2.0 / 1e9 - 0.655).abs() < 0.02, "{f}");
+        // AlexNet 3-scale views: 3.58 GMAC (issue text, measured with PyTorch)
+        let m = crate::backbone::BackboneKind::Alexnet.multiscale_flops() / 2.0 / 1e9;
+        assert!((m - 3.58).abs() < 0.1, "{m}");
+    }
+}
