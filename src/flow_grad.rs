@@ -43,13 +43,52 @@ struct SubnetCache {
     hidden: [Vec<f32>; 3],
 }
 
+/// One affine half of a coupling block, y = e^{σ(s)} ⊙ x + t with (s, t) = r = subnet output.
+struct AffineHalf {
+    s_raw: Vec<f32>,
+    e: Vec<f32>,
+    y: Vec<f32>,
+}
+
+impl AffineHalf {
+    /// `r` is [batch, 2n] (scales then shifts), `x` is [batch, n]; adds Σσ(s) to `logdet`.
+    fn forward(r: &[f32], x: &[f32], n: usize, soft: &impl Fn(f32) -> f32, logdet: &mut [f64]) -> Self {
+        let len = x.len();
+        let (mut s_raw, mut e, mut y) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
+        for (b, ld_row) in logdet.iter_mut().enumerate() {
+            let mut ld = 0f32;
+            for i in 0..n {
+                let (j, s) = (b * n + i, r[b * 2 * n + i]);
+                let ls = soft(s);
+                ld += ls;
+                s_raw[j] = s;
+                e[j] = ls.exp();
+                y[j] = e[j] * x[j] + r[b * 2 * n + n + i];
+            }
+            *ld_row += ld as f64;
+        }
+        AffineHalf { s_raw, e, y }
+    }
+
+    /// From dL/dy (and dL/dlogdet per element, `g_ld`): (dL/dr, dL/dx through the product).
+    fn backward(&self, gy: &[f32], x: &[f32], n: usize, dsoft: &impl Fn(f32) -> f32, g_ld: f32) -> (Vec<f32>, Vec<f32>) {
+        let mut g_r = vec![0f32; 2 * gy.len()];
+        let mut g_x = vec![0f32; gy.len()];
+        for (j, &g) in gy.iter().enumerate() {
+            let (b, i) = (j / n, j % n);
+            g_x[j] = g * self.e[j];
+            g_r[b * 2 * n + i] = (g * self.e[j] * x[j] + g_ld) * dsoft(self.s_raw[j]);
+            g_r[b * 2 * n + n + i] = g;
+        }
+        (g_r, g_x)
+    }
+}
+
 struct BlockCache {
     x1: Vec<f32>,
     x2: Vec<f32>,
-    s2_raw: Vec<f32>,
-    e2: Vec<f32>,
-    s1_raw: Vec<f32>,
-    e1: Vec<f32>,
+    half1: AffineHalf,
+    half2: AffineHalf,
     clamped: Vec<bool>,
     s1: SubnetCache,
     s2: SubnetCache,
@@ -170,40 +209,14 @@ impl FlowTrainer {
                 }
             }
             let (r2, c2) = self.subnet_forward(k, 1, &x2, batch);
-            let mut s2_raw = vec![0f32; batch * n1];
-            let mut e2 = vec![0f32; batch * n1];
-            let mut y1 = vec![0f32; batch * n1];
-            for b in 0..batch {
-                let mut ld = 0f32;
-                for i in 0..n1 {
-                    let s = r2[b * 2 * n1 + i];
-                    let ls = soft(s);
-                    ld += ls;
-                    let e = ls.exp();
-                    s2_raw[b * n1 + i] = s;
-                    e2[b * n1 + i] = e;
-                    y1[b * n1 + i] = e * x1[b * n1 + i] + r2[b * 2 * n1 + n1 + i];
-                }
-                logdet[b] += ld as f64;
-            }
-            let (r1, c1) = self.subnet_forward(k, 0, &y1, batch);
-            let mut s1_raw = vec![0f32; batch * n2];
-            let mut e1 = vec![0f32; batch * n2];
+            let half2 = AffineHalf::forward(&r2, &x1, n1, &soft, &mut logdet);
+            let (r1, c1) = self.subnet_forward(k, 0, &half2.y, batch);
+            let half1 = AffineHalf::forward(&r1, &x2, n2, &soft, &mut logdet);
             let mut out = vec![0f32; batch * d];
             let mut clamped = vec![false; batch * d];
             for b in 0..batch {
-                let mut ld = 0f32;
-                for i in 0..n2 {
-                    let s = r1[b * 2 * n2 + i];
-                    let ls = soft(s);
-                    ld += ls;
-                    let e = ls.exp();
-                    s1_raw[b * n2 + i] = s;
-                    e1[b * n2 + i] = e;
-                    out[b * d + n1 + i] = e * x2[b * n2 + i] + r1[b * 2 * n2 + n2 + i];
-                }
-                out[b * d..b * d + n1].copy_from_slice(&y1[b * n1..(b + 1) * n1]);
-                logdet[b] += ld as f64;
+                out[b * d..b * d + n1].copy_from_slice(&half2.y[b * n1..(b + 1) * n1]);
+                out[b * d + n1..(b + 1) * d].copy_from_slice(&half1.y[b * n2..(b + 1) * n2]);
             }
             for (v, cl) in out.iter_mut().zip(clamped.iter_mut()) {
                 if v.abs() > 1e6 {
@@ -211,7 +224,7 @@ impl FlowTrainer {
                     *cl = true;
                 }
             }
-            caches.push(BlockCache { x1, x2, s2_raw, e2, s1_raw, e1, clamped, s1: c1, s2: c2 });
+            caches.push(BlockCache { x1, x2, half1, half2, clamped, s1: c1, s2: c2 });
             x = out;
         }
         // loss = mean_b(0.5·|z_b|² − logdet_b) / D
@@ -230,32 +243,12 @@ impl FlowTrainer {
                 }
             }
             // y2 = e1 ⊙ x2 + t1(y1)
-            let mut g_r1 = vec![0f32; batch * 2 * n2];
-            let mut g_x2 = vec![0f32; batch * n2];
-            for b in 0..batch {
-                for i in 0..n2 {
-                    let j = b * n2 + i;
-                    let gy2 = g[b * d + n1 + i];
-                    g_x2[j] = gy2 * cache.e1[j];
-                    let g_ls = gy2 * cache.e1[j] * cache.x2[j] + g_ld;
-                    g_r1[b * 2 * n2 + i] = g_ls * dsoft(cache.s1_raw[j]);
-                    g_r1[b * 2 * n2 + n2 + i] = gy2;
-                }
-            }
+            let gy2: Vec<f32> = g.chunks(d).flat_map(|row| row[n1..].to_vec()).collect();
+            let (g_r1, g_x2) = cache.half1.backward(&gy2, &cache.x2, n2, &dsoft, g_ld);
             let g_y1_from_s1 = self.subnet_backward(k, 0, &cache.s1, g_r1, batch);
             // y1 = e2 ⊙ x1 + t2(x2)
-            let mut g_r2 = vec![0f32; batch * 2 * n1];
-            let mut g_x1 = vec![0f32; batch * n1];
-            for b in 0..batch {
-                for i in 0..n1 {
-                    let j = b * n1 + i;
-                    let gy1 = g[b * d + i] + g_y1_from_s1[j];
-                    g_x1[j] = gy1 * cache.e2[j];
-                    let g_ls = gy1 * cache.e2[j] * cache.x1[j] + g_ld;
-                    g_r2[b * 2 * n1 + i] = g_ls * dsoft(cache.s2_raw[j]);
-                    g_r2[b * 2 * n1 + n1 + i] = gy1;
-                }
-            }
+            let gy1: Vec<f32> = g.chunks(d).flat_map(|row| row[..n1].to_vec()).zip(&g_y1_from_s1).map(|(a, b)| a + b).collect();
+            let (g_r2, g_x1) = cache.half2.backward(&gy1, &cache.x1, n1, &dsoft, g_ld);
             let g_x2_from_s2 = self.subnet_backward(k, 1, &cache.s2, g_r2, batch);
             let perm = &self.perms[k];
             let mut g_in = vec![0f32; batch * d];
