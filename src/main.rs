@@ -443,7 +443,7 @@ fn test(cli: &Cli, model_path: &Path, data: &Path, views: Option<usize>, args: &
     let scores = score_paths(cli, &model, &ex, &cache, &paths, views, dev)?;
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "scored test set");
     let samples = ds.test.iter().zip(scores).map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score }).collect();
-    Ok(Evaluation::from_scores(samples, views, model.manifest.score, model.manifest.threshold.as_ref().map(|t| t.value)))
+    Ok(Evaluation::from_scores(model.manifest.backbone.id(), samples, views, model.manifest.score, model.manifest.threshold.as_ref().map(|t| t.value)))
 }
 
 fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> {

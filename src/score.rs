@@ -53,6 +53,8 @@ pub struct SampleScore {
 /// Image-level results on a labelled test set.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Evaluation {
+    /// Backbone the model was trained with.
+    pub backbone: String,
     pub image_auroc: f64,
     pub n_good: usize,
     pub n_defect: usize,
@@ -67,7 +69,7 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
-    pub fn from_scores(samples: Vec<SampleScore>, test_views: usize, score_kind: ScoreKind, threshold: Option<f64>) -> Self {
+    pub fn from_scores(backbone: &str, samples: Vec<SampleScore>, test_views: usize, score_kind: ScoreKind, threshold: Option<f64>) -> Self {
         use crate::metrics::{auroc, confusion};
         let scores: Vec<f64> = samples.iter().map(|s| s.score).collect();
         let labels: Vec<bool> = samples.iter().map(|s| s.defect != "good").collect();
@@ -81,6 +83,7 @@ impl Evaluation {
             }
         }
         Evaluation {
+            backbone: backbone.to_string(),
             image_auroc: auroc(&scores, &labels).unwrap_or(f64::NAN),
             n_good: labels.iter().filter(|d| !**d).count(),
             n_defect: labels.iter().filter(|d| **d).count(),
@@ -100,7 +103,10 @@ impl Evaluation {
             let n = self.samples.iter().filter(|x| &x.defect == t).count();
             s += &format!("{:<16} {:>8} {:>8.4}\n", t, n, a);
         }
-        s += &format!("{:<16} {:>8} {:>8.4}   ({} good, {} views, score {:?})\n", "ALL", self.n_good + self.n_defect, self.image_auroc, self.n_good, self.test_views, self.score_kind);
+        s += &format!(
+            "{:<16} {:>8} {:>8.4}   ({} good, {} test views, score {:?}, backbone {})\n",
+            "ALL", self.n_good + self.n_defect, self.image_auroc, self.n_good, self.test_views, self.score_kind, self.backbone
+        );
         if let (Some(t), Some((tp, fp, tn, fn_))) = (self.threshold, self.confusion) {
             s += &format!("at threshold {t:.5}: TP {tp}  FP {fp}  TN {tn}  FN {fn_}\n");
         }

@@ -125,6 +125,11 @@ fn preprocessing_is_pillow_exact() {
     assert_eq!(lut.iter().flatten().copied().collect::<Vec<f32>>(), table);
     for (deg, name) in [(0.0, "rot0"), (90.0, "rot90"), (37.0, "rot37")] {
         let t = to_normalized_chw(&rotate_nearest(&resized, deg), &lut);
+        let crop: Vec<f32> = (0..3)
+            .flat_map(|c| (200..232).flat_map(move |i| (200..232).map(move |j| (c, i, j))))
+            .map(|(c, i, j)| t[c * 448 * 448 + i * 448 + j])
+            .collect();
+        assert_eq!(crop, vec_f32(&f[&format!("t_{name}_crop_c_r200_232_c200_232")]), "{name} crop");
         let sum: f64 = t.iter().map(|&v| v as f64).sum();
         let want = f[&format!("t_{name}_sum_f64")].to_scalar::<f64>().unwrap();
         assert!((sum - want).abs() < 1e-6 * want.abs().max(1.0), "{name} sum {sum} vs {want}");
