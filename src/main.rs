@@ -166,6 +166,9 @@ struct TestArgs {
     /// Override the number of test views stored in the model.
     #[arg(long)]
     views: Option<usize>,
+    /// Override the per-view score stored in the model.
+    #[arg(long, value_enum)]
+    score: Option<ScoreKind>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -311,7 +314,7 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Test(a) => {
-            let ev = test(cli, &a.model, &a.data, a.views, &a.backbone, &dev)?;
+            let ev = test(cli, &a.model, &a.data, a.views, a.score, &a.backbone, &dev)?;
             if let Some(out) = &a.out {
                 differnet::error::write_atomic(out, serde_json::to_string_pretty(&ev)?.as_bytes())?;
             }
@@ -433,8 +436,11 @@ fn score_paths(cli: &Cli, model: &Model, ex: &Extractor, cache: &FeatureCache, p
     Ok(out)
 }
 
-fn test(cli: &Cli, model_path: &Path, data: &Path, views: Option<usize>, args: &BackboneArgs, dev: &candle_core::Device) -> Result<Evaluation> {
-    let (model, ex, cache) = load_model(model_path, args, dev)?;
+fn test(cli: &Cli, model_path: &Path, data: &Path, views: Option<usize>, score: Option<ScoreKind>, args: &BackboneArgs, dev: &candle_core::Device) -> Result<Evaluation> {
+    let (mut model, ex, cache) = load_model(model_path, args, dev)?;
+    if let Some(s) = score {
+        model.manifest.score = s;
+    }
     let ds = Dataset::open(data)?;
     ds.require_test()?;
     let views = views.unwrap_or(model.manifest.test_views);
@@ -485,7 +491,7 @@ fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Result<
         let value = metrics::threshold_for_fpr(&scores, fpr).context("no good images")?;
         Threshold { value, method: format!("fpr={fpr} on {} good images", paths.len()) }
     } else if let (true, Some(data)) = (a.best_f1, &a.data) {
-        let ev = test(cli, &a.model, data, None, &a.backbone, dev)?;
+        let ev = test(cli, &a.model, data, None, None, &a.backbone, dev)?;
         let scores: Vec<f64> = ev.samples.iter().map(|s| s.score).collect();
         let labels: Vec<bool> = ev.samples.iter().map(|s| s.defect != "good").collect();
         let (value, f1) = metrics::best_f1_threshold(&scores, &labels).context("no defective images")?;
@@ -569,7 +575,7 @@ fn demo(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
         checkpoint_every: None,
     };
     train(cli, &args, dev)?;
-    let ev = test(cli, &model_path, &data, None, &args.backbone, dev)?;
+    let ev = test(cli, &model_path, &data, None, None, &args.backbone, dev)?;
     let results = a.out.join("results.json");
     differnet::error::write_atomic(&results, serde_json::to_string_pretty(&ev)?.as_bytes())?;
     if cli.json {
