@@ -73,8 +73,7 @@ fn pool_dims(l: &Layout, k: usize, s: usize) -> Result<(usize, usize, usize, usi
 }
 
 /// Index (within the plane) of the first maximum of each window, as PyTorch picks it.
-fn argmax_windows(x: &[f32], h: usize, w: usize, oh: usize, ow: usize, k: usize, s: usize) -> Vec<usize> {
-    let _ = h;
+fn argmax_windows(x: &[f32], w: usize, oh: usize, ow: usize, k: usize, s: usize) -> Vec<usize> {
     let mut out = Vec::with_capacity(oh * ow);
     for oy in 0..oh {
         for ox in 0..ow {
@@ -106,7 +105,7 @@ impl CustomOp1 for MaxPool {
         let mut out = vec![0f32; planes * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, o)| {
             let plane = &x[p * h * w..(p + 1) * h * w];
-            for (dst, i) in o.iter_mut().zip(argmax_windows(plane, h, w, oh, ow, self.k, self.s)) {
+            for (dst, i) in o.iter_mut().zip(argmax_windows(plane, w, oh, ow, self.k, self.s)) {
                 *dst = plane[i];
             }
         });
@@ -137,7 +136,7 @@ impl CustomOp2 for MaxPoolBackward {
         out.par_chunks_mut(h * w).enumerate().for_each(|(p, o)| {
             let plane = &x[p * h * w..(p + 1) * h * w];
             let gp = &g[p * oh * ow..(p + 1) * oh * ow];
-            for (gi, i) in gp.iter().zip(argmax_windows(plane, h, w, oh, ow, self.k, self.s)) {
+            for (gi, i) in gp.iter().zip(argmax_windows(plane, w, oh, ow, self.k, self.s)) {
                 o[i] += gi;
             }
         });
@@ -227,30 +226,110 @@ impl CustomOp2 for DirectConv {
         });
         Ok((CpuStorage::F32(out), Shape::from((n, o, oh, ow))))
     }
+
+    fn bwd(&self, x: &Tensor, weight: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = if self.relu6 { (grad * relu6_mask(res)?)? } else { grad.clone() };
+        let (_, _, h, w) = x.dims4()?;
+        let back = DirectConvInputGrad { stride: self.stride, pad: self.pad, depthwise: self.depthwise, h, w };
+        // the weights are frozen: no gradient for them
+        Ok((Some(g.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &back)?), None))
+    }
+}
+
+/// 1 where 0 < v < 6 (ReLU6 passes the gradient), else 0.
+fn relu6_mask(v: &Tensor) -> Result<Tensor> {
+    let on = v.gt(0f32)?.to_dtype(candle_core::DType::F32)?;
+    on.mul(&v.lt(6f32)?.to_dtype(candle_core::DType::F32)?)
+}
+
+/// Input gradient of [`DirectConv`]: scatters each output gradient back through the kernel.
+struct DirectConvInputGrad {
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    depthwise: bool,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for DirectConvInputGrad {
+    fn name(&self) -> &'static str {
+        "direct_conv2d_input_grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s1, l1, "direct_conv2d_input_grad")?;
+        let wt = contiguous_f32(s2, l2, "direct_conv2d_input_grad")?;
+        let (n, o, oh, ow) = l1.shape().dims4()?;
+        let (wo, wc, k, _) = l2.shape().dims4()?;
+        let c = if self.depthwise { o } else { wc };
+        if wo != o {
+            candle_core::bail!("direct_conv2d_input_grad: gradient {:?} does not fit weight {:?}", l1.shape(), l2.shape())
+        }
+        let (s, (pt, pb, pl, pr), h, w) = (self.stride, self.pad, self.h, self.w);
+        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        let mut out = vec![0f32; n * c * h * w];
+        out.par_chunks_mut(h * w).enumerate().for_each(|(p, dst)| {
+            let (b, ic) = (p / c, p % c);
+            let mut gp = vec![0f32; hp * wp];
+            let outputs = if self.depthwise { ic..ic + 1 } else { 0..o };
+            for oc in outputs {
+                let j = if self.depthwise { 0 } else { ic };
+                let kern = &wt[(oc * wc + j) * k * k..(oc * wc + j + 1) * k * k];
+                let gplane = &g[(b * o + oc) * oh * ow..(b * o + oc + 1) * oh * ow];
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let gv = gplane[oy * ow + ox];
+                        if gv == 0.0 {
+                            continue;
+                        }
+                        for ky in 0..k {
+                            let row = &mut gp[(oy * s + ky) * wp + ox * s..(oy * s + ky) * wp + ox * s + k];
+                            for (d, kv) in row.iter_mut().zip(&kern[ky * k..(ky + 1) * k]) {
+                                *d += kv * gv;
+                            }
+                        }
+                    }
+                }
+            }
+            for y in 0..h {
+                dst[y * w..(y + 1) * w].copy_from_slice(&gp[(y + pt) * wp + pl..(y + pt) * wp + pl + w]);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
+    }
 }
 
 /// Depthwise k×k convolution with zero padding (top, bottom, left, right), fused bias and
-/// optional ReLU6. Inference only: it has no backward pass.
+/// optional ReLU6; gradient with respect to the input (weights are frozen).
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &[f32], stride: usize, pad: (usize, usize, usize, usize), relu6: bool) -> Result<Tensor> {
     let op = DirectConv { stride, pad, bias: bias.to_vec(), relu6, depthwise: true };
-    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
 /// Dense k×k convolution for few input channels (EfficientNet's stem), same fusion as above.
 pub fn dense_conv2d(x: &Tensor, weight: &Tensor, bias: &[f32], stride: usize, pad: (usize, usize, usize, usize), relu6: bool) -> Result<Tensor> {
     let op = DirectConv { stride, pad, bias: bias.to_vec(), relu6, depthwise: false };
-    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
 /// 1×1 convolution as one matrix product per image (`gemm`), with bias, optional ReLU6 and
-/// optional residual added in the same pass. Weight is [O, C] row-major. Inference only.
-struct Pointwise<'a> {
-    weight: &'a [f32],
-    bias: &'a [f32],
+/// optional residual added in the same pass. Weight is [O, C] row-major.
+#[derive(Clone)]
+struct Pointwise {
+    weight: std::sync::Arc<[f32]>,
+    bias: std::sync::Arc<[f32]>,
     relu6: bool,
 }
 
-impl Pointwise<'_> {
+impl Pointwise {
+    /// Gradient with respect to x of `relu6?(W·x + b)`, given the pre-residual output `pre`.
+    fn input_grad(&self, x: &Tensor, pre: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let o = self.bias.len();
+        let g = if self.relu6 { (grad * relu6_mask(pre)?)? } else { grad.clone() };
+        let wt = Tensor::from_slice(&self.weight, (o, c), x.device())?.t()?.contiguous()?;
+        wt.broadcast_matmul(&g.reshape((n, o, h * w))?)?.reshape((n, c, h, w))
+    }
+
     fn run(&self, x: &[f32], shape: &Shape, residual: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = shape.dims4()?;
         let o = self.bias.len();
@@ -297,22 +376,29 @@ impl Pointwise<'_> {
     }
 }
 
-impl CustomOp1 for Pointwise<'_> {
+impl CustomOp1 for Pointwise {
     fn name(&self) -> &'static str {
         "pointwise_conv"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         self.run(contiguous_f32(s, l, "pointwise_conv")?, l.shape(), None)
     }
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.input_grad(x, res, grad)?))
+    }
 }
 
-impl CustomOp2 for Pointwise<'_> {
+impl CustomOp2 for Pointwise {
     fn name(&self) -> &'static str {
         "pointwise_conv_residual"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let r = contiguous_f32(s2, l2, "pointwise_conv_residual")?;
         self.run(contiguous_f32(s1, l1, "pointwise_conv_residual")?, l1.shape(), Some(r))
+    }
+    fn bwd(&self, x: &Tensor, residual: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let pre = (res - residual)?;
+        Ok((Some(self.input_grad(x, &pre, grad)?), Some(grad.clone())))
     }
 }
 
@@ -328,12 +414,13 @@ impl SharedMut {
 }
 
 /// Fused 1×1 convolution: `relu6?(W·x + b) (+ residual)`; `weight` is [O, C] row-major.
-pub fn pointwise_conv(x: &Tensor, weight: &[f32], bias: &[f32], relu6: bool, residual: Option<&Tensor>) -> Result<Tensor> {
-    let op = Pointwise { weight, bias, relu6 };
+/// Differentiable with respect to x and the residual (weights are frozen).
+pub fn pointwise_conv(x: &Tensor, weight: &std::sync::Arc<[f32]>, bias: &std::sync::Arc<[f32]>, relu6: bool, residual: Option<&Tensor>) -> Result<Tensor> {
+    let op = Pointwise { weight: weight.clone(), bias: bias.clone(), relu6 };
     let x = x.contiguous()?;
     match residual {
-        Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
-        None => x.apply_op1_no_bwd(&op),
+        Some(r) => x.apply_op2(&r.contiguous()?, op),
+        None => x.apply_op1(op),
     }
 }
 
@@ -407,9 +494,69 @@ mod tests {
         let r = Tensor::randn(0f32, 1., (2, 7, 4, 3), &dev)?;
         let want = w.broadcast_matmul(&x.reshape((2, 5, 12))?)?.broadcast_add(&b.reshape((1, 7, 1))?)?.reshape((2, 7, 4, 3))?;
         let want = (want.clamp(0f32, 6f32)? + &r)?;
-        let got = pointwise_conv(&x, &w.flatten_all()?.to_vec1()?, &b.to_vec1()?, true, Some(&r))?;
+        let (wv, bv): (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>) = (w.flatten_all()?.to_vec1::<f32>()?.into(), b.to_vec1::<f32>()?.into());
+        let got = pointwise_conv(&x, &wv, &bv, true, Some(&r))?;
         let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn fused_kernels_have_the_gradients_of_the_plain_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f32, 2., (2, 3, 9, 10), &dev)?;
+        let probe = Tensor::randn(0f32, 1., (2, 3, 5, 5), &dev)?;
+        for (stride, pad, depthwise) in [(2, (1, 1, 1, 2), true), (1, (1, 1, 1, 1), true), (2, (1, 1, 0, 1), false)] {
+            let o = if depthwise { 3 } else { 4 };
+            let w = Tensor::randn(0f32, 1., (o, if depthwise { 1 } else { 3 }, 3, 3), &dev)?;
+            let bias = vec![0.5f32; o];
+            let x = Var::from_tensor(&x0)?;
+            let y = if depthwise {
+                depthwise_conv2d(x.as_tensor(), &w, &bias, stride, pad, true)?
+            } else {
+                dense_conv2d(x.as_tensor(), &w, &bias, stride, pad, true)?
+            };
+            let (oh, ow) = (y.dim(2)?, y.dim(3)?);
+            let probe = probe.narrow(1, 0, 3.min(o))?.pad_with_zeros(1, 0, o - 3.min(o))?.narrow(2, 0, oh.min(5))?.narrow(3, 0, ow.min(5))?;
+            let probe = probe.pad_with_zeros(2, 0, oh - probe.dim(2)?)?.pad_with_zeros(3, 0, ow - probe.dim(3)?)?;
+            let g = (y * &probe)?.sum_all()?.backward()?;
+            let got = g.get(x.as_tensor()).unwrap().clone();
+            // reference: explicit padding, candle's conv2d, bias, clamp (its backward needs
+            // (padded - kernel) divisible by the stride, so the cases above are chosen that way)
+            let xr = Var::from_tensor(&x0)?;
+            let padded = xr.as_tensor().pad_with_zeros(2, pad.0, pad.1)?.pad_with_zeros(3, pad.2, pad.3)?;
+            let yr = padded.conv2d(&w, 0, stride, 1, if depthwise { 3 } else { 1 })?.broadcast_add(&Tensor::new(bias.as_slice(), &dev)?.reshape((1, o, 1, 1))?)?.clamp(0f32, 6f32)?;
+            let gr = (yr * &probe)?.sum_all()?.backward()?;
+            let want = gr.get(xr.as_tensor()).unwrap();
+            assert!(max_diff(&got, want)? < 1e-4, "stride {stride} depthwise {depthwise}: {}", max_diff(&got, want)?);
+        }
+        // pointwise with ReLU6, and with a residual
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3., (2, 5, 4, 3), &dev)?)?;
+        let r = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 7, 4, 3), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., (7, 5), &dev)?;
+        let b = Tensor::randn(0f32, 1., 7, &dev)?;
+        let (wv, bv): (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>) = (w.flatten_all()?.to_vec1::<f32>()?.into(), b.to_vec1::<f32>()?.into());
+        let probe = Tensor::randn(0f32, 1., (2, 7, 4, 3), &dev)?;
+        for (relu6, residual) in [(true, false), (false, true)] {
+            let y = pointwise_conv(x.as_tensor(), &wv, &bv, relu6, residual.then_some(r.as_tensor()))?;
+            let g = (y * &probe)?.sum_all()?.backward()?;
+            let mut yr = w.broadcast_matmul(&x.as_tensor().reshape((2, 5, 12))?)?.broadcast_add(&b.reshape((1, 7, 1))?)?.reshape((2, 7, 4, 3))?;
+            if relu6 {
+                yr = yr.clamp(0f32, 6f32)?;
+            }
+            if residual {
+                yr = (yr + r.as_tensor())?;
+            }
+            let gr = (yr * &probe)?.sum_all()?.backward()?;
+            assert!(max_diff(g.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap())? < 1e-4);
+            if residual {
+                assert!(max_diff(g.get(r.as_tensor()).unwrap(), gr.get(r.as_tensor()).unwrap())? < 1e-6);
+            }
+        }
         Ok(())
     }
 }

@@ -26,8 +26,8 @@ pub const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
 /// (also kept as plain vectors for the fused kernels).
 struct FoldedConv {
     weight: Tensor,
-    weight_vec: Vec<f32>,
-    bias_vec: Vec<f32>,
+    weight_vec: std::sync::Arc<[f32]>,
+    bias_vec: std::sync::Arc<[f32]>,
 }
 
 fn fold(tensors: &HashMap<String, Tensor>, conv: &str, bn: &str, path: &Path) -> Result<FoldedConv> {
@@ -55,8 +55,8 @@ fn fold(tensors: &HashMap<String, Tensor>, conv: &str, bn: &str, path: &Path) ->
     let dev = w.device();
     Ok(FoldedConv {
         weight: Tensor::from_vec(folded.clone(), dims.as_slice(), dev)?,
-        weight_vec: folded,
-        bias_vec: bias,
+        weight_vec: folded.into(),
+        bias_vec: bias.into(),
     })
 }
 
