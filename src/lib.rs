@@ -9,6 +9,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod features;
+pub mod localize;
 pub mod flow;
 pub mod flow_grad;
 pub mod metrics;

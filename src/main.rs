@@ -40,6 +40,8 @@ enum Command {
     Test(TestArgs),
     /// Score images or folders of images and decide good/defective.
     Predict(PredictArgs),
+    /// Heat maps of where the defect is (gradient maps, paper eq. 7): PNGs per image.
+    Localize(LocalizeArgs),
     /// Set the decision threshold stored in a model.
     Calibrate(CalibrateArgs),
     /// Print a model's manifest.
@@ -190,6 +192,23 @@ struct PredictArgs {
 }
 
 #[derive(Args)]
+struct LocalizeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Image files or folders.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Folder for `<name>_heatmap.png` and `<name>_overlay.png`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Rotations averaged (default: the model's test views).
+    #[arg(long)]
+    views: Option<usize>,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+}
+
+#[derive(Args)]
 struct CalibrateArgs {
     #[arg(long)]
     model: PathBuf,
@@ -322,6 +341,7 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Command::Predict(a) => predict(cli, a, &dev)?,
         Command::Calibrate(a) => calibrate(cli, a, &dev)?,
+        Command::Localize(a) => localize(cli, a, &dev)?,
         Command::Info { model } => print_json(&Model::read_manifest(model)?),
         Command::Weights(w) => weights_cmd(cli, w)?,
         Command::Demo(a) => demo(cli, a, &dev)?,
@@ -477,6 +497,27 @@ fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> 
             println!("{:>12.6}  {:<6}  {}", s, verdict, p.display());
         }
     }
+    Ok(())
+}
+
+fn localize(cli: &Cli, a: &LocalizeArgs, dev: &candle_core::Device) -> Result<()> {
+    use differnet::localize::{gradient_map, normalize_min_max, write_heatmaps};
+    let (model, ex, _) = load_model(&a.model, &a.backbone, dev)?;
+    let paths = expand_inputs(&a.inputs)?;
+    let views = test_views(a.views.unwrap_or(model.manifest.test_views));
+    let b = bar(cli, paths.len() as u64, "localize");
+    let mut rows = vec![];
+    for p in &paths {
+        let original = differnet::transforms::load_rgb(p)?;
+        let resized = differnet::transforms::resize_bilinear(&original, differnet::backbone::INPUT_SIZE, differnet::backbone::INPUT_SIZE);
+        let map = gradient_map(&ex, &model.flow, &resized, &views)?;
+        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        let (heat, overlay) = write_heatmaps(&original, &normalize_min_max(&map), &a.out, &stem)?;
+        rows.push(serde_json::json!({"path": p, "heatmap": heat, "overlay": overlay}));
+        b.inc(1);
+    }
+    b.finish();
+    if cli.json { print_json(&rows) } else { println!("{} heat maps written to {}", rows.len(), a.out.display()) }
     Ok(())
 }
 

@@ -136,24 +136,28 @@ fn round15(v: f64) -> f64 {
 /// Rotation counter-clockwise by `degrees` about the centre, nearest neighbour, same size, black
 /// fill: Pillow's `Image.rotate(angle)` bit for bit (exact transposes for multiples of 90°).
 pub fn rotate_nearest(img: &Rgb8, degrees: f64) -> Rgb8 {
+    Rgb8 { width: img.width, height: img.height, data: rotate_pixels(&img.data, img.width, img.height, 3, degrees) }
+}
+
+/// [`rotate_nearest`] for any interleaved pixel buffer (`channels` values per pixel), e.g. float maps.
+pub fn rotate_pixels<T: Copy + Default>(src: &[T], w: usize, h: usize, channels: usize, degrees: f64) -> Vec<T> {
     let angle = degrees.rem_euclid(360.0);
-    let (w, h) = (img.width, img.height);
-    let px = |x: usize, y: usize| &img.data[(y * w + x) * 3..(y * w + x) * 3 + 3];
-    let mut out = vec![0u8; w * h * 3];
+    let px = |x: usize, y: usize| &src[(y * w + x) * channels..(y * w + x + 1) * channels];
+    let mut out = vec![T::default(); w * h * channels];
     let exact = angle == 0.0 || angle == 180.0 || ((angle == 90.0 || angle == 270.0) && w == h);
     if exact {
         for i in 0..h {
             for j in 0..w {
-                let src = match angle as u32 {
+                let from = match angle as u32 {
                     0 => px(j, i),
                     90 => px(w - 1 - i, j),
                     180 => px(w - 1 - j, h - 1 - i),
                     _ => px(i, h - 1 - j),
                 };
-                out[(i * w + j) * 3..(i * w + j) * 3 + 3].copy_from_slice(src);
+                out[(i * w + j) * channels..(i * w + j + 1) * channels].copy_from_slice(from);
             }
         }
-        return Rgb8 { width: w, height: h, data: out };
+        return out;
     }
     let t = -angle.to_radians();
     let (a, b, d, e) = (round15(t.cos()), round15(t.sin()), round15(-t.sin()), round15(t.cos()));
@@ -169,12 +173,12 @@ pub fn rotate_nearest(img: &Rgb8, degrees: f64) -> Rgb8 {
             let xin = (fc + y * fb + x * fa) >> 16;
             let yin = (ff + y * fe + x * fd) >> 16;
             if xin >= 0 && yin >= 0 && (xin as usize) < w && (yin as usize) < h {
-                let o = (y as usize * w + x as usize) * 3;
-                out[o..o + 3].copy_from_slice(px(xin as usize, yin as usize));
+                let o = (y as usize * w + x as usize) * channels;
+                out[o..o + channels].copy_from_slice(px(xin as usize, yin as usize));
             }
         }
     }
-    Rgb8 { width: w, height: h, data: out }
+    out
 }
 
 /// One colour adjustment of torchvision's `ColorJitter` on a PIL image.
