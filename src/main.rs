@@ -418,11 +418,7 @@ fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
         let mut c = cfg.clone();
         c.epochs = epoch;
         let path = a.out.with_extension(format!("epoch{epoch}.safetensors"));
-        let copy = differnet::flow::NormalizingFlow::new(c.flow.clone(), 0, dev)?;
-        let params: std::collections::HashMap<String, candle_core::Tensor> =
-            flow.named_parameters().into_iter().map(|(n, v)| (n, v.as_tensor().copy().expect("copy"))).collect();
-        copy.load_parameters(&params, &path)?;
-        Model::new(manifest(&c, summary.clone()), copy)?.save(&path)?;
+        differnet::model::write(&path, manifest(&c, summary.clone()), flow)?;
         tracing::info!(epoch, path = %path.display(), "checkpoint written");
         Ok(())
     };

@@ -67,6 +67,21 @@ fn parameters_sha256(flow: &NormalizingFlow) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Writes `flow` with `manifest` (its checksum and permutations filled in) to `path` atomically:
+/// an existing file is replaced whole or not at all. Returns the manifest as written.
+pub fn write(path: &Path, mut manifest: Manifest, flow: &NormalizingFlow) -> Result<Manifest> {
+    manifest.parameters_sha256 = parameters_sha256(flow)?;
+    manifest.permutations = flow.blocks.iter().map(|b| b.perm.clone()).collect();
+    let params = flow.named_parameters();
+    let data: Vec<(String, candle_core::Tensor)> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let mut meta = HashMap::new();
+    meta.insert(MANIFEST_KEY.to_string(), serde_json::to_string(&manifest).expect("manifest serializes"));
+    let buf = safetensors::serialize(data.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .map_err(|e| Error::Model { path: path.to_path_buf(), reason: e.to_string() })?;
+    write_atomic(path, &buf)?;
+    Ok(manifest)
+}
+
 impl Model {
     pub fn new(mut manifest: Manifest, flow: NormalizingFlow) -> Result<Self> {
         manifest.parameters_sha256 = parameters_sha256(&flow)?;
@@ -74,15 +89,9 @@ impl Model {
         Ok(Model { manifest, flow })
     }
 
-    /// Writes the model atomically (temp file + rename): an existing file is replaced whole or not at all.
+    /// Writes the model atomically (see [`write`]).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let params = self.flow.named_parameters();
-        let data: Vec<(String, candle_core::Tensor)> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        let mut meta = HashMap::new();
-        meta.insert(MANIFEST_KEY.to_string(), serde_json::to_string(&self.manifest).expect("manifest serializes"));
-        let buf = safetensors::serialize(data.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-            .map_err(|e| Error::Model { path: path.to_path_buf(), reason: e.to_string() })?;
-        write_atomic(path, &buf)
+        write(path, self.manifest.clone(), &self.flow).map(|_| ())
     }
 
     /// Reads only the manifest (cheap).
