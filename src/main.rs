@@ -187,6 +187,9 @@ struct PredictArgs {
     inputs: Vec<PathBuf>,
     #[arg(long)]
     views: Option<usize>,
+    /// Also write heat maps and overlays (as `localize` does) into this folder.
+    #[arg(long)]
+    heatmaps: Option<PathBuf>,
     #[command(flatten)]
     backbone: BackboneArgs,
 }
@@ -473,11 +476,22 @@ fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> 
     let paths = expand_inputs(&a.inputs)?;
     let scores = score_paths(cli, &model, &ex, &cache, &paths, a.views.unwrap_or(model.manifest.test_views), dev)?;
     let thr = model.manifest.threshold.as_ref().map(|t| t.value);
-    let rows: Vec<serde_json::Value> = paths
+    let mut rows: Vec<serde_json::Value> = paths
         .iter()
         .zip(&scores)
         .map(|(p, s)| serde_json::json!({"path": p.display().to_string(), "score": s, "is_anomaly": thr.map(|t| *s >= t), "threshold": thr}))
         .collect();
+    if let Some(dir) = &a.heatmaps {
+        let views = test_views(a.views.unwrap_or(model.manifest.test_views));
+        let b = bar(cli, paths.len() as u64, "localize");
+        for (row, p) in rows.iter_mut().zip(&paths) {
+            let maps = write_localization(&ex, &model, p, &views, dir)?;
+            row["heatmap"] = maps["heatmap"].clone();
+            row["overlay"] = maps["overlay"].clone();
+            b.inc(1);
+        }
+        b.finish();
+    }
     if cli.json {
         print_json(&rows);
     } else {
@@ -496,20 +510,27 @@ fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> 
     Ok(())
 }
 
-fn localize(cli: &Cli, a: &LocalizeArgs, dev: &candle_core::Device) -> Result<()> {
+/// Gradient map of one image (eq. 7), written as heat map and overlay PNGs into `out`.
+fn write_localization(ex: &Extractor, model: &Model, path: &Path, views: &[differnet::transforms::View], out: &Path) -> Result<serde_json::Value> {
     use differnet::localize::{gradient_map, normalize_min_max, write_heatmaps};
+    let original = differnet::transforms::load_rgb(path)?;
+    let resized = differnet::transforms::resize_bilinear(&original, differnet::backbone::INPUT_SIZE, differnet::backbone::INPUT_SIZE);
+    let map = gradient_map(ex, &model.flow, &resized, views)?;
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let (heat, overlay) = write_heatmaps(&original, &normalize_min_max(&map), out, &stem)?;
+    Ok(serde_json::json!({"heatmap": heat, "overlay": overlay}))
+}
+
+fn localize(cli: &Cli, a: &LocalizeArgs, dev: &candle_core::Device) -> Result<()> {
     let (model, ex, _) = load_model(&a.model, &a.backbone, dev)?;
     let paths = expand_inputs(&a.inputs)?;
     let views = test_views(a.views.unwrap_or(model.manifest.test_views));
     let b = bar(cli, paths.len() as u64, "localize");
     let mut rows = vec![];
     for p in &paths {
-        let original = differnet::transforms::load_rgb(p)?;
-        let resized = differnet::transforms::resize_bilinear(&original, differnet::backbone::INPUT_SIZE, differnet::backbone::INPUT_SIZE);
-        let map = gradient_map(&ex, &model.flow, &resized, &views)?;
-        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-        let (heat, overlay) = write_heatmaps(&original, &normalize_min_max(&map), &a.out, &stem)?;
-        rows.push(serde_json::json!({"path": p, "heatmap": heat, "overlay": overlay}));
+        let mut row = write_localization(&ex, &model, p, &views, &a.out)?;
+        row["path"] = serde_json::json!(p);
+        rows.push(row);
         b.inc(1);
     }
     b.finish();

@@ -40,11 +40,16 @@ fn train_test_predict_calibrate_and_errors() {
     let (ok, _, err) = differnet(home.path(), &["--quiet", "calibrate", "--model", m, "--best-f1", "--data", d]);
     assert!(ok, "calibrate failed: {err}");
     let good = data.join("test/good");
-    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "predict", "--model", m, good.to_str().unwrap()]);
+    let maps = home.path().join("maps");
+    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "predict", "--model", m, good.to_str().unwrap(), "--heatmaps", maps.to_str().unwrap(), "--views", "1"]);
     assert!(ok, "predict failed: {err}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r["score"].is_f64() && r["is_anomaly"].is_boolean()));
+    for r in &rows {
+        let overlay = image::open(r["overlay"].as_str().unwrap()).unwrap();
+        assert_eq!((overlay.width(), overlay.height()), (224, 224), "overlay at the image's own size");
+    }
     let (ok, out, _) = differnet(home.path(), &["info", m]);
     assert!(ok && out.contains("efficientnet-lite0") && out.contains("best-f1"), "{out}");
 
