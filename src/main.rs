@@ -171,6 +171,13 @@ struct TestArgs {
     /// Override the per-view score stored in the model.
     #[arg(long, value_enum)]
     score: Option<ScoreKind>,
+    /// Also compute gradient maps of every test image and pixel AUROC / AUPRO against the
+    /// ground-truth masks (slow: one backward pass per view).
+    #[arg(long)]
+    pixel_metrics: bool,
+    /// Views averaged per gradient map for --pixel-metrics.
+    #[arg(long, default_value_t = 8)]
+    pixel_views: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -336,7 +343,10 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Test(a) => {
-            let ev = test(cli, &a.model, &a.data, a.views, a.score, &a.backbone, &dev)?;
+            let mut ev = test(cli, &a.model, &a.data, a.views, a.score, &a.backbone, &dev)?;
+            if a.pixel_metrics {
+                ev.pixel = Some(pixel_metrics(cli, &a.model, &a.data, a.pixel_views, &a.backbone, &dev)?);
+            }
             if let Some(out) = &a.out {
                 differnet::error::write_atomic(out, serde_json::to_string_pretty(&ev)?.as_bytes())?;
             }
@@ -469,6 +479,39 @@ fn test(cli: &Cli, model_path: &Path, data: &Path, views: Option<usize>, score: 
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "scored test set");
     let samples = ds.test.iter().zip(scores).map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score }).collect();
     Ok(Evaluation::from_scores(model.manifest.backbone.id(), samples, views, model.manifest.score, model.manifest.threshold.as_ref().map(|t| t.value)))
+}
+
+/// Gradient maps of all test images at their masks' resolution, and the pixel metrics.
+fn pixel_metrics(cli: &Cli, model_path: &Path, data: &Path, views: usize, args: &BackboneArgs, dev: &candle_core::Device) -> Result<differnet::score::PixelMetrics> {
+    use differnet::localize::{gradient_map, resize_map};
+    let (model, ex, _) = load_model(model_path, args, dev)?;
+    let ds = Dataset::open(data)?;
+    let v = test_views(views);
+    let b = bar(cli, ds.test.len() as u64, "pixel maps");
+    let mut items = vec![];
+    for s in &ds.test {
+        let original = differnet::transforms::load_rgb(&s.path)?;
+        let mask: Vec<bool> = match &s.mask {
+            Some(m) => {
+                let m = differnet::transforms::load_rgb(m)?;
+                if (m.width, m.height) != (original.width, original.height) {
+                    bail!("{}: mask is {}x{}, image is {}x{}", s.path.display(), m.width, m.height, original.width, original.height);
+                }
+                m.channel(0).iter().map(|&v| v > 127).collect()
+            }
+            None if s.is_defect() => {
+                b.inc(1);
+                continue; // a defect without a mask cannot be scored per pixel
+            }
+            None => vec![false; original.width * original.height],
+        };
+        let resized = differnet::transforms::resize_bilinear(&original, differnet::backbone::INPUT_SIZE, differnet::backbone::INPUT_SIZE);
+        let map = resize_map(&gradient_map(&ex, &model.flow, &resized, &v)?, original.width, original.height);
+        items.push((s.defect.clone(), map, mask, original.width));
+        b.inc(1);
+    }
+    b.finish();
+    Ok(differnet::score::PixelMetrics::compute(&items, views))
 }
 
 fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> {

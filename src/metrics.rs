@@ -103,9 +103,155 @@ pub fn confusion(scores: &[f64], is_defect: &[bool], threshold: f64) -> (usize, 
     c
 }
 
+/// One anomaly map with its ground-truth mask (row-major, same size).
+pub struct PixelSample<'a> {
+    pub map: &'a [f32],
+    pub mask: &'a [bool],
+    pub width: usize,
+}
+
+/// Pixel-level AUROC over all pixels of all images.
+pub fn pixel_auroc(samples: &[PixelSample]) -> Option<f64> {
+    let scores: Vec<f64> = samples.iter().flat_map(|s| s.map.iter().map(|&v| v as f64)).collect();
+    let labels: Vec<bool> = samples.iter().flat_map(|s| s.mask.iter().copied()).collect();
+    auroc(&scores, &labels)
+}
+
+/// 8-connected components of a mask: a component id per pixel (0 = background) and their count.
+pub fn connected_components(mask: &[bool], width: usize) -> (Vec<u32>, usize) {
+    let height = mask.len() / width.max(1);
+    let mut label = vec![0u32; mask.len()];
+    let mut n = 0;
+    for start in 0..mask.len() {
+        if !mask[start] || label[start] != 0 {
+            continue;
+        }
+        n += 1;
+        let mut stack = vec![start];
+        label[start] = n as u32;
+        while let Some(p) = stack.pop() {
+            let (y, x) = ((p / width) as isize, (p % width) as isize);
+            for dy in -1..=1 {
+                for dx in -1..=1 {
+                    let (yy, xx) = (y + dy, x + dx);
+                    if yy < 0 || xx < 0 || yy >= height as isize || xx >= width as isize {
+                        continue;
+                    }
+                    let q = yy as usize * width + xx as usize;
+                    if mask[q] && label[q] == 0 {
+                        label[q] = n as u32;
+                        stack.push(q);
+                    }
+                }
+            }
+        }
+    }
+    (label, n)
+}
+
+/// Per-region-overlap curve (MVTec AD): for each threshold, (false-positive rate over all
+/// defect-free pixels, mean over all ground-truth regions of the fraction of the region covered).
+pub fn pro_curve(samples: &[PixelSample]) -> Vec<(f64, f64)> {
+    // (score, region index or none) for every pixel
+    let mut pixels: Vec<(f32, Option<usize>)> = vec![];
+    let mut region_sizes: Vec<usize> = vec![];
+    for s in samples {
+        let (label, n) = connected_components(s.mask, s.width);
+        let base = region_sizes.len();
+        region_sizes.extend(std::iter::repeat(0).take(n));
+        for (&v, &l) in s.map.iter().zip(&label) {
+            if l > 0 {
+                region_sizes[base + l as usize - 1] += 1;
+                pixels.push((v, Some(base + l as usize - 1)));
+            } else {
+                pixels.push((v, None));
+            }
+        }
+    }
+    let negatives = pixels.iter().filter(|p| p.1.is_none()).count().max(1) as f64;
+    let k = region_sizes.len().max(1) as f64;
+    pixels.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (mut fp, mut pro) = (0f64, 0f64);
+    let mut curve = vec![(0.0, 0.0)];
+    let mut i = 0;
+    while i < pixels.len() {
+        let t = pixels[i].0;
+        while i < pixels.len() && pixels[i].0 == t {
+            match pixels[i].1 {
+                Some(r) => pro += 1.0 / (k * region_sizes[r] as f64),
+                None => fp += 1.0,
+            }
+            i += 1;
+        }
+        curve.push((fp / negatives, pro));
+    }
+    curve
+}
+
+/// Area under a (fpr, y) curve from fpr 0 to `max_fpr` (trapezoids, interpolated at the end),
+/// divided by `max_fpr`: AUPRO with `max_fpr` 0.3.
+pub fn area_up_to(curve: &[(f64, f64)], max_fpr: f64) -> f64 {
+    let mut area = 0.0;
+    for w in curve.windows(2) {
+        let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+        if x0 >= max_fpr {
+            break;
+        }
+        if x1 <= max_fpr {
+            area += (x1 - x0) * (y0 + y1) / 2.0;
+        } else {
+            let y = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0);
+            area += (max_fpr - x0) * (y0 + y) / 2.0;
+        }
+    }
+    area / max_fpr
+}
+
+/// AUPRO up to a false-positive rate of 0.3, normalized to [0, 1].
+pub fn aupro(samples: &[PixelSample]) -> f64 {
+    area_up_to(&pro_curve(samples), 0.3)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pixel_metrics_known_answers() {
+        // 6x4 image, two regions: a 2x2 block (4 px) and a single pixel
+        let w = 6;
+        let mut mask = vec![false; 24];
+        for p in [7, 8, 13, 14, 22] {
+            mask[p] = true;
+        }
+        let (labels, n) = connected_components(&mask, w);
+        assert_eq!(n, 2);
+        assert_eq!(labels[7], labels[14]);
+        assert_ne!(labels[7], labels[22]);
+        // a perfect map
+        let perfect: Vec<f32> = mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+        let s = [PixelSample { map: &perfect, mask: &mask, width: w }];
+        assert_eq!(pixel_auroc(&s), Some(1.0));
+        assert!((aupro(&s) - 1.0).abs() < 1e-12);
+        // a constant map: AUROC 1/2; PRO rises with FPR from (0,0) to (1,1): area to 0.3 is 0.045 -> 0.15
+        let flat = vec![0.5f32; 24];
+        let s = [PixelSample { map: &flat, mask: &mask, width: w }];
+        assert_eq!(pixel_auroc(&s), Some(0.5));
+        assert!((aupro(&s) - 0.15).abs() < 1e-12);
+        // the map finds only the small region (score 1), then everything else at 0:
+        // PRO 0.5 at FPR 0, then (1, 1): area = 0.3*0.5 + 0.3*0.3/2*0.5 -> /0.3 = 0.575
+        let mut half = vec![0f32; 24];
+        half[22] = 1.0;
+        let s = [PixelSample { map: &half, mask: &mask, width: w }];
+        assert!((aupro(&s) - 0.575).abs() < 1e-12, "{}", aupro(&s));
+        // regions count equally whatever their size: covering the big one instead gives the same
+        let mut big = vec![0f32; 24];
+        for p in [7, 8, 13, 14] {
+            big[p] = 1.0;
+        }
+        let s = [PixelSample { map: &big, mask: &mask, width: w }];
+        assert!((aupro(&s) - 0.575).abs() < 1e-12);
+    }
 
     #[test]
     fn auroc_known_values() {

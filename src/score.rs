@@ -65,7 +65,38 @@ pub struct Evaluation {
     pub threshold: Option<f64>,
     /// (true positives, false positives, true negatives, false negatives) at the threshold.
     pub confusion: Option<(usize, usize, usize, usize)>,
+    /// Pixel-level localization metrics, when computed (`test --pixel-metrics`).
+    pub pixel: Option<PixelMetrics>,
     pub samples: Vec<SampleScore>,
+}
+
+/// Pixel AUROC and AUPRO (FPR ≤ 0.3) of the gradient maps against the ground-truth masks.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PixelMetrics {
+    pub pixel_auroc: f64,
+    pub aupro: f64,
+    /// Per defect type (its images plus all good images): (pixel AUROC, AUPRO).
+    pub per_defect: std::collections::BTreeMap<String, (f64, f64)>,
+    /// Views averaged per gradient map.
+    pub views: usize,
+}
+
+impl PixelMetrics {
+    /// From (defect type, map at mask resolution, mask, width) per test image.
+    pub fn compute(items: &[(String, Vec<f32>, Vec<bool>, usize)], views: usize) -> Self {
+        use crate::metrics::{aupro, pixel_auroc, PixelSample};
+        fn sample(i: &(String, Vec<f32>, Vec<bool>, usize)) -> PixelSample<'_> {
+            PixelSample { map: &i.1, mask: &i.2, width: i.3 }
+        }
+        let all: Vec<PixelSample> = items.iter().map(sample).collect();
+        let mut per_defect = std::collections::BTreeMap::new();
+        let types: std::collections::BTreeSet<&str> = items.iter().map(|i| i.0.as_str()).filter(|t| *t != "good").collect();
+        for t in types {
+            let subset: Vec<PixelSample> = items.iter().filter(|i| i.0 == "good" || i.0 == t).map(sample).collect();
+            per_defect.insert(t.to_string(), (pixel_auroc(&subset).unwrap_or(f64::NAN), aupro(&subset)));
+        }
+        PixelMetrics { pixel_auroc: pixel_auroc(&all).unwrap_or(f64::NAN), aupro: aupro(&all), per_defect, views }
+    }
 }
 
 impl Evaluation {
@@ -92,6 +123,7 @@ impl Evaluation {
             score_kind,
             threshold,
             confusion: threshold.map(|t| confusion(&scores, &labels, t)),
+            pixel: None,
             samples,
         }
     }
@@ -107,6 +139,13 @@ impl Evaluation {
             "{:<16} {:>8} {:>8.4}   ({} good, {} test views, score {:?}, backbone {})\n",
             "ALL", self.n_good + self.n_defect, self.image_auroc, self.n_good, self.test_views, self.score_kind, self.backbone
         );
+        if let Some(p) = &self.pixel {
+            s += &format!("\n{:<16} {:>11} {:>8}   (gradient maps, {} views)\n", "defect type", "pixel AUROC", "AUPRO", p.views);
+            for (t, (a, pro)) in &p.per_defect {
+                s += &format!("{:<16} {:>11.4} {:>8.4}\n", t, a, pro);
+            }
+            s += &format!("{:<16} {:>11.4} {:>8.4}\n", "ALL", p.pixel_auroc, p.aupro);
+        }
         if let (Some(t), Some((tp, fp, tn, fn_))) = (self.threshold, self.confusion) {
             s += &format!("at threshold {t:.5}: TP {tp}  FP {fp}  TN {tn}  FN {fn_}\n");
         }

@@ -28,9 +28,13 @@ fn train_test_predict_calibrate_and_errors() {
 
     let (ok, _, err) = differnet(home.path(), &["--quiet", "train", "--data", d, "--out", m, "--epochs", "2", "--hidden", "32", "--cached-views", "2", "--views", "2", "--batch", "2", "--test-views", "2"]);
     assert!(ok, "train failed: {err}");
-    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "test", "--model", m, "--data", d]);
+    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "test", "--model", m, "--data", d, "--pixel-metrics", "--pixel-views", "1"]);
     assert!(ok, "test failed: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pixel = v["pixel"]["pixel_auroc"].as_f64().unwrap();
+    let aupro = v["pixel"]["aupro"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&pixel) && (0.0..=1.0).contains(&aupro), "{}", v["pixel"]);
+    assert_eq!(v["pixel"]["per_defect"].as_object().unwrap().len(), 3);
     let auroc = v["image_auroc"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&auroc));
     assert_eq!(v["n_good"], 2);
