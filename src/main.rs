@@ -676,15 +676,30 @@ fn demo(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
         checkpoint_every: None,
     };
     train(cli, &args, dev)?;
-    let ev = test(cli, &model_path, &data, None, None, &args.backbone, dev)?;
+    let mut ev = test(cli, &model_path, &data, None, None, &args.backbone, dev)?;
+    ev.pixel = Some(pixel_metrics(cli, &model_path, &data, 4, &args.backbone, dev)?);
+    // overlays of the first image of each defect type
+    let (model, ex, _) = load_model(&model_path, &args.backbone, dev)?;
+    let heatmaps = a.out.join("heatmaps");
+    for t in differnet::synth::DEFECTS {
+        let img = data.join("test").join(t).join("000.png");
+        let row = write_localization(&ex, &model, &img, &test_views(4), &heatmaps)?;
+        let overlay = std::path::PathBuf::from(row["overlay"].as_str().unwrap_or_default());
+        let named = heatmaps.join(format!("{t}_overlay.png"));
+        std::fs::rename(&overlay, &named).with_context(|| format!("renaming {}", overlay.display()))?;
+    }
     let results = a.out.join("results.json");
     differnet::error::write_atomic(&results, serde_json::to_string_pretty(&ev)?.as_bytes())?;
     if cli.json {
-        print_json(&serde_json::json!({"image_auroc": ev.image_auroc, "model": model_path, "results": results, "seconds": t0.elapsed().as_secs_f64()}));
+        let pixel = ev.pixel.as_ref();
+        print_json(&serde_json::json!({
+            "image_auroc": ev.image_auroc, "pixel_auroc": pixel.map(|p| p.pixel_auroc), "aupro": pixel.map(|p| p.aupro),
+            "model": model_path, "results": results, "heatmaps": heatmaps, "seconds": t0.elapsed().as_secs_f64()
+        }));
     } else {
         print!("{}", ev.table());
         println!("image AUROC {:.4} on the synthetic demo set ({:.0} s)", ev.image_auroc, t0.elapsed().as_secs_f64());
-        println!("model:   {}\nresults: {}\ndata:    {}", model_path.display(), results.display(), data.display());
+        println!("model:    {}\nresults:  {}\nheatmaps: {}\ndata:     {}", model_path.display(), results.display(), heatmaps.display(), data.display());
     }
     Ok(())
 }
