@@ -117,6 +117,79 @@ pub fn write_heatmaps(original: &Rgb8, normalized_448: &[f32], out_dir: &Path, s
     Ok((paths[0].clone(), paths[1].clone()))
 }
 
+/// Pixel AUROC and AUPRO (FPR ≤ 0.3) of the gradient maps against the ground-truth masks.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PixelMetrics {
+    pub pixel_auroc: f64,
+    pub aupro: f64,
+    /// Per defect type (its images plus all good images): (pixel AUROC, AUPRO).
+    pub per_defect: std::collections::BTreeMap<String, (f64, f64)>,
+    /// Views averaged per gradient map.
+    pub views: usize,
+}
+
+impl PixelMetrics {
+    /// From (defect type, map at mask resolution, mask, width) per test image.
+    pub fn compute(items: &[(String, Vec<f32>, Vec<bool>, usize)], views: usize) -> Self {
+        use crate::metrics::{aupro, pixel_auroc, PixelSample};
+        fn sample(i: &(String, Vec<f32>, Vec<bool>, usize)) -> PixelSample<'_> {
+            PixelSample { map: &i.1, mask: &i.2, width: i.3 }
+        }
+        let all: Vec<PixelSample> = items.iter().map(sample).collect();
+        let mut per_defect = std::collections::BTreeMap::new();
+        let types: std::collections::BTreeSet<&str> = items.iter().map(|i| i.0.as_str()).filter(|t| *t != "good").collect();
+        for t in types {
+            let subset: Vec<PixelSample> = items.iter().filter(|i| i.0 == "good" || i.0 == t).map(sample).collect();
+            per_defect.insert(t.to_string(), (pixel_auroc(&subset).unwrap_or(f64::NAN), aupro(&subset)));
+        }
+        PixelMetrics { pixel_auroc: pixel_auroc(&all).unwrap_or(f64::NAN), aupro: aupro(&all), per_defect, views }
+    }
+}
+
+/// Gradient map of an image file at 448×448, with the decoded original.
+pub fn localize_image(ex: &Extractor, flow: &NormalizingFlow, path: &Path, views: &[View]) -> Result<(Rgb8, Vec<f32>)> {
+    let original = crate::transforms::load_rgb(path)?;
+    let resized = crate::transforms::resize_bilinear(&original, INPUT_SIZE, INPUT_SIZE);
+    let map = gradient_map(ex, flow, &resized, views)?;
+    Ok((original, map))
+}
+
+/// Writes the heat map and overlay of an image file (per-image min-max normalization) into `out`.
+pub fn write_localization(ex: &Extractor, flow: &NormalizingFlow, path: &Path, views: &[View], out: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (original, map) = localize_image(ex, flow, path, views)?;
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    write_heatmaps(&original, &normalize_min_max(&map), out, &stem)
+}
+
+/// Gradient maps of all test images with masks (and all good ones) at the masks' resolution,
+/// and their pixel metrics. Defective images without a mask are skipped.
+pub fn pixel_metrics(ex: &Extractor, flow: &NormalizingFlow, ds: &crate::data::Dataset, views: usize, bar: &indicatif::ProgressBar) -> Result<PixelMetrics> {
+    let v = crate::transforms::test_views(views);
+    let mut items = vec![];
+    for s in &ds.test {
+        bar.inc(1);
+        if s.is_defect() && s.mask.is_none() {
+            continue;
+        }
+        let (original, map) = localize_image(ex, flow, &s.path, &v)?;
+        let mask: Vec<bool> = match &s.mask {
+            Some(m) => {
+                let m = crate::transforms::load_rgb(m)?;
+                if (m.width, m.height) != (original.width, original.height) {
+                    return Err(Error::Dataset {
+                        path: s.path.clone(),
+                        reason: format!("mask is {}x{}, image is {}x{}", m.width, m.height, original.width, original.height),
+                    });
+                }
+                m.channel(0).iter().map(|&v| v > 127).collect()
+            }
+            None => vec![false; original.width * original.height],
+        };
+        items.push((s.defect.clone(), resize_map(&map, original.width, original.height), mask, original.width));
+    }
+    Ok(PixelMetrics::compute(&items, views))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

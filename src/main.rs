@@ -6,7 +6,7 @@ use differnet::backbone::BackboneKind;
 use differnet::data::{expand_inputs, Dataset};
 use differnet::features::{Extractor, FeatureCache};
 use differnet::model::{Manifest, Model, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
-use differnet::score::{anomaly_score, Evaluation, SampleScore, ScoreKind};
+use differnet::score::{Evaluation, ScoreKind};
 use differnet::train::{train_flow_with_checkpoints, training_features, Checkpoint, TrainConfig, TrainingSummary};
 use differnet::transforms::test_views;
 use differnet::{metrics, weights};
@@ -451,18 +451,11 @@ fn load_model(path: &Path, args: &BackboneArgs, dev: &candle_core::Device) -> Re
     Ok((model, ex, cache))
 }
 
-fn score_paths(cli: &Cli, model: &Model, ex: &Extractor, cache: &FeatureCache, paths: &[PathBuf], views: usize, dev: &candle_core::Device) -> Result<Vec<f64>> {
-    let v = test_views(views);
-    let dim = model.manifest.flow.dim;
+fn score_paths(cli: &Cli, model: &Model, ex: &Extractor, cache: &FeatureCache, paths: &[PathBuf], views: usize) -> Result<Vec<f64>> {
     let b = bar(cli, paths.len() as u64, "scoring");
-    let mut out = vec![];
-    for p in paths {
-        let f = cache.features(ex, p, &v)?;
-        out.push(anomaly_score(&model.flow, &f, dim, model.manifest.score, dev)?);
-        b.inc(1);
-    }
+    let scores = differnet::score::score_images(&model.flow, model.manifest.score, ex, cache, paths, &test_views(views), &b)?;
     b.finish();
-    Ok(out)
+    Ok(scores)
 }
 
 fn test(cli: &Cli, model_path: &Path, data: &Path, views: Option<usize>, score: Option<ScoreKind>, args: &BackboneArgs, dev: &candle_core::Device) -> Result<Evaluation> {
@@ -471,53 +464,25 @@ fn test(cli: &Cli, model_path: &Path, data: &Path, views: Option<usize>, score: 
         model.manifest.score = s;
     }
     let ds = Dataset::open(data)?;
-    ds.require_test()?;
-    let views = views.unwrap_or(model.manifest.test_views);
-    let paths: Vec<PathBuf> = ds.test.iter().map(|s| s.path.clone()).collect();
-    let t0 = std::time::Instant::now();
-    let scores = score_paths(cli, &model, &ex, &cache, &paths, views, dev)?;
-    tracing::info!(seconds = t0.elapsed().as_secs_f64(), "scored test set");
-    let samples = ds.test.iter().zip(scores).map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score }).collect();
-    Ok(Evaluation::from_scores(model.manifest.backbone.id(), samples, views, model.manifest.score, model.manifest.threshold.as_ref().map(|t| t.value)))
+    let b = bar(cli, ds.test.len() as u64, "scoring");
+    let ev = differnet::score::evaluate(&model, &ex, &cache, &ds, views.unwrap_or(model.manifest.test_views), &b)?;
+    b.finish();
+    Ok(ev)
 }
 
-/// Gradient maps of all test images at their masks' resolution, and the pixel metrics.
-fn pixel_metrics(cli: &Cli, model_path: &Path, data: &Path, views: usize, args: &BackboneArgs, dev: &candle_core::Device) -> Result<differnet::score::PixelMetrics> {
-    use differnet::localize::{gradient_map, resize_map};
+fn pixel_metrics(cli: &Cli, model_path: &Path, data: &Path, views: usize, args: &BackboneArgs, dev: &candle_core::Device) -> Result<differnet::localize::PixelMetrics> {
     let (model, ex, _) = load_model(model_path, args, dev)?;
     let ds = Dataset::open(data)?;
-    let v = test_views(views);
     let b = bar(cli, ds.test.len() as u64, "pixel maps");
-    let mut items = vec![];
-    for s in &ds.test {
-        let original = differnet::transforms::load_rgb(&s.path)?;
-        let mask: Vec<bool> = match &s.mask {
-            Some(m) => {
-                let m = differnet::transforms::load_rgb(m)?;
-                if (m.width, m.height) != (original.width, original.height) {
-                    bail!("{}: mask is {}x{}, image is {}x{}", s.path.display(), m.width, m.height, original.width, original.height);
-                }
-                m.channel(0).iter().map(|&v| v > 127).collect()
-            }
-            None if s.is_defect() => {
-                b.inc(1);
-                continue; // a defect without a mask cannot be scored per pixel
-            }
-            None => vec![false; original.width * original.height],
-        };
-        let resized = differnet::transforms::resize_bilinear(&original, differnet::backbone::INPUT_SIZE, differnet::backbone::INPUT_SIZE);
-        let map = resize_map(&gradient_map(&ex, &model.flow, &resized, &v)?, original.width, original.height);
-        items.push((s.defect.clone(), map, mask, original.width));
-        b.inc(1);
-    }
+    let m = differnet::localize::pixel_metrics(&ex, &model.flow, &ds, views, &b)?;
     b.finish();
-    Ok(differnet::score::PixelMetrics::compute(&items, views))
+    Ok(m)
 }
 
 fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> {
     let (model, ex, cache) = load_model(&a.model, &a.backbone, dev)?;
     let paths = expand_inputs(&a.inputs)?;
-    let scores = score_paths(cli, &model, &ex, &cache, &paths, a.views.unwrap_or(model.manifest.test_views), dev)?;
+    let scores = score_paths(cli, &model, &ex, &cache, &paths, a.views.unwrap_or(model.manifest.test_views))?;
     let thr = model.manifest.threshold.as_ref().map(|t| t.value);
     let mut rows: Vec<serde_json::Value> = paths
         .iter()
@@ -553,14 +518,8 @@ fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> 
     Ok(())
 }
 
-/// Gradient map of one image (eq. 7), written as heat map and overlay PNGs into `out`.
 fn write_localization(ex: &Extractor, model: &Model, path: &Path, views: &[differnet::transforms::View], out: &Path) -> Result<serde_json::Value> {
-    use differnet::localize::{gradient_map, normalize_min_max, write_heatmaps};
-    let original = differnet::transforms::load_rgb(path)?;
-    let resized = differnet::transforms::resize_bilinear(&original, differnet::backbone::INPUT_SIZE, differnet::backbone::INPUT_SIZE);
-    let map = gradient_map(ex, &model.flow, &resized, views)?;
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-    let (heat, overlay) = write_heatmaps(&original, &normalize_min_max(&map), out, &stem)?;
+    let (heat, overlay) = differnet::localize::write_localization(ex, &model.flow, path, views, out)?;
     Ok(serde_json::json!({"heatmap": heat, "overlay": overlay}))
 }
 
@@ -588,7 +547,7 @@ fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Result<
         Threshold { value: v, method: "user".into() }
     } else if let (Some(fpr), Some(good)) = (a.fpr, &a.good) {
         let paths = expand_inputs(std::slice::from_ref(good))?;
-        let scores = score_paths(cli, &model, &ex, &cache, &paths, views, dev)?;
+        let scores = score_paths(cli, &model, &ex, &cache, &paths, views)?;
         let value = metrics::threshold_for_fpr(&scores, fpr).context("no good images")?;
         Threshold { value, method: format!("fpr={fpr} on {} good images", paths.len()) }
     } else if let (true, Some(data)) = (a.best_f1, &a.data) {

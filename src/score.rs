@@ -1,9 +1,14 @@
 //! Anomaly scores τ(x) (paper eq. 5): the flow maps each view's features to z, and the per-view
 //! scores are averaged over the test views; the decision compares τ with a threshold (eq. 6).
 
+use crate::data::Dataset;
 use crate::error::Result;
+use crate::features::{Extractor, FeatureCache};
 use crate::flow::NormalizingFlow;
+use crate::model::Model;
+use crate::transforms::{test_views, View};
 use candle_core::{Device, Tensor};
+use indicatif::ProgressBar;
 
 /// How a view is scored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -66,37 +71,8 @@ pub struct Evaluation {
     /// (true positives, false positives, true negatives, false negatives) at the threshold.
     pub confusion: Option<(usize, usize, usize, usize)>,
     /// Pixel-level localization metrics, when computed (`test --pixel-metrics`).
-    pub pixel: Option<PixelMetrics>,
+    pub pixel: Option<crate::localize::PixelMetrics>,
     pub samples: Vec<SampleScore>,
-}
-
-/// Pixel AUROC and AUPRO (FPR ≤ 0.3) of the gradient maps against the ground-truth masks.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct PixelMetrics {
-    pub pixel_auroc: f64,
-    pub aupro: f64,
-    /// Per defect type (its images plus all good images): (pixel AUROC, AUPRO).
-    pub per_defect: std::collections::BTreeMap<String, (f64, f64)>,
-    /// Views averaged per gradient map.
-    pub views: usize,
-}
-
-impl PixelMetrics {
-    /// From (defect type, map at mask resolution, mask, width) per test image.
-    pub fn compute(items: &[(String, Vec<f32>, Vec<bool>, usize)], views: usize) -> Self {
-        use crate::metrics::{aupro, pixel_auroc, PixelSample};
-        fn sample(i: &(String, Vec<f32>, Vec<bool>, usize)) -> PixelSample<'_> {
-            PixelSample { map: &i.1, mask: &i.2, width: i.3 }
-        }
-        let all: Vec<PixelSample> = items.iter().map(sample).collect();
-        let mut per_defect = std::collections::BTreeMap::new();
-        let types: std::collections::BTreeSet<&str> = items.iter().map(|i| i.0.as_str()).filter(|t| *t != "good").collect();
-        for t in types {
-            let subset: Vec<PixelSample> = items.iter().filter(|i| i.0 == "good" || i.0 == t).map(sample).collect();
-            per_defect.insert(t.to_string(), (pixel_auroc(&subset).unwrap_or(f64::NAN), aupro(&subset)));
-        }
-        PixelMetrics { pixel_auroc: pixel_auroc(&all).unwrap_or(f64::NAN), aupro: aupro(&all), per_defect, views }
-    }
 }
 
 impl Evaluation {
@@ -151,4 +127,26 @@ impl Evaluation {
         }
         s
     }
+}
+
+/// Scores of image files (features from the cache when present), one per path.
+pub fn score_images(flow: &NormalizingFlow, kind: ScoreKind, ex: &Extractor, cache: &FeatureCache, paths: &[std::path::PathBuf], views: &[View], bar: &ProgressBar) -> Result<Vec<f64>> {
+    let dim = flow.config.dim;
+    let mut out = Vec::with_capacity(paths.len());
+    for p in paths {
+        let f = cache.features(ex, p, views)?;
+        out.push(anomaly_score(flow, &f, dim, kind, &ex.device)?);
+        bar.inc(1);
+    }
+    Ok(out)
+}
+
+/// Scores every test image of a dataset with the model's score and `views` test rotations.
+pub fn evaluate(model: &Model, ex: &Extractor, cache: &FeatureCache, ds: &Dataset, views: usize, bar: &ProgressBar) -> Result<Evaluation> {
+    ds.require_test()?;
+    let paths: Vec<std::path::PathBuf> = ds.test.iter().map(|s| s.path.clone()).collect();
+    let scores = score_images(&model.flow, model.manifest.score, ex, cache, &paths, &test_views(views), bar)?;
+    let samples = ds.test.iter().zip(scores).map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score }).collect();
+    let m = &model.manifest;
+    Ok(Evaluation::from_scores(m.backbone.id(), samples, views, m.score, m.threshold.as_ref().map(|t| t.value)))
 }
