@@ -171,6 +171,8 @@ pub fn train_flow_with_checkpoints(
                 if let Some(t) = &fast {
                     t.write_to(&flow)?;
                 }
+                summary.epochs = epoch + 1;
+                summary.flow_seconds = start.elapsed().as_secs_f64();
                 (c.save)(epoch + 1, &flow, &summary)?;
             }
         }

@@ -229,3 +229,23 @@ fn synthetic_data_is_deterministic_and_masked() {
         assert!(m.data.iter().any(|&v| v == 255), "{} mask is empty", s.path.display());
     }
 }
+
+#[test]
+fn checkpoints_equal_shorter_runs_with_the_same_seed() {
+    use differnet::train::{train_flow_with_checkpoints, Checkpoint};
+    let feats = random_features(5, 4, 12, 8);
+    let mut seen = vec![];
+    let mut save = |epoch: usize, flow: &differnet::flow::NormalizingFlow, s: &differnet::train::TrainingSummary| -> differnet::Result<()> {
+        assert_eq!(s.epochs, epoch);
+        assert_eq!(s.epoch_losses.len(), epoch);
+        seen.push((epoch, params(flow)));
+        Ok(())
+    };
+    let cfg = tiny_config(6);
+    train_flow_with_checkpoints(&feats, &cfg, &Device::Cpu, &ProgressBar::hidden(), Some(Checkpoint { every: 2, save: &mut save })).unwrap();
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2, 4]);
+    let mut short = cfg.clone();
+    short.epochs = 2;
+    let (two, _) = train_flow(&feats, &short, &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    assert_eq!(seen[0].1, params(&two));
+}
