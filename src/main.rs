@@ -643,9 +643,11 @@ fn demo(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
     for t in differnet::synth::DEFECTS {
         let img = data.join("test").join(t).join("000.png");
         let row = write_localization(&ex, &model, &img, &test_views(4), &heatmaps)?;
-        let overlay = std::path::PathBuf::from(row["overlay"].as_str().unwrap_or_default());
-        let named = heatmaps.join(format!("{t}_overlay.png"));
-        std::fs::rename(&overlay, &named).with_context(|| format!("renaming {}", overlay.display()))?;
+        for kind in ["heatmap", "overlay"] {
+            let written = std::path::PathBuf::from(row[kind].as_str().unwrap_or_default());
+            let named = heatmaps.join(format!("{t}_{kind}.png"));
+            std::fs::rename(&written, &named).with_context(|| format!("renaming {}", written.display()))?;
+        }
     }
     let results = a.out.join("results.json");
     differnet::error::write_atomic(&results, serde_json::to_string_pretty(&ev)?.as_bytes())?;
