@@ -439,9 +439,9 @@ fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
     let checkpoint = a.checkpoint_every.map(|every| Checkpoint { every, save: &mut save_checkpoint });
     let (flow, summary) = train_flow_with_checkpoints(&feats, &cfg, dev, &b, checkpoint)?;
     b.finish();
-    let model = Model::new(manifest(&cfg, summary), flow)?;
-    model.save(&a.out)?;
-    Ok(model)
+    // `write` fills in the parameter checksum and permutations, hashing the parameters once
+    let manifest = differnet::model::write(&a.out, manifest(&cfg, summary), &flow)?;
+    Ok(Model { manifest, flow })
 }
 
 fn load_model(path: &Path, args: &BackboneArgs, dev: &candle_core::Device) -> Result<(Model, Extractor, FeatureCache)> {
