@@ -3,7 +3,7 @@
 
 use crate::backbone::{self, multiscale_features, Backbone, BackboneKind, INPUT_SIZE};
 use crate::error::{write_atomic, Error, Result};
-use crate::transforms::{load_rgb, normalize_lut, resize_bilinear, to_normalized_chw, Rgb8, View};
+use crate::transforms::{normalize_lut, resize_bilinear, to_normalized_chw, Rgb8, View};
 use crate::weights::sha256_hex;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -50,11 +50,6 @@ impl Extractor {
         }
         Ok(out)
     }
-}
-
-/// Decodes an image and resizes it to the network input (paper: 448×448, aspect not kept).
-pub fn load_resized(path: &Path) -> Result<Rgb8> {
-    Ok(resize_bilinear(&load_rgb(path)?, INPUT_SIZE, INPUT_SIZE))
 }
 
 /// On-disk feature cache; `None` folder disables it.

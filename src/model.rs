@@ -67,11 +67,17 @@ fn parameters_sha256(flow: &NormalizingFlow) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Writes `flow` with `manifest` (its checksum and permutations filled in) to `path` atomically:
-/// an existing file is replaced whole or not at all. Returns the manifest as written.
-pub fn write(path: &Path, mut manifest: Manifest, flow: &NormalizingFlow) -> Result<Manifest> {
+/// The manifest with the flow's parameter checksum and permutations filled in.
+fn describe(mut manifest: Manifest, flow: &NormalizingFlow) -> Result<Manifest> {
     manifest.parameters_sha256 = parameters_sha256(flow)?;
     manifest.permutations = flow.blocks.iter().map(|b| b.perm.clone()).collect();
+    Ok(manifest)
+}
+
+/// Writes `flow` with `manifest` (its checksum and permutations filled in) to `path` atomically:
+/// an existing file is replaced whole or not at all. Returns the manifest as written.
+pub fn write(path: &Path, manifest: Manifest, flow: &NormalizingFlow) -> Result<Manifest> {
+    let manifest = describe(manifest, flow)?;
     let params = flow.named_parameters();
     let data: Vec<(String, candle_core::Tensor)> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let mut meta = HashMap::new();
@@ -83,10 +89,8 @@ pub fn write(path: &Path, mut manifest: Manifest, flow: &NormalizingFlow) -> Res
 }
 
 impl Model {
-    pub fn new(mut manifest: Manifest, flow: NormalizingFlow) -> Result<Self> {
-        manifest.parameters_sha256 = parameters_sha256(&flow)?;
-        manifest.permutations = flow.blocks.iter().map(|b| b.perm.clone()).collect();
-        Ok(Model { manifest, flow })
+    pub fn new(manifest: Manifest, flow: NormalizingFlow) -> Result<Self> {
+        Ok(Model { manifest: describe(manifest, &flow)?, flow })
     }
 
     /// Writes the model atomically (see [`write`]).

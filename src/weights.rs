@@ -160,8 +160,10 @@ pub fn ensure_efficientnet() -> Result<PathBuf> {
 /// Imports torchvision AlexNet weights (`.pth` zip or legacy, or safetensors, full model or
 /// `features` only) given by the user; keeps `features.*`, verifies shapes, records sha256.
 pub fn import_alexnet(file: &Path) -> Result<PathBuf> {
-    let source_sha = sha256_file(file)?;
-    let is_safetensors = std::fs::read(file).map_err(|e| Error::io(file, e))?.get(8..9) == Some(b"{");
+    let original = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+    let source_sha = sha256_hex(&original);
+    let is_safetensors = original.get(8..9) == Some(b"{");
+    drop(original);
     let bytes = if is_safetensors {
         let t = candle_core::safetensors::load(file, &candle_core::Device::Cpu)
             .map_err(|e| Error::format(file, format!("cannot read safetensors: {e}")))?;

@@ -4,7 +4,7 @@
 use super::{get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
 use crate::ops::{dense_conv2d, depthwise_conv2d, pointwise_conv};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -141,24 +141,9 @@ impl EfficientNetLite0 {
         Ok(h.matmul(&w.t()?)?.broadcast_add(b)?)
     }
 
-    /// Spatial means after the stem and after every block (layer-by-layer debugging).
-    pub fn debug_pools(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let mut h = self.stem_forward(x)?;
-        let mut out = vec![h.mean((2, 3))?];
-        for b in &self.blocks {
-            h = b.forward(&h)?;
-            out.push(h.mean((2, 3))?);
-        }
-        Ok(out)
-    }
-
     fn stem_forward(&self, x: &Tensor) -> Result<Tensor> {
         let pad = same_padding_2d(x, 3, 2)?;
         Ok(dense_conv2d(x, &self.stem.weight, &self.stem.bias_vec, 2, pad, true)?)
-    }
-
-    pub fn device(&self) -> &Device {
-        self.stem.weight.device()
     }
 }
 
