@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod report;
 pub mod score;
 pub mod synth;
 pub mod torch_file;

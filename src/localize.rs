@@ -96,25 +96,126 @@ pub fn colormap(v: f32) -> [u8; 3] {
     std::array::from_fn(|c| ((a.1[c] + t * (b.1[c] - a.1[c])) * 255.0).round() as u8)
 }
 
-/// Writes `<stem>_heatmap.png` (colour map at the image's resolution) and `<stem>_overlay.png`
-/// (image and colour map blended) for a normalized map; returns their paths.
-pub fn write_heatmaps(original: &Rgb8, normalized_448: &[f32], out_dir: &Path, stem: &str) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
-    let m = resize_map(normalized_448, original.width, original.height);
-    let heat: Vec<u8> = m.iter().flat_map(|v| colormap(*v)).collect();
-    let overlay: Vec<u8> = original.data.iter().zip(&heat).map(|(a, b)| ((*a as u16 + *b as u16) / 2) as u8).collect();
-    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let mut paths = vec![];
-    for (name, data) in [("heatmap", heat), ("overlay", overlay)] {
-        let p = out_dir.join(format!("{stem}_{name}.png"));
-        let mut buf = std::io::Cursor::new(vec![]);
-        image::RgbImage::from_raw(original.width as u32, original.height as u32, data)
-            .expect("sizes match")
-            .write_to(&mut buf, image::ImageFormat::Png)
-            .map_err(|e| Error::format(&p, e.to_string()))?;
-        crate::error::write_atomic(&p, &buf.into_inner())?;
-        paths.push(p);
+/// How a gradient map is scaled to [0, 1] before it is drawn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MapNormalization {
+    /// By the image's own minimum and maximum (official code): every map has a hot spot.
+    #[default]
+    Image,
+    /// By the range of the maps of good images stored with the model (`calibrate
+    /// --localization-good`): a good part stays calm, a defect saturates.
+    Good,
+}
+
+/// Value range of the gradient maps of good images, stored in the model for
+/// [`MapNormalization::Good`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GoodMapRange {
+    /// Median pixel value of the good maps: drawn as 0.
+    pub low: f32,
+    /// Largest pixel value of any good map: drawn as 1.
+    pub high: f32,
+    pub images: usize,
+    pub views: usize,
+}
+
+impl GoodMapRange {
+    pub fn from_maps(maps: &[Vec<f32>], views: usize) -> Option<Self> {
+        let mut all: Vec<f32> = maps.iter().flatten().copied().filter(|v| v.is_finite()).collect();
+        if all.is_empty() {
+            return None;
+        }
+        let mid = all.len() / 2;
+        let (_, low, _) = all.select_nth_unstable_by(mid, f32::total_cmp);
+        let low = *low;
+        let high = all.iter().copied().fold(f32::MIN, f32::max);
+        Some(GoodMapRange { low, high, images: maps.len(), views })
     }
-    Ok((paths[0].clone(), paths[1].clone()))
+
+    pub fn normalize(&self, map: &[f32]) -> Vec<f32> {
+        let span = (self.high - self.low).max(f32::MIN_POSITIVE);
+        map.iter().map(|v| ((v - self.low) / span).clamp(0.0, 1.0)).collect()
+    }
+}
+
+/// Scales a map to [0, 1] as chosen; `Good` needs the model's [`GoodMapRange`].
+pub fn normalize_map(map: &[f32], how: MapNormalization, good: Option<&GoodMapRange>) -> Result<Vec<f32>> {
+    match (how, good) {
+        (MapNormalization::Image, _) => Ok(normalize_min_max(map)),
+        (MapNormalization::Good, Some(r)) => Ok(r.normalize(map)),
+        (MapNormalization::Good, None) => Err(Error::Config(
+            "the model has no range of good-image maps; run `differnet calibrate --model MODEL --localization-good DIR` first".into(),
+        )),
+    }
+}
+
+/// The pictures of one localized image, at its own resolution.
+pub struct LocalizationImages {
+    /// Colour map of the normalized gradient map.
+    pub heatmap: image::RgbImage,
+    /// Image and colour map blended, with the contour of the thresholded region drawn in.
+    pub overlay: image::RgbImage,
+    /// White where the normalized map reaches the pixel threshold.
+    pub mask: image::GrayImage,
+}
+
+/// Colour of the region contour drawn on overlays.
+const CONTOUR: [u8; 3] = [0, 255, 128];
+
+/// Heat map, overlay with contour and binary mask of a normalized 448×448 map.
+pub fn render_localization(original: &Rgb8, normalized_448: &[f32], pixel_threshold: f32) -> LocalizationImages {
+    let (w, h) = (original.width, original.height);
+    let m = resize_map(normalized_448, w, h);
+    let inside: Vec<bool> = m.iter().map(|v| *v >= pixel_threshold).collect();
+    let heat: Vec<u8> = m.iter().flat_map(|v| colormap(*v)).collect();
+    let mut overlay: Vec<u8> = original.data.iter().zip(&heat).map(|(a, b)| ((*a as u16 + *b as u16) / 2) as u8).collect();
+    // contour: region pixels with a 4-neighbour outside the region (or on the image border)
+    let edge = |x: usize, y: usize| {
+        x == 0 || y == 0 || x + 1 == w || y + 1 == h || !inside[y * w + x - 1] || !inside[y * w + x + 1] || !inside[(y - 1) * w + x] || !inside[(y + 1) * w + x]
+    };
+    for y in 0..h {
+        for x in 0..w {
+            if inside[y * w + x] && edge(x, y) {
+                overlay[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&CONTOUR);
+            }
+        }
+    }
+    let mask: Vec<u8> = inside.iter().map(|&i| if i { 255 } else { 0 }).collect();
+    LocalizationImages {
+        heatmap: image::RgbImage::from_raw(w as u32, h as u32, heat).expect("sizes match"),
+        overlay: image::RgbImage::from_raw(w as u32, h as u32, overlay).expect("sizes match"),
+        mask: image::GrayImage::from_raw(w as u32, h as u32, mask).expect("sizes match"),
+    }
+}
+
+/// PNG bytes of an image buffer.
+pub fn png_bytes<P: image::PixelWithColorType>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Vec<u8>
+where
+    [P::Subpixel]: image::EncodableLayout,
+{
+    let mut buf = std::io::Cursor::new(vec![]);
+    img.write_to(&mut buf, image::ImageFormat::Png).expect("PNG encoding into memory");
+    buf.into_inner()
+}
+
+/// Paths of the files written for one image.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LocalizationFiles {
+    pub heatmap: std::path::PathBuf,
+    pub overlay: std::path::PathBuf,
+    pub mask: std::path::PathBuf,
+}
+
+/// Writes `<stem>_heatmap.png`, `<stem>_overlay.png` and `<stem>_mask.png` into `out_dir`, each atomically.
+pub fn write_heatmaps(images: &LocalizationImages, out_dir: &Path, stem: &str) -> Result<LocalizationFiles> {
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    let p = |kind: &str| out_dir.join(format!("{stem}_{kind}.png"));
+    let files = LocalizationFiles { heatmap: p("heatmap"), overlay: p("overlay"), mask: p("mask") };
+    crate::error::write_atomic(&files.heatmap, &png_bytes(&images.heatmap))?;
+    crate::error::write_atomic(&files.overlay, &png_bytes(&images.overlay))?;
+    crate::error::write_atomic(&files.mask, &png_bytes(&images.mask))?;
+    Ok(files)
 }
 
 /// Pixel AUROC and AUPRO (FPR ≤ 0.3) of the gradient maps against the ground-truth masks.
@@ -154,11 +255,40 @@ pub fn localize_image(ex: &Extractor, flow: &NormalizingFlow, path: &Path, views
     Ok((original, map))
 }
 
-/// Writes the heat map and overlay of an image file (per-image min-max normalization) into `out`.
-pub fn write_localization(ex: &Extractor, flow: &NormalizingFlow, path: &Path, views: &[View], out: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+/// How maps are drawn: normalization and the pixel threshold of the mask and contour.
+#[derive(Clone, Debug)]
+pub struct MapStyle {
+    pub normalization: MapNormalization,
+    pub good: Option<GoodMapRange>,
+    /// Threshold on the normalized map, in [0, 1].
+    pub pixel_threshold: f32,
+}
+
+impl MapStyle {
+    /// Per-image min-max normalization, contour at 0.5.
+    pub fn official() -> Self {
+        MapStyle { normalization: MapNormalization::Image, good: None, pixel_threshold: 0.5 }
+    }
+    pub fn render(&self, original: &Rgb8, map_448: &[f32]) -> Result<LocalizationImages> {
+        Ok(render_localization(original, &normalize_map(map_448, self.normalization, self.good.as_ref())?, self.pixel_threshold))
+    }
+}
+
+/// Localizes an image file and writes its heat map, overlay and mask into `out`.
+pub fn write_localization(ex: &Extractor, flow: &NormalizingFlow, path: &Path, views: &[View], style: &MapStyle, out: &Path) -> Result<LocalizationFiles> {
     let (original, map) = localize_image(ex, flow, path, views)?;
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-    write_heatmaps(&original, &normalize_min_max(&map), out, &stem)
+    write_heatmaps(&style.render(&original, &map)?, out, &stem)
+}
+
+/// The range of the gradient maps of good images, for [`MapNormalization::Good`].
+pub fn good_map_range(ex: &Extractor, flow: &NormalizingFlow, paths: &[std::path::PathBuf], views: &[View], bar: &indicatif::ProgressBar) -> Result<GoodMapRange> {
+    let mut maps = vec![];
+    for p in paths {
+        maps.push(localize_image(ex, flow, p, views)?.1);
+        bar.inc(1);
+    }
+    GoodMapRange::from_maps(&maps, views.len()).ok_or_else(|| Error::Config("no good images to calibrate the heat maps on".into()))
 }
 
 /// Gradient maps of all test images with masks (and all good ones) at the masks' resolution,
@@ -204,6 +334,26 @@ mod tests {
         assert!((b.iter().sum::<f32>() - 1.0).abs() < 1e-4);
         let peak = b.iter().cloned().fold(0f32, f32::max);
         assert_eq!(b[20 * 41 + 20], peak);
+    }
+
+    #[test]
+    fn good_range_keeps_good_maps_calm_and_contours_the_region() {
+        let good = vec![vec![0.0, 1.0, 1.0, 2.0], vec![1.0, 1.0, 1.0, 3.0]];
+        let r = GoodMapRange::from_maps(&good, 4).unwrap();
+        assert_eq!((r.low, r.high), (1.0, 3.0));
+        assert_eq!(r.normalize(&[0.0, 2.0, 3.0, 9.0]), vec![0.0, 0.5, 1.0, 1.0]);
+        assert!(normalize_map(&[1.0], MapNormalization::Good, None).is_err());
+        // a 100×100 square of ones at (100..200)² of a 448×448 image: its 396 border pixels are contour
+        let n = INPUT_SIZE;
+        let sq = |i: usize| (100..200).contains(&(i / n)) && (100..200).contains(&(i % n));
+        let map: Vec<f32> = (0..n * n).map(|i| if sq(i) { 1.0 } else { 0.0 }).collect();
+        let original = Rgb8 { width: n, height: n, data: vec![0; n * n * 3] };
+        let pics = render_localization(&original, &map, 0.5);
+        let inside = |x: u32, y: u32| pics.mask.get_pixel(x, y).0[0] == 255;
+        assert_eq!((0..n * n).filter(|&i| inside((i % n) as u32, (i / n) as u32)).count(), 100 * 100);
+        let contour = |x: u32, y: u32| pics.overlay.get_pixel(x, y).0 == CONTOUR;
+        assert_eq!((0..n * n).filter(|&i| contour((i % n) as u32, (i / n) as u32)).count(), 396);
+        assert!(contour(100, 150) && contour(199, 199) && !contour(150, 150) && !contour(99, 150));
     }
 
     #[test]

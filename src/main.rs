@@ -6,6 +6,7 @@ use differnet::backbone::BackboneKind;
 use differnet::data::{expand_inputs, Dataset};
 use differnet::features::{Extractor, FeatureCache};
 use differnet::model::{Manifest, Model, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
+use differnet::localize::{MapNormalization, MapStyle};
 use differnet::score::{Evaluation, ScoreKind};
 use differnet::train::{train_flow_with_checkpoints, training_features, Checkpoint, TrainConfig, TrainingSummary};
 use differnet::transforms::test_views;
@@ -44,6 +45,8 @@ enum Command {
     Localize(LocalizeArgs),
     /// Set the decision threshold stored in a model.
     Calibrate(CalibrateArgs),
+    /// Evaluate a model and write an HTML/Markdown report with plots and the hardest cases.
+    Report(ReportArgs),
     /// Print a model's manifest.
     Info { model: PathBuf },
     /// Manage pretrained backbone weights.
@@ -159,8 +162,9 @@ struct TrainArgs {
     checkpoint_every: Option<usize>,
 }
 
+/// What `test` and `report` evaluate.
 #[derive(Args)]
-struct TestArgs {
+struct EvalArgs {
     #[arg(long)]
     model: PathBuf,
     #[arg(long)]
@@ -178,11 +182,49 @@ struct TestArgs {
     /// Views averaged per gradient map for --pixel-metrics.
     #[arg(long, default_value_t = 8)]
     pixel_views: usize,
+    /// Hard cases of each kind (high-scoring good, low-scoring defective) shown with heat maps in a report.
+    #[arg(long, default_value_t = 4)]
+    gallery: usize,
+    /// Views averaged per heat map of the report's gallery.
+    #[arg(long, default_value_t = 4)]
+    gallery_views: usize,
+    #[command(flatten)]
+    maps: MapArgs,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+}
+
+#[derive(Args)]
+struct TestArgs {
+    #[command(flatten)]
+    eval: EvalArgs,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also write a report (HTML, Markdown, plots, results.json) into this folder.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ReportArgs {
     #[command(flatten)]
-    backbone: BackboneArgs,
+    eval: EvalArgs,
+    /// Folder for index.html, summary.md, results.json and the plots.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// How heat maps are drawn.
+#[derive(Args)]
+struct MapArgs {
+    /// Heat-map scaling: per image (official; every map has a hot spot) or against the maps of
+    /// good images stored in the model (`calibrate --localization-good DIR`; good parts stay calm).
+    #[arg(long, value_enum, default_value = "image")]
+    normalize: MapNormalization,
+    /// Threshold on the normalized heat map (0..1) for the mask PNG and the overlay's contour.
+    #[arg(long, default_value_t = 0.5)]
+    pixel_threshold: f32,
 }
 
 #[derive(Args)]
@@ -194,9 +236,11 @@ struct PredictArgs {
     inputs: Vec<PathBuf>,
     #[arg(long)]
     views: Option<usize>,
-    /// Also write heat maps and overlays (as `localize` does) into this folder.
+    /// Also write heat maps, overlays and masks (as `localize` does) into this folder.
     #[arg(long)]
     heatmaps: Option<PathBuf>,
+    #[command(flatten)]
+    maps: MapArgs,
     #[command(flatten)]
     backbone: BackboneArgs,
 }
@@ -208,12 +252,14 @@ struct LocalizeArgs {
     /// Image files or folders.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
-    /// Folder for `<name>_heatmap.png` and `<name>_overlay.png`.
+    /// Folder for `<name>_heatmap.png`, `<name>_overlay.png` and `<name>_mask.png`.
     #[arg(long)]
     out: PathBuf,
     /// Rotations averaged (default: the model's test views).
     #[arg(long)]
     views: Option<usize>,
+    #[command(flatten)]
+    maps: MapArgs,
     #[command(flatten)]
     backbone: BackboneArgs,
 }
@@ -236,6 +282,12 @@ struct CalibrateArgs {
     best_f1: bool,
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Store the range of the heat maps of these good images, for `--normalize good`.
+    #[arg(long)]
+    localization_good: Option<PathBuf>,
+    /// Views averaged per heat map for --localization-good.
+    #[arg(long, default_value_t = 4)]
+    pixel_views: usize,
     #[command(flatten)]
     backbone: BackboneArgs,
 }
@@ -343,14 +395,20 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Test(a) => {
-            let mut ev = test(cli, &a.model, &a.data, a.views, a.score, &a.backbone, &dev)?;
-            if a.pixel_metrics {
-                ev.pixel = Some(pixel_metrics(cli, &a.model, &a.data, a.pixel_views, &a.backbone, &dev)?);
-            }
+            let ev = evaluate_and_report(cli, &a.eval, a.report.as_deref(), &dev)?;
             if let Some(out) = &a.out {
                 differnet::error::write_atomic(out, serde_json::to_string_pretty(&ev)?.as_bytes())?;
             }
             if cli.json { print_json(&ev) } else { print!("{}", ev.table()) }
+        }
+        Command::Report(a) => {
+            let ev = evaluate_and_report(cli, &a.eval, Some(&a.out), &dev)?;
+            if cli.json {
+                print_json(&serde_json::json!({"image_auroc": ev.image_auroc, "report": a.out.join("index.html")}));
+            } else {
+                print!("{}", ev.table());
+                println!("report written to {}", a.out.join("index.html").display());
+            }
         }
         Command::Predict(a) => predict(cli, a, &dev)?,
         Command::Calibrate(a) => calibrate(cli, a, &dev)?,
@@ -423,6 +481,7 @@ fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
         test_views: a.test_views,
         train: cfg.clone(),
         threshold: a.threshold.map(|value| Threshold { value, method: "user".into() }),
+        localization: None,
         training_data: training_data.clone(),
         training: TrainingSummary { feature_seconds, ..summary },
         parameters_sha256: String::new(),
@@ -479,8 +538,38 @@ fn pixel_metrics(cli: &Cli, model_path: &Path, data: &Path, views: usize, args: 
     Ok(m)
 }
 
+/// `test` and `report`: image metrics, optionally pixel metrics, and a report folder.
+fn evaluate_and_report(cli: &Cli, a: &EvalArgs, report: Option<&Path>, dev: &candle_core::Device) -> Result<Evaluation> {
+    let mut ev = test(cli, &a.model, &a.data, a.views, a.score, &a.backbone, dev)?;
+    if a.pixel_metrics {
+        ev.pixel = Some(pixel_metrics(cli, &a.model, &a.data, a.pixel_views, &a.backbone, dev)?);
+    }
+    if let Some(dir) = report {
+        let (model, ex, _) = load_model(&a.model, &a.backbone, dev)?;
+        let style = map_style(&model, &a.maps)?;
+        let b = bar(cli, 0, "gallery");
+        let gallery = differnet::report::gallery(&ex, &model.flow, &ev, a.gallery, &test_views(a.gallery_views), &style, &b)?;
+        b.finish();
+        let title = format!("DifferNet report: {}", a.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| a.data.display().to_string()));
+        let r = differnet::report::Report { title, model: a.model.display().to_string(), evaluation: &ev, gallery };
+        differnet::report::write_report(dir, &r)?;
+    }
+    Ok(ev)
+}
+
+fn map_style(model: &Model, a: &MapArgs) -> Result<MapStyle> {
+    if !(0.0..=1.0).contains(&a.pixel_threshold) {
+        bail!("--pixel-threshold must be within 0..1 (it applies to the normalized heat map), got {}", a.pixel_threshold);
+    }
+    if a.normalize == MapNormalization::Good && model.manifest.localization.is_none() {
+        bail!("--normalize good needs the range of good images' heat maps in the model: run `differnet calibrate --model MODEL --localization-good DIR` first");
+    }
+    Ok(MapStyle { normalization: a.normalize, good: model.manifest.localization.clone(), pixel_threshold: a.pixel_threshold })
+}
+
 fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> {
     let (model, ex, cache) = load_model(&a.model, &a.backbone, dev)?;
+    let style = map_style(&model, &a.maps)?;
     let paths = expand_inputs(&a.inputs)?;
     let scores = score_paths(cli, &model, &ex, &cache, &paths, a.views.unwrap_or(model.manifest.test_views))?;
     let thr = model.manifest.threshold.as_ref().map(|t| t.value);
@@ -493,9 +582,7 @@ fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> 
         let views = test_views(a.views.unwrap_or(model.manifest.test_views));
         let b = bar(cli, paths.len() as u64, "localize");
         for (row, p) in rows.iter_mut().zip(&paths) {
-            let maps = write_localization(&ex, &model, p, &views, dir)?;
-            row["heatmap"] = maps["heatmap"].clone();
-            row["overlay"] = maps["overlay"].clone();
+            row["maps"] = serde_json::to_value(differnet::localize::write_localization(&ex, &model.flow, p, &views, &style, dir)?)?;
             b.inc(1);
         }
         b.finish();
@@ -518,21 +605,16 @@ fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> 
     Ok(())
 }
 
-fn write_localization(ex: &Extractor, model: &Model, path: &Path, views: &[differnet::transforms::View], out: &Path) -> Result<serde_json::Value> {
-    let (heat, overlay) = differnet::localize::write_localization(ex, &model.flow, path, views, out)?;
-    Ok(serde_json::json!({"heatmap": heat, "overlay": overlay}))
-}
-
 fn localize(cli: &Cli, a: &LocalizeArgs, dev: &candle_core::Device) -> Result<()> {
     let (model, ex, _) = load_model(&a.model, &a.backbone, dev)?;
+    let style = map_style(&model, &a.maps)?;
     let paths = expand_inputs(&a.inputs)?;
     let views = test_views(a.views.unwrap_or(model.manifest.test_views));
     let b = bar(cli, paths.len() as u64, "localize");
     let mut rows = vec![];
     for p in &paths {
-        let mut row = write_localization(&ex, &model, p, &views, &a.out)?;
-        row["path"] = serde_json::json!(p);
-        rows.push(row);
+        let files = differnet::localize::write_localization(&ex, &model.flow, p, &views, &style, &a.out)?;
+        rows.push(serde_json::json!({"path": p, "heatmap": files.heatmap, "overlay": files.overlay, "mask": files.mask}));
         b.inc(1);
     }
     b.finish();
@@ -544,24 +626,51 @@ fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Result<
     let (mut model, ex, cache) = load_model(&a.model, &a.backbone, dev)?;
     let views = model.manifest.test_views;
     let threshold = if let Some(v) = a.value {
-        Threshold { value: v, method: "user".into() }
+        Some(Threshold { value: v, method: "user".into() })
     } else if let (Some(fpr), Some(good)) = (a.fpr, &a.good) {
         let paths = expand_inputs(std::slice::from_ref(good))?;
         let scores = score_paths(cli, &model, &ex, &cache, &paths, views)?;
         let value = metrics::threshold_for_fpr(&scores, fpr).context("no good images")?;
-        Threshold { value, method: format!("fpr={fpr} on {} good images", paths.len()) }
+        Some(Threshold { value, method: format!("fpr={fpr} on {} good images", paths.len()) })
     } else if let (true, Some(data)) = (a.best_f1, &a.data) {
         let ev = test(cli, &a.model, data, None, None, &a.backbone, dev)?;
         let scores: Vec<f64> = ev.samples.iter().map(|s| s.score).collect();
         let labels: Vec<bool> = ev.samples.iter().map(|s| s.defect != "good").collect();
         let (value, f1) = metrics::best_f1_threshold(&scores, &labels).context("no defective images")?;
-        Threshold { value, method: format!("best-f1 ({f1:.4}) on {} labelled images", scores.len()) }
+        Some(Threshold { value, method: format!("best-f1 ({f1:.4}) on {} labelled images", scores.len()) })
     } else {
-        bail!("give --value X, or --fpr RATE --good DIR, or --best-f1 --data DIR");
+        None
     };
-    model.manifest.threshold = Some(threshold.clone());
+    let range = match &a.localization_good {
+        Some(dir) => {
+            let paths = expand_inputs(std::slice::from_ref(dir))?;
+            let b = bar(cli, paths.len() as u64, "good maps");
+            let r = differnet::localize::good_map_range(&ex, &model.flow, &paths, &test_views(a.pixel_views), &b)?;
+            b.finish();
+            Some(r)
+        }
+        None => None,
+    };
+    if threshold.is_none() && range.is_none() {
+        bail!("give --value X, or --fpr RATE --good DIR, or --best-f1 --data DIR (decision threshold), and/or --localization-good DIR (heat-map range)");
+    }
+    if let Some(t) = &threshold {
+        model.manifest.threshold = Some(t.clone());
+    }
+    if let Some(r) = &range {
+        model.manifest.localization = Some(r.clone());
+    }
     model.save(&a.model)?;
-    if cli.json { print_json(&threshold) } else { println!("threshold {:.6} ({}) stored in {}", threshold.value, threshold.method, a.model.display()) }
+    if cli.json {
+        print_json(&serde_json::json!({"threshold": threshold, "localization": range}));
+    } else {
+        if let Some(t) = &threshold {
+            println!("threshold {:.6} ({}) stored in {}", t.value, t.method, a.model.display());
+        }
+        if let Some(r) = &range {
+            println!("heat-map range {:.4e}..{:.4e} of {} good images stored in {}", r.low, r.high, r.images, a.model.display());
+        }
+    }
     Ok(())
 }
 
@@ -642,25 +751,27 @@ fn demo(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
     let heatmaps = a.out.join("heatmaps");
     for t in differnet::synth::DEFECTS {
         let img = data.join("test").join(t).join("000.png");
-        let row = write_localization(&ex, &model, &img, &test_views(4), &heatmaps)?;
-        for kind in ["heatmap", "overlay"] {
-            let written = std::path::PathBuf::from(row[kind].as_str().unwrap_or_default());
+        let files = differnet::localize::write_localization(&ex, &model.flow, &img, &test_views(4), &MapStyle::official(), &heatmaps)?;
+        for (kind, written) in [("heatmap", files.heatmap), ("overlay", files.overlay), ("mask", files.mask)] {
             let named = heatmaps.join(format!("{t}_{kind}.png"));
             std::fs::rename(&written, &named).with_context(|| format!("renaming {}", written.display()))?;
         }
     }
     let results = a.out.join("results.json");
     differnet::error::write_atomic(&results, serde_json::to_string_pretty(&ev)?.as_bytes())?;
+    let gallery = differnet::report::gallery(&ex, &model.flow, &ev, 2, &test_views(4), &MapStyle::official(), &ProgressBar::hidden())?;
+    let report = differnet::report::Report { title: "DifferNet demo (synthetic textures)".into(), model: model_path.display().to_string(), evaluation: &ev, gallery };
+    let report = differnet::report::write_report(&a.out.join("report"), &report)?.html;
     if cli.json {
         let pixel = ev.pixel.as_ref();
         print_json(&serde_json::json!({
             "image_auroc": ev.image_auroc, "pixel_auroc": pixel.map(|p| p.pixel_auroc), "aupro": pixel.map(|p| p.aupro),
-            "model": model_path, "results": results, "heatmaps": heatmaps, "seconds": t0.elapsed().as_secs_f64()
+            "model": model_path, "results": results, "report": report, "heatmaps": heatmaps, "seconds": t0.elapsed().as_secs_f64()
         }));
     } else {
         print!("{}", ev.table());
         println!("image AUROC {:.4} on the synthetic demo set ({:.0} s)", ev.image_auroc, t0.elapsed().as_secs_f64());
-        println!("model:    {}\nresults:  {}\nheatmaps: {}\ndata:     {}", model_path.display(), results.display(), heatmaps.display(), data.display());
+        println!("model:    {}\nresults:  {}\nreport:   {}\nheatmaps: {}\ndata:     {}", model_path.display(), results.display(), report.display(), heatmaps.display(), data.display());
     }
     Ok(())
 }

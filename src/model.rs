@@ -45,6 +45,9 @@ pub struct Manifest {
     pub test_views: usize,
     pub train: TrainConfig,
     pub threshold: Option<Threshold>,
+    /// Range of good images' gradient maps, for heat maps normalized against good parts.
+    #[serde(default)]
+    pub localization: Option<crate::localize::GoodMapRange>,
     pub training_data: TrainingData,
     pub training: TrainingSummary,
     /// sha256 over all parameter bytes (f32 little-endian) in `named_parameters` order.

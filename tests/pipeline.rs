@@ -68,6 +68,7 @@ fn tiny_model() -> Model {
         test_views: 4,
         train: cfg,
         threshold: None,
+        localization: None,
         training_data: TrainingData { root: "x".into(), n_images: 4, images_sha256: "0".into() },
         training: summary,
         parameters_sha256: String::new(),
