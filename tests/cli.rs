@@ -1,5 +1,5 @@
 //! The `differnet` binary end to end on a tiny generated dataset: train, test, predict,
-//! calibrate, info; bad input exits non-zero with a message naming the file.
+//! calibrate, localize, report, info; bad input exits non-zero with a message naming the file.
 
 mod common;
 use common::*;
@@ -51,8 +51,36 @@ fn train_test_predict_calibrate_and_errors() {
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r["score"].is_f64() && r["is_anomaly"].is_boolean()));
     for r in &rows {
-        let overlay = image::open(r["overlay"].as_str().unwrap()).unwrap();
-        assert_eq!((overlay.width(), overlay.height()), (224, 224), "overlay at the image's own size");
+        for kind in ["heatmap", "overlay", "mask"] {
+            let img = image::open(r["maps"][kind].as_str().unwrap()).unwrap();
+            assert_eq!((img.width(), img.height()), (224, 224), "{kind} at the image's own size");
+        }
+    }
+
+    // heat maps against good images: refused before calibration, then stored in the model
+    let defect_dir = data.join("test/crack");
+    let (ok, _, err) = differnet(home.path(), &["--quiet", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--normalize", "good"]);
+    assert!(!ok && err.contains("--localization-good"), "{err}");
+    let (ok, _, err) = differnet(home.path(), &["--quiet", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--pixel-threshold", "1.5"]);
+    assert!(!ok && err.contains("--pixel-threshold"), "{err}");
+    let train_good = data.join("train/good");
+    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "calibrate", "--model", m, "--localization-good", train_good.to_str().unwrap(), "--pixel-views", "1"]);
+    assert!(ok, "calibrate --localization-good failed: {err}");
+    let range: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(range["localization"]["high"].as_f64().unwrap() > range["localization"]["low"].as_f64().unwrap(), "{out}");
+    assert_eq!(range["localization"]["images"], 4);
+    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--normalize", "good", "--views", "1"]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert!(image::open(rows[0]["mask"].as_str().unwrap()).is_ok());
+
+    // a report folder: HTML, Markdown, plots, results
+    let report = home.path().join("report");
+    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "report", "--model", m, "--data", d, "--out", report.to_str().unwrap(), "--gallery", "1", "--gallery-views", "1"]);
+    assert!(ok, "report failed: {err}");
+    assert!(out.contains("index.html"), "{out}");
+    for f in ["index.html", "summary.md", "results.json", "roc.png", "histogram.png", "gallery/00.png", "gallery/01.png"] {
+        assert!(report.join(f).is_file(), "report lacks {f}");
     }
     let (ok, out, _) = differnet(home.path(), &["info", m]);
     assert!(ok && out.contains("efficientnet-lite0") && out.contains("best-f1"), "{out}");

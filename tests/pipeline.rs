@@ -208,6 +208,19 @@ fn cached_features_equal_fresh_ones_and_invalidate() {
     let after = cache.features(&ex, &img, &views).unwrap();
     assert_eq!(count(), 3);
     assert_ne!(after, first);
+
+    // scoring several images in one flow batch equals scoring each image alone
+    let mut cfg = differnet::flow::FlowConfig::new(960);
+    cfg.hidden = 16;
+    let flow = differnet::flow::NormalizingFlow::new(cfg, 3, &Device::Cpu).unwrap();
+    differnet::synth::generate(&dir.path().join("e"), 3, 0, 0, 5).unwrap();
+    let paths: Vec<_> = (0..3).map(|i| dir.path().join(format!("e/train/good/{i:03}.png"))).collect();
+    let batched = differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &views, &indicatif::ProgressBar::hidden()).unwrap();
+    for (p, b) in paths.iter().zip(&batched) {
+        let alone = differnet::score::anomaly_score(&flow, &cache.features(&ex, p, &views).unwrap(), 960, ScoreKind::Nll, &Device::Cpu).unwrap();
+        assert!((alone - b).abs() < 1e-9 * alone.abs().max(1.0), "{alone} vs {b}");
+    }
+    assert!(differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &[], &indicatif::ProgressBar::hidden()).is_err());
 }
 
 fn walk(p: &std::path::Path) -> usize {
