@@ -5,9 +5,11 @@
 //! [`features`]) → latent z ([`flow`]) → anomaly score ([`score`]). See `docs/ARCHITECTURE.md`.
 
 pub mod backbone;
+pub mod baselines;
 pub mod bench;
 pub mod data;
 pub mod error;
+pub mod experiment;
 pub mod features;
 pub mod localize;
 pub mod flow;

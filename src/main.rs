@@ -6,6 +6,7 @@ use differnet::backbone::BackboneKind;
 use differnet::data::{expand_inputs, Dataset};
 use differnet::features::{Extractor, FeatureCache};
 use differnet::model::{Manifest, Model, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
+use differnet::experiment::ExperimentKind;
 use differnet::localize::{MapNormalization, MapStyle};
 use differnet::score::{Evaluation, ScoreKind};
 use differnet::train::{train_flow_with_checkpoints, training_features, Checkpoint, TrainConfig, TrainingSummary};
@@ -47,6 +48,9 @@ enum Command {
     Calibrate(CalibrateArgs),
     /// Evaluate a model and write an HTML/Markdown report with plots and the hardest cases.
     Report(ReportArgs),
+    /// Reproduce an experiment of the paper (tables 1-3, few-shot, multimodal) as a table with
+    /// the paper's numbers beside ours; resumes where an interrupted run stopped.
+    Experiment(ExperimentArgs),
     /// Print a model's manifest.
     Info { model: PathBuf },
     /// Manage pretrained backbone weights.
@@ -56,6 +60,55 @@ enum Command {
     Demo(DemoArgs),
     /// Measure backbone and flow throughput, test latency and peak memory on this machine.
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ExperimentArgs {
+    #[arg(value_enum)]
+    experiment: ExperimentKind,
+    /// Dataset root (MVTec layout); for table1 and multimodal, a folder of category folders.
+    #[arg(long)]
+    data: PathBuf,
+    /// Categories (folder names under --data) for table1 and multimodal (default: all found).
+    #[arg(long, value_delimiter = ',')]
+    categories: Vec<String>,
+    /// Folder for table.md, table.json, figures and finished cells (kept for resuming).
+    #[arg(long)]
+    out: PathBuf,
+    /// Training epochs of every flow (paper: 192).
+    #[arg(long, default_value_t = 192)]
+    epochs: usize,
+    /// Random training views extracted per image (each epoch samples 4 of them).
+    #[arg(long, default_value_t = 16)]
+    cached_views: usize,
+    /// Test views (paper: 64); table 3 uses subsets of 1, 4, 16 and 64 of them.
+    #[arg(long, default_value_t = 64)]
+    test_views: usize,
+    /// Brightness jitter in training (paper, MTD: 0.15).
+    #[arg(long, default_value_t = 0.0)]
+    brightness: f32,
+    /// Contrast jitter in training.
+    #[arg(long, default_value_t = 0.0)]
+    contrast: f32,
+    /// Saturation jitter in training.
+    #[arg(long, default_value_t = 0.0)]
+    saturation: f32,
+    /// Training-set sizes for fewshot.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64, 128, 256])]
+    shots: Vec<usize>,
+    /// Random subsets averaged per size (paper: 3).
+    #[arg(long, default_value_t = 3)]
+    subsets: usize,
+    /// Hidden width of the flows' subnets (paper: 2048).
+    #[arg(long, default_value_t = 2048)]
+    hidden: usize,
+    /// An already trained model to use as the full DifferNet configuration (table2, table3).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    backbone: BackboneArgs,
 }
 
 #[derive(Args)]
@@ -411,6 +464,7 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Predict(a) => predict(cli, a, &dev)?,
+        Command::Experiment(a) => experiment(cli, a, &dev)?,
         Command::Calibrate(a) => calibrate(cli, a, &dev)?,
         Command::Localize(a) => localize(cli, a, &dev)?,
         Command::Info { model } => print_json(&Model::read_manifest(model)?),
@@ -672,6 +726,63 @@ fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Result<
         }
     }
     Ok(())
+}
+
+fn experiment(cli: &Cli, a: &ExperimentArgs, dev: &candle_core::Device) -> Result<()> {
+    use differnet::experiment::{write_table, ExperimentConfig, Runner, Table};
+    let model = a.model.as_ref().map(|p| load_model(p, &a.backbone, dev)).transpose()?;
+    let kind = match &model {
+        Some((m, _, _)) => m.manifest.backbone,
+        None => resolve_backbone(a.backbone.backbone)?,
+    };
+    let (ex, cache) = extractor(kind, &a.backbone, dev)?;
+    let mut train = TrainConfig::new(kind);
+    train.epochs = a.epochs;
+    train.flow.hidden = a.hidden;
+    train.cached_views = a.cached_views;
+    train.augment = differnet::transforms::Augment { rotate: true, brightness: a.brightness, contrast: a.contrast, saturation: a.saturation };
+    train.seed = a.seed;
+    train.validate()?;
+    let config = ExperimentConfig { train, test_views: a.test_views, shots: a.shots.clone(), subsets: a.subsets.max(1), multimodal_blocks: 12 };
+    let settings = serde_json::to_value(&config)?;
+    let runner = Runner { ex: &ex, cache: &cache, config, out: a.out.clone(), bar: bar(cli, 0, a.experiment_name()) };
+    let flow = model.as_ref().map(|(m, _, _)| &m.flow);
+    let roots = || -> Result<Vec<PathBuf>> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&a.data)
+            .with_context(|| format!("reading {}", a.data.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("train").is_dir() && (a.categories.is_empty() || a.categories.iter().any(|c| p.ends_with(c))))
+            .collect();
+        dirs.sort();
+        if dirs.is_empty() {
+            bail!("{}: no category folders (with train/good inside) found", a.data.display());
+        }
+        Ok(dirs)
+    };
+    let rows = match a.experiment {
+        ExperimentKind::Table1 => runner.table1(&a.data, &a.categories)?,
+        ExperimentKind::Table2 => runner.table2(&a.data, flow)?,
+        ExperimentKind::Table3 => runner.table3(&a.data, flow)?,
+        ExperimentKind::Fewshot => runner.fewshot(&a.data)?,
+        ExperimentKind::Multimodal => runner.multimodal(&roots()?)?,
+    };
+    runner.bar.finish_and_clear();
+    let table = Table { experiment: a.experiment, data: a.data.display().to_string(), rows, settings };
+    write_table(&a.out, &table)?;
+    if cli.json { print_json(&table) } else { print!("{}", table.markdown()) }
+    Ok(())
+}
+
+impl ExperimentArgs {
+    fn experiment_name(&self) -> &'static str {
+        match self.experiment {
+            ExperimentKind::Table1 => "table1",
+            ExperimentKind::Table2 => "table2",
+            ExperimentKind::Table3 => "table3",
+            ExperimentKind::Fewshot => "fewshot",
+            ExperimentKind::Multimodal => "multimodal",
+        }
+    }
 }
 
 fn weights_cmd(cli: &Cli, w: &WeightsCommand) -> Result<()> {
