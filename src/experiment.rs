@@ -209,7 +209,7 @@ impl Runner<'_> {
     }
 
     /// Table 2 layout on one dataset; `model`, when given, is the trained DifferNet row.
-    pub fn table2(&self, root: &Path, model: Option<&NormalizingFlow>) -> Result<Vec<Row>> {
+    pub fn table2(&self, root: &Path, model: Option<&crate::model::Model>) -> Result<Vec<Row>> {
         let c = self.load(root, &self.config.train)?;
         let dim = self.dim();
         let mut rows = vec![
@@ -217,7 +217,7 @@ impl Runner<'_> {
             self.cell(&format!("{} 1-NN", c.name), Some(TABLE2[1].1), "table 2", || Ok((self.baseline(Baseline::NearestNeighbour, &c, dim)?, "PCA 64 + z-score".into())))?,
         ];
         rows.push(self.cell(&format!("{} DifferNet", c.name), Some(TABLE2[2].1), "table 2", || match model {
-            Some(flow) => Ok((flow_auroc(flow, &c.test, &c.is_defect, &self.ex.device)?, "given model".into())),
+            Some(m) => Ok((flow_auroc(&m.flow, &c.test, &c.is_defect, &self.ex.device)?, given(m))),
             None => Ok((self.differnet(&c.train, &c.test, &c.is_defect, &self.config.train)?, format!("{} epochs", self.config.train.epochs))),
         })?);
         Ok(rows)
@@ -246,7 +246,7 @@ impl Runner<'_> {
     }
 
     /// Table 3 (ablation): 4 flows (multi-scale × training transforms), scored with 1-64 test views.
-    pub fn table3(&self, root: &Path, model: Option<&NormalizingFlow>) -> Result<Vec<Row>> {
+    pub fn table3(&self, root: &Path, model: Option<&crate::model::Model>) -> Result<Vec<Row>> {
         let full = &self.config.train;
         let mut plain = full.clone();
         plain.augment = Augment { rotate: false, brightness: 0.0, contrast: 0.0, saturation: 0.0 };
@@ -277,7 +277,7 @@ impl Runner<'_> {
             };
             cfg.flow = crate::flow::FlowConfig { dim: d, ..full.flow.clone() };
             rows.push(self.cell(&label, Some(paper), "table 3 (MVTec AD mean)", || match model {
-                Some(flow) if multi_scale && transforms => Ok((flow_auroc(flow, &test, &c.is_defect, &self.ex.device)?, "given model".into())),
+                Some(m) if multi_scale && transforms => Ok((flow_auroc(&m.flow, &test, &c.is_defect, &self.ex.device)?, given(m))),
                 _ => Ok((self.differnet(&train, &test, &c.is_defect, &cfg)?, format!("{} epochs", cfg.epochs))),
             })?);
         }
@@ -338,6 +338,10 @@ impl Runner<'_> {
         write_atomic(&path, serde_json::to_string_pretty(&rows).expect("serializable").as_bytes())?;
         Ok(rows)
     }
+}
+
+fn given(m: &crate::model::Model) -> String {
+    format!("given model: {} epochs, {} cached views", m.manifest.train.epochs, m.manifest.train.cached_views)
 }
 
 fn yes(b: bool) -> &'static str {

@@ -20,6 +20,7 @@ pub mod ops;
 pub mod optim;
 pub mod report;
 pub mod score;
+pub mod serve;
 pub mod synth;
 pub mod torch_file;
 pub mod train;

@@ -51,6 +51,8 @@ enum Command {
     /// Reproduce an experiment of the paper (tables 1-3, few-shot, multimodal) as a table with
     /// the paper's numbers beside ours; resumes where an interrupted run stopped.
     Experiment(ExperimentArgs),
+    /// HTTP inspection service: POST /v1/score with an image, GET /v1/model, /healthz, /metrics.
+    Serve(ServeArgs),
     /// Print a model's manifest.
     Info { model: PathBuf },
     /// Manage pretrained backbone weights.
@@ -109,6 +111,37 @@ struct ExperimentArgs {
     seed: u64,
     #[command(flatten)]
     backbone: BackboneArgs,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Model to serve, as PATH or NAME=PATH; repeat for several (the first is the default;
+    /// others are chosen with `?model=NAME`). SIGHUP reloads them from their files.
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// Inference threads (each uses all cores for its matrix products).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Requests waiting for a worker before new ones get 503 + Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Largest request body in bytes (larger: 413).
+    #[arg(long, default_value_t = 32 << 20)]
+    max_body_bytes: usize,
+    /// Largest image in pixels, checked from its header before decoding (larger: 413).
+    #[arg(long, default_value_t = 40_000_000)]
+    max_pixels: u64,
+    /// Test views per image (default: each model's own; fewer is faster).
+    #[arg(long)]
+    views: Option<usize>,
+    /// Views per heat map for `?heatmap=1`.
+    #[arg(long, default_value_t = 4)]
+    heatmap_views: usize,
+    /// Views per backbone forward pass.
+    #[arg(long, default_value_t = 4)]
+    backbone_batch: usize,
 }
 
 #[derive(Args)]
@@ -465,6 +498,7 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Command::Predict(a) => predict(cli, a, &dev)?,
         Command::Experiment(a) => experiment(cli, a, &dev)?,
+        Command::Serve(a) => serve(a, &dev)?,
         Command::Calibrate(a) => calibrate(cli, a, &dev)?,
         Command::Localize(a) => localize(cli, a, &dev)?,
         Command::Info { model } => print_json(&Model::read_manifest(model)?),
@@ -746,7 +780,7 @@ fn experiment(cli: &Cli, a: &ExperimentArgs, dev: &candle_core::Device) -> Resul
     let config = ExperimentConfig { train, test_views: a.test_views, shots: a.shots.clone(), subsets: a.subsets.max(1), multimodal_blocks: 12 };
     let settings = serde_json::to_value(&config)?;
     let runner = Runner { ex: &ex, cache: &cache, config, out: a.out.clone(), bar: bar(cli, 0, a.experiment_name()) };
-    let flow = model.as_ref().map(|(m, _, _)| &m.flow);
+    let given = model.as_ref().map(|(m, _, _)| m);
     let roots = || -> Result<Vec<PathBuf>> {
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(&a.data)
             .with_context(|| format!("reading {}", a.data.display()))?
@@ -761,8 +795,8 @@ fn experiment(cli: &Cli, a: &ExperimentArgs, dev: &candle_core::Device) -> Resul
     };
     let rows = match a.experiment {
         ExperimentKind::Table1 => runner.table1(&a.data, &a.categories)?,
-        ExperimentKind::Table2 => runner.table2(&a.data, flow)?,
-        ExperimentKind::Table3 => runner.table3(&a.data, flow)?,
+        ExperimentKind::Table2 => runner.table2(&a.data, given)?,
+        ExperimentKind::Table3 => runner.table3(&a.data, given)?,
         ExperimentKind::Fewshot => runner.fewshot(&a.data)?,
         ExperimentKind::Multimodal => runner.multimodal(&roots()?)?,
     };
@@ -783,6 +817,43 @@ impl ExperimentArgs {
             ExperimentKind::Multimodal => "multimodal",
         }
     }
+}
+
+fn serve(a: &ServeArgs, dev: &candle_core::Device) -> Result<()> {
+    use differnet::serve::{AppState, Limits, ServedModel};
+    let specs: Vec<(String, PathBuf)> = a
+        .models
+        .iter()
+        .map(|m| match m.split_once('=') {
+            Some((name, path)) => (name.to_string(), PathBuf::from(path)),
+            None => (Path::new(m).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| m.clone()), PathBuf::from(m)),
+        })
+        .collect();
+    if a.workers == 0 || a.queue == 0 {
+        bail!("--workers and --queue must be at least 1");
+    }
+    let (dev, batch) = (dev.clone(), a.backbone_batch);
+    let load = move || -> differnet::Result<Vec<ServedModel>> {
+        let args = BackboneArgs { backbone: None, cache_dir: None, no_cache: true, backbone_batch: batch };
+        specs
+            .iter()
+            .map(|(name, path)| {
+                let (model, extractor, _) = load_model(path, &args, &dev).map_err(|e| differnet::Error::Config(format!("{e:#}")))?;
+                Ok(ServedModel { name: name.clone(), model, extractor })
+            })
+            .collect()
+    };
+    let models = load()?;
+    let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+    let limits = Limits { max_body_bytes: a.max_body_bytes, max_pixels: a.max_pixels, queue: a.queue, workers: a.workers, views: a.views, heatmap_views: a.heatmap_views };
+    let state = AppState::start(models, limits, Some(Box::new(load)))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&a.addr).await.with_context(|| format!("cannot listen on {}", a.addr))?;
+        eprintln!("serving {} on http://{} (POST /v1/score, GET /v1/model, /healthz, /metrics)", names.join(", "), listener.local_addr()?);
+        differnet::serve::serve(state, listener).await?;
+        Ok(())
+    })
 }
 
 fn weights_cmd(cli: &Cli, w: &WeightsCommand) -> Result<()> {

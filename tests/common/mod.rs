@@ -55,3 +55,47 @@ pub fn formula_batch() -> Tensor {
     let flipped = x0.index_select(&Tensor::new(idx, &Device::Cpu).unwrap(), 3).unwrap();
     Tensor::cat(&[x0, flipped], 0).unwrap()
 }
+
+/// EfficientNet-Lite0 weights from the fixtures.
+pub fn efficientnet_weights() -> PathBuf {
+    shared().join("fixtures/efficientnet_lite0.safetensors")
+}
+
+/// A model over EfficientNet-Lite0 features (the fixture weights) whose flow was trained for one
+/// epoch on random features: enough to exercise everything that loads, scores and saves models.
+pub fn efficientnet_model(hidden: usize, threshold: Option<f64>, seed: u64) -> differnet::model::Model {
+    use differnet::backbone::BackboneKind;
+    use differnet::model::{Manifest, Model, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
+    let mut cfg = differnet::train::TrainConfig::new(BackboneKind::EfficientnetLite0);
+    cfg.flow.hidden = hidden;
+    cfg.epochs = 1;
+    cfg.cached_views = 4;
+    cfg.seed = seed;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+    let feats: Vec<Vec<f32>> = (0..8).map(|_| (0..4 * 960).map(|_| rand::Rng::random_range(&mut rng, 0.0..1.0)).collect()).collect();
+    let (flow, summary) = differnet::train::train_flow(&feats, &cfg, &Device::Cpu, &indicatif::ProgressBar::hidden()).unwrap();
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        library_version: "test".into(),
+        backbone: BackboneKind::EfficientnetLite0,
+        backbone_weights_sha256: differnet::weights::sha256_file(&efficientnet_weights()).unwrap(),
+        flow: cfg.flow.clone(),
+        permutations: vec![],
+        score: differnet::score::ScoreKind::MeanZ2,
+        test_views: 1,
+        train: cfg,
+        threshold: threshold.map(|value| Threshold { value, method: "user".into() }),
+        localization: None,
+        training_data: TrainingData { root: "random".into(), n_images: 8, images_sha256: "0".into() },
+        training: summary,
+        parameters_sha256: String::new(),
+    };
+    Model::new(manifest, flow).unwrap()
+}
+
+/// PNG bytes of a generated RGB image.
+pub fn png_image(width: u32, height: u32, seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x * 3) as u8 ^ seed, (y * 5) as u8, ((x + y) as u8).wrapping_mul(seed)]));
+    differnet::localize::png_bytes(&img)
+}

@@ -1,0 +1,407 @@
+//! The inspection service (`differnet serve`): POST part images, get a score and verdict each.
+//! Bounded queue and worker pool, size limits checked before decoding, metrics, SIGHUP reload.
+
+use crate::features::Extractor;
+use crate::localize::MapStyle;
+use crate::model::Model;
+use crate::transforms::{decode_rgb, resize_bilinear, test_views, Rgb8};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// A model ready to serve: its flow and its backbone.
+pub struct ServedModel {
+    pub name: String,
+    pub model: Model,
+    pub extractor: Extractor,
+}
+
+/// Service limits and sizes.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest request body in bytes (413 above).
+    pub max_body_bytes: usize,
+    /// Largest image in pixels, read from its header before decoding (413 above).
+    pub max_pixels: u64,
+    /// Jobs waiting for a worker; when full, requests get 503 with Retry-After.
+    pub queue: usize,
+    /// Inference threads (at least 1 to serve anything).
+    pub workers: usize,
+    /// Test views per image (default: each model's own).
+    pub views: Option<usize>,
+    /// Views per heat map (`?heatmap=1`).
+    pub heatmap_views: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_body_bytes: 32 << 20, max_pixels: 40_000_000, queue: 64, workers: 1, views: None, heatmap_views: 4 }
+    }
+}
+
+/// Loads the served models again (on SIGHUP).
+pub type Loader = Box<dyn Fn() -> crate::Result<Vec<ServedModel>> + Send + Sync>;
+
+type Models = Arc<HashMap<String, Arc<ServedModel>>>;
+
+/// Result for one image.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ImageVerdict {
+    pub name: String,
+    pub score: f64,
+    pub is_anomaly: Option<bool>,
+    pub threshold: Option<f64>,
+    pub model: String,
+    /// First 16 hex digits of the model's parameter checksum.
+    pub model_id: String,
+    pub latency_ms: f64,
+    /// Overlay PNG (base64) when `?heatmap=1`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlay_png_base64: Option<String>,
+}
+
+struct Job {
+    model: Arc<ServedModel>,
+    images: Vec<(String, Vec<u8>)>,
+    heatmap: bool,
+    reply: oneshot::Sender<std::result::Result<Vec<ImageVerdict>, (StatusCode, String)>>,
+}
+
+/// Latency histogram bucket bounds in seconds.
+const BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+#[derive(Default)]
+struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    images: AtomicU64,
+    rejected_busy: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
+}
+
+/// Shared state of the service.
+pub struct AppState {
+    models: RwLock<Models>,
+    default_model: String,
+    limits: Limits,
+    queue: mpsc::Sender<Job>,
+    /// The workers' end of the queue (held here too, so the queue stays open without workers).
+    _jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    metrics: Metrics,
+    loader: Option<Loader>,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({"error": message.into()}))).into_response()
+}
+
+impl AppState {
+    /// Starts the worker threads and returns the state to serve with [`router`].
+    pub fn start(models: Vec<ServedModel>, limits: Limits, loader: Option<Loader>) -> crate::Result<Arc<Self>> {
+        let default_model = models.first().map(|m| m.name.clone()).ok_or_else(|| crate::Error::Config("no model to serve".into()))?;
+        let (tx, rx) = mpsc::channel::<Job>(limits.queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        // (0 workers: requests only queue up; for tests of a full queue)
+        for i in 0..limits.workers {
+            let rx = rx.clone();
+            let limits = limits.clone();
+            std::thread::Builder::new()
+                .name(format!("differnet-worker-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
+                    let Some(job) = job else { break };
+                    let result = score_job(&job, &limits);
+                    let _ = job.reply.send(result);
+                })
+                .map_err(|e| crate::Error::Config(format!("cannot start worker thread: {e}")))?;
+        }
+        let map: HashMap<String, Arc<ServedModel>> = models.into_iter().map(|m| (m.name.clone(), Arc::new(m))).collect();
+        Ok(Arc::new(AppState { models: RwLock::new(Arc::new(map)), default_model, limits, queue: tx, _jobs: rx, metrics: Metrics::default(), loader }))
+    }
+
+    fn models(&self) -> Models {
+        self.models.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reloads every model with the loader; on failure the models in service stay.
+    pub fn reload(&self) -> crate::Result<usize> {
+        let Some(loader) = &self.loader else { return Ok(0) };
+        match loader() {
+            Ok(models) => {
+                let n = models.len();
+                let map: HashMap<String, Arc<ServedModel>> = models.into_iter().map(|m| (m.name.clone(), Arc::new(m))).collect();
+                *self.models.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+                self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+                Ok(n)
+            }
+            Err(e) => {
+                self.metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    fn count(&self, route: &str, status: StatusCode) {
+        *self.metrics.requests.lock().unwrap_or_else(|p| p.into_inner()).entry((route.to_string(), status.as_u16())).or_default() += 1;
+    }
+
+    fn observe(&self, seconds: f64) {
+        let m = &self.metrics;
+        for (b, bound) in m.latency_buckets.iter().zip(BUCKETS) {
+            if seconds <= bound {
+                b.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        m.latency_count.fetch_add(1, Ordering::Relaxed);
+        m.latency_sum_us.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Jobs waiting for a worker.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+}
+
+/// Scores (and optionally localizes) the images of a job on a worker thread.
+fn score_job(job: &Job, limits: &Limits) -> std::result::Result<Vec<ImageVerdict>, (StatusCode, String)> {
+    let m = &job.model;
+    let views = test_views(limits.views.unwrap_or(m.model.manifest.test_views));
+    let threshold = m.model.manifest.threshold.as_ref().map(|t| t.value);
+    let internal = |e: crate::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let mut out = vec![];
+    for (name, bytes) in &job.images {
+        let t = Instant::now();
+        let original: Rgb8 = decode_rgb(bytes).map_err(|reason| (StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))?;
+        let resized = resize_bilinear(&original, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE);
+        let dim = m.model.flow.config.dim;
+        let feats = m.extractor.view_features(&resized, &views).map_err(internal)?;
+        let score = crate::score::anomaly_score(&m.model.flow, &feats, dim, m.model.manifest.score, &m.extractor.device).map_err(internal)?;
+        let overlay_png_base64 = if job.heatmap {
+            let map = crate::localize::gradient_map(&m.extractor, &m.model.flow, &resized, &test_views(limits.heatmap_views)).map_err(internal)?;
+            let pictures = MapStyle::official().render(&original, &map).map_err(internal)?;
+            Some(base64::engine::general_purpose::STANDARD.encode(crate::localize::png_bytes(&pictures.overlay)))
+        } else {
+            None
+        };
+        out.push(ImageVerdict {
+            name: name.clone(),
+            score,
+            is_anomaly: threshold.map(|th| score >= th),
+            threshold,
+            model: m.name.clone(),
+            model_id: m.model.manifest.parameters_sha256.chars().take(16).collect(),
+            latency_ms: t.elapsed().as_secs_f64() * 1e3,
+            overlay_png_base64,
+        });
+    }
+    Ok(out)
+}
+
+/// What an image's header says about its size, read without decoding the image.
+enum HeaderSize {
+    Pixels(u64),
+    /// The decoder refused the header's size under its own memory limits.
+    TooLarge,
+    /// Not an image this service reads; the decoder's reason.
+    Unreadable(String),
+}
+
+fn header_size(bytes: &[u8]) -> HeaderSize {
+    // PNG: IHDR is always the first chunk; read it directly so that a header without data
+    // (a bomb's first bytes) is still measured
+    if bytes.len() >= 24 && bytes.starts_with(b"\x89PNG\r\n\x1a\n") && &bytes[12..16] == b"IHDR" {
+        let w = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+        let h = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+        return HeaderSize::Pixels(w as u64 * h as u64);
+    }
+    let Ok(reader) = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format() else {
+        return HeaderSize::Unreadable("cannot read the header".into());
+    };
+    if reader.format().is_none() {
+        return HeaderSize::Unreadable("not a PNG, JPEG, BMP or TIFF image".into());
+    }
+    match reader.into_dimensions() {
+        Ok((w, h)) => HeaderSize::Pixels(w as u64 * h as u64),
+        Err(image::ImageError::Limits(_)) => HeaderSize::TooLarge,
+        Err(e) => HeaderSize::Unreadable(e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ScoreQuery {
+    model: Option<String>,
+    heatmap: Option<u8>,
+}
+
+async fn score(State(state): State<Arc<AppState>>, Query(q): Query<ScoreQuery>, headers: HeaderMap, request: Request) -> Response {
+    let start = Instant::now();
+    let response = score_inner(&state, q, &headers, request).await;
+    state.count("/v1/score", response.status());
+    if response.status().is_success() {
+        state.observe(start.elapsed().as_secs_f64());
+    }
+    response
+}
+
+async fn score_inner(state: &Arc<AppState>, q: ScoreQuery, headers: &HeaderMap, request: Request) -> Response {
+    let models = state.models();
+    let name = q.model.unwrap_or_else(|| state.default_model.clone());
+    let Some(model) = models.get(&name).cloned() else {
+        return error(StatusCode::NOT_FOUND, format!("no model named `{name}` (served: {})", models.keys().cloned().collect::<Vec<_>>().join(", ")));
+    };
+    let is_multipart = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
+    let mut images = vec![];
+    if is_multipart {
+        let mut form = match Multipart::from_request(request, &()).await {
+            Ok(f) => f,
+            Err(e) => return e.into_response(),
+        };
+        loop {
+            match form.next_field().await {
+                Ok(Some(field)) => {
+                    let name = field.file_name().or(field.name()).unwrap_or("image").to_string();
+                    match field.bytes().await {
+                        Ok(b) => images.push((name, b.to_vec())),
+                        Err(e) => return error(e.status(), e.body_text()),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return error(e.status(), e.body_text()),
+            }
+        }
+    } else {
+        match axum::body::Bytes::from_request(request, &()).await {
+            Ok(b) => images.push(("body".to_string(), b.to_vec())),
+            Err(e) => return e.into_response(),
+        }
+    }
+    if images.is_empty() || images.iter().any(|(_, b)| b.is_empty()) {
+        return error(StatusCode::BAD_REQUEST, "empty request: send an image as the body, or multipart/form-data with one image per field");
+    }
+    for (name, bytes) in &images {
+        match header_size(bytes) {
+            HeaderSize::Unreadable(reason) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")),
+            HeaderSize::TooLarge => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("{name}: the image header claims a size beyond the decoder's limits")),
+            HeaderSize::Pixels(px) if px > state.limits.max_pixels => {
+                return error(StatusCode::PAYLOAD_TOO_LARGE, format!("{name}: {px} pixels, more than the limit of {}", state.limits.max_pixels))
+            }
+            HeaderSize::Pixels(_) => {}
+        }
+    }
+    let (reply, wait) = oneshot::channel();
+    let job = Job { model, images, heatmap: q.heatmap.unwrap_or(0) != 0, reply };
+    if state.queue.try_send(job).is_err() {
+        state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+        let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "all workers busy and the queue is full; retry later");
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    }
+    match wait.await {
+        Ok(Ok(verdicts)) => {
+            state.metrics.images.fetch_add(verdicts.len() as u64, Ordering::Relaxed);
+            Json(serde_json::json!({"results": verdicts})).into_response()
+        }
+        Ok(Err((status, message))) => error(status, message),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the worker stopped before answering"),
+    }
+}
+
+async fn model_info(State(state): State<Arc<AppState>>) -> Response {
+    let models = state.models();
+    let manifests: BTreeMap<&String, &crate::model::Manifest> = models.iter().map(|(k, v)| (k, &v.model.manifest)).collect();
+    state.count("/v1/model", StatusCode::OK);
+    Json(serde_json::json!({"default": state.default_model, "models": manifests})).into_response()
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    state.count("/healthz", StatusCode::OK);
+    Json(serde_json::json!({"status": "ok", "models": state.models().len(), "queue_depth": state.queue_depth()})).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = &state.metrics;
+    let mut s = String::from("# HELP differnet_requests_total HTTP requests by route and status.\n# TYPE differnet_requests_total counter\n");
+    for ((route, status), n) in m.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        s += &format!("differnet_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n");
+    }
+    s += &format!("# HELP differnet_images_scored_total Images scored.\n# TYPE differnet_images_scored_total counter\ndiffernet_images_scored_total {}\n", m.images.load(Ordering::Relaxed));
+    s += &format!("# HELP differnet_rejected_busy_total Requests refused with 503 because the queue was full.\n# TYPE differnet_rejected_busy_total counter\ndiffernet_rejected_busy_total {}\n", m.rejected_busy.load(Ordering::Relaxed));
+    s += &format!("# HELP differnet_queue_depth Jobs waiting for a worker.\n# TYPE differnet_queue_depth gauge\ndiffernet_queue_depth {}\n", state.queue_depth());
+    s += &format!("# HELP differnet_reloads_total Model reloads (SIGHUP).\n# TYPE differnet_reloads_total counter\ndiffernet_reloads_total {}\n", m.reloads.load(Ordering::Relaxed));
+    s += &format!("# HELP differnet_reload_failures_total Failed model reloads.\n# TYPE differnet_reload_failures_total counter\ndiffernet_reload_failures_total {}\n", m.reload_failures.load(Ordering::Relaxed));
+    s += "# HELP differnet_score_seconds Latency of successful /v1/score requests.\n# TYPE differnet_score_seconds histogram\n";
+    for (b, bound) in m.latency_buckets.iter().zip(BUCKETS) {
+        s += &format!("differnet_score_seconds_bucket{{le=\"{bound}\"}} {}\n", b.load(Ordering::Relaxed));
+    }
+    let count = m.latency_count.load(Ordering::Relaxed);
+    s += &format!("differnet_score_seconds_bucket{{le=\"+Inf\"}} {count}\n");
+    s += &format!("differnet_score_seconds_sum {}\ndiffernet_score_seconds_count {count}\n", m.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+    state.count("/metrics", StatusCode::OK);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
+}
+
+/// The HTTP routes of the service.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.limits.max_body_bytes;
+    Router::new()
+        .route("/v1/score", post(score))
+        .route("/v1/model", get(model_info))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves until SIGINT/SIGTERM, then stops accepting and lets requests in flight finish;
+/// SIGHUP reloads the models.
+pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let s = state.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                let s = s.clone();
+                match tokio::task::spawn_blocking(move || s.reload()).await {
+                    Ok(Ok(n)) => tracing::info!(models = n, "models reloaded"),
+                    Ok(Err(e)) => tracing::error!("reload failed, still serving the previous models: {e}"),
+                    Err(e) => tracing::error!("reload task failed: {e}"),
+                }
+            }
+        });
+    }
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

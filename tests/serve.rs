@@ -1,0 +1,177 @@
+//! The HTTP service in process: scoring, multipart, heat maps, hostile bodies (4xx, never a
+//! panic), limits before decoding, a full queue (503 + Retry-After), metrics and hot reload.
+
+mod common;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use differnet::features::Extractor;
+use differnet::serve::{router, AppState, Limits, ServedModel};
+use http_body_util::BodyExt;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+fn served(name: &str, seed: u64) -> ServedModel {
+    let extractor = Extractor::load(differnet::backbone::BackboneKind::EfficientnetLite0, &efficientnet_weights(), &candle_core::Device::Cpu).unwrap();
+    ServedModel { name: name.into(), model: efficientnet_model(16, Some(1.0), seed), extractor }
+}
+
+async fn call(state: &Arc<AppState>, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let res = router(state.clone()).oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes().to_vec())
+}
+
+fn post(uri: &str, body: Vec<u8>) -> Request<Body> {
+    Request::post(uri).body(Body::from(body)).unwrap()
+}
+
+fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)))
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// A PNG whose (valid, CRC-correct) header claims `side`×`side` pixels and that has no data.
+fn png_claiming(side: u32) -> Vec<u8> {
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(13u32.to_be_bytes());
+    png.extend(&ihdr);
+    png.extend(crc32(&ihdr).to_be_bytes());
+    png
+}
+
+fn multipart(parts: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
+    let boundary = "differnet-test-boundary";
+    let mut body = vec![];
+    for (name, bytes) in parts {
+        body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\n").as_bytes());
+        body.extend(bytes);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_scores_refuses_hostile_input_and_reloads() {
+    let limits = Limits { max_body_bytes: 300_000, max_pixels: 1_000_000, queue: 4, workers: 1, views: Some(1), heatmap_views: 1 };
+    let loader: differnet::serve::Loader = Box::new(|| Ok(vec![served("part", 7)]));
+    let state = AppState::start(vec![served("part", 3)], limits, Some(loader)).unwrap();
+
+    let (status, _, body) = call(&state, Request::get("/healthz").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["status"], "ok");
+
+    // one raw image: score, decision at the stored threshold 1.0, model id
+    let img = png_image(64, 48, 9);
+    let (status, _, body) = call(&state, post("/v1/score", img.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let r = &json(&body)["results"][0];
+    let score = r["score"].as_f64().unwrap();
+    assert!(score.is_finite() && r["is_anomaly"] == (score >= 1.0) && r["threshold"] == 1.0 && r["model"] == "part");
+    assert_eq!(r["model_id"].as_str().unwrap().len(), 16);
+    // the same image scores the same
+    let (_, _, again) = call(&state, post("/v1/score", img.clone())).await;
+    assert_eq!(json(&again)["results"][0]["score"].as_f64().unwrap(), score);
+
+    // multipart with two images, and a heat map overlay at the image's size
+    let (ctype, body) = multipart(&[("a.png", img.clone()), ("b.png", png_image(40, 40, 3))]);
+    let req = Request::post("/v1/score?heatmap=1").header("content-type", ctype).body(Body::from(body)).unwrap();
+    let (status, _, body) = call(&state, req).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let results = json(&body)["results"].as_array().unwrap().clone();
+    assert_eq!(results.iter().map(|r| r["name"].as_str().unwrap()).collect::<Vec<_>>(), ["a.png", "b.png"]);
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD.decode(results[1]["overlay_png_base64"].as_str().unwrap()).unwrap();
+    assert_eq!(image::load_from_memory(&png).unwrap().width(), 40);
+
+    // hostile bodies: each a 4xx with a reason, none a 5xx
+    let mut truncated = img.clone();
+    truncated.truncate(img.len() / 2);
+    let mut flipped = img.clone();
+    flipped[60] ^= 0xFF;
+    let bmp_bomb = {
+        let mut b = b"BM".to_vec();
+        b.extend(0u32.to_le_bytes());
+        b.extend([0u8; 4]);
+        b.extend(54u32.to_le_bytes());
+        b.extend(40u32.to_le_bytes());
+        b.extend(60_000i32.to_le_bytes());
+        b.extend(60_000i32.to_le_bytes());
+        b.extend(1u16.to_le_bytes());
+        b.extend(24u16.to_le_bytes());
+        b.extend([0u8; 24]);
+        b
+    };
+    let cases: Vec<(&str, Vec<u8>, StatusCode)> = vec![
+        ("empty", vec![], StatusCode::BAD_REQUEST),
+        ("text", b"this is not an image".to_vec(), StatusCode::UNPROCESSABLE_ENTITY),
+        ("truncated png", truncated, StatusCode::UNPROCESSABLE_ENTITY),
+        ("bit-flipped png", flipped, StatusCode::UNPROCESSABLE_ENTITY),
+        ("png claiming 100000x100000", png_claiming(100_000), StatusCode::PAYLOAD_TOO_LARGE),
+        ("bmp claiming 60000x60000", bmp_bomb, StatusCode::PAYLOAD_TOO_LARGE),
+        ("body over the limit", vec![0u8; 400_000], StatusCode::PAYLOAD_TOO_LARGE),
+    ];
+    for (what, body, want) in cases {
+        let (status, _, body) = call(&state, post("/v1/score", body)).await;
+        assert_eq!(status, want, "{what}: {}", String::from_utf8_lossy(&body));
+    }
+    let (status, _, body) = call(&state, post("/v1/score?model=nope", img.clone())).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(String::from_utf8_lossy(&body).contains("part"));
+
+    // metrics: counts by status, the latency histogram
+    let (_, headers, body) = call(&state, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let text = String::from_utf8(body).unwrap();
+    assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(text.contains("differnet_requests_total{route=\"/v1/score\",status=\"200\"} 3"), "{text}");
+    assert!(text.contains("differnet_requests_total{route=\"/v1/score\",status=\"413\"} 3"), "{text}");
+    assert!(text.contains("differnet_score_seconds_count 3") && text.contains("differnet_images_scored_total 4"), "{text}");
+
+    // hot reload: the new model answers, with a different id
+    let (_, _, before) = call(&state, Request::get("/v1/model").body(Body::empty()).unwrap()).await;
+    assert_eq!(state.reload().unwrap(), 1);
+    let (_, _, after) = call(&state, Request::get("/v1/model").body(Body::empty()).unwrap()).await;
+    let sha = |v: &[u8]| json(v)["models"]["part"]["parameters_sha256"].as_str().unwrap().to_string();
+    assert_ne!(sha(&before), sha(&after));
+    let (status, _, body) = call(&state, post("/v1/score", img.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["results"][0]["model_id"].as_str().unwrap(), &sha(&after)[..16]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_answers_503_with_retry_after() {
+    // no workers and a queue of one: the first request waits, the second is refused at once
+    let limits = Limits { queue: 1, workers: 0, views: Some(1), ..Limits::default() };
+    let state = AppState::start(vec![served("part", 3)], limits, None).unwrap();
+    let img = png_image(32, 32, 1);
+    let waiting = tokio::spawn({
+        let state = state.clone();
+        let img = img.clone();
+        async move { call(&state, post("/v1/score", img)).await }
+    });
+    while state.queue_depth() < 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let (status, headers, _) = call(&state, post("/v1/score", img)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "1");
+    let (_, _, body) = call(&state, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.contains("differnet_rejected_busy_total 1") && text.contains("differnet_queue_depth 1"), "{text}");
+    waiting.abort();
+}
