@@ -20,8 +20,14 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in rd {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let p = entry.path();
-        if p.is_file() && is_image(&p) {
-            out.push(p);
+        if is_image(&p) {
+            if p.is_file() {
+                out.push(p);
+            } else if p.is_symlink() {
+                // a dangling or looping link named like an image is a mistake worth reporting
+                let reason = std::fs::metadata(&p).err().map(|e| e.to_string()).unwrap_or_else(|| "not a file".into());
+                return Err(Error::Dataset { path: p, reason: format!("broken link: {reason}") });
+            }
         }
     }
     out.sort();

@@ -167,12 +167,59 @@ fn bad_images_and_folders_give_errors_naming_the_file() {
             b
         }),
     ];
+    let mut flipped = png.clone();
+    flipped[30] ^= 0x55; // inside IHDR: its CRC no longer matches
+    let cases = cases.into_iter().chain([("bitflip.png", flipped)]);
     for (name, bytes) in cases {
         let p = dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();
         let e = load_rgb(&p).err().unwrap_or_else(|| panic!("{name} must be refused")).to_string();
         assert!(e.contains(name), "{e}");
     }
+    // readable oddities decode: 1×1, palette PNG, CMYK JPEG; a damaged JPEG decodes or is refused, never panics
+    let one = dir.path().join("one.png");
+    image::RgbImage::from_pixel(1, 1, image::Rgb([9, 8, 7])).save(&one).unwrap();
+    assert_eq!(load_rgb(&one).unwrap().data, vec![9, 8, 7]);
+    let palette = dir.path().join("palette.png");
+    {
+        let f = std::fs::File::create(&palette).unwrap();
+        let mut enc = png::Encoder::new(f, 2, 1);
+        enc.set_color(png::ColorType::Indexed);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_palette(vec![255, 0, 0, 0, 0, 255]);
+        enc.write_header().unwrap().write_image_data(&[1, 0]).unwrap();
+    }
+    assert_eq!(load_rgb(&palette).unwrap().data, vec![0, 0, 255, 255, 0, 0]);
+    let cmyk = dir.path().join("cmyk.jpg");
+    {
+        let mut buf = vec![];
+        let enc = jpeg_encoder::Encoder::new(&mut buf, 100);
+        enc.encode(&[0, 255, 255, 0, 0, 0, 0, 0], 2, 1, jpeg_encoder::ColorType::Cmyk).unwrap();
+        std::fs::write(&cmyk, buf).unwrap();
+    }
+    match load_rgb(&cmyk) {
+        Ok(img) => assert_eq!((img.width, img.height), (2, 1)),
+        Err(e) => assert!(e.to_string().contains("cmyk.jpg"), "{e}"),
+    }
+    let jpg = dir.path().join("ok.jpg");
+    image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([x as u8 * 8, y as u8 * 8, 90])).save(&jpg).unwrap();
+    let mut bytes = std::fs::read(&jpg).unwrap();
+    for i in (bytes.len() / 3..bytes.len() - 2).step_by(17) {
+        bytes[i] ^= 0x81;
+    }
+    let damaged = dir.path().join("damaged.jpg");
+    std::fs::write(&damaged, bytes).unwrap();
+    if let Err(e) = load_rgb(&damaged) {
+        assert!(e.to_string().contains("damaged.jpg"), "{e}");
+    }
+    // a looping symlink named like an image in a folder of images
+    let looped = dir.path().join("loop");
+    std::fs::create_dir_all(&looped).unwrap();
+    std::fs::copy(&one, looped.join("a.png")).unwrap();
+    std::os::unix::fs::symlink(looped.join("b.png"), looped.join("c.png")).unwrap();
+    std::os::unix::fs::symlink(looped.join("c.png"), looped.join("b.png")).unwrap();
+    let e = differnet::data::expand_inputs(&[looped.clone()]).err().expect("a looping link is reported").to_string();
+    assert!((e.contains("b.png") || e.contains("c.png")) && e.contains("Too many levels"), "{e}");
     let e = load_rgb(&dir.path().join("missing.png")).err().unwrap().to_string();
     assert!(e.contains("missing.png"), "{e}");
     let empty = dir.path().join("empty_dataset");
@@ -262,4 +309,32 @@ fn checkpoints_equal_shorter_runs_with_the_same_seed() {
     short.epochs = 2;
     let (two, _) = train_flow(&feats, &short, &Device::Cpu, &ProgressBar::hidden()).unwrap();
     assert_eq!(seen[0].1, params(&two));
+}
+
+#[test]
+fn training_takes_mixed_images_and_a_single_one() {
+    let ex = Extractor::load(BackboneKind::EfficientnetLite0, &shared().join("fixtures/efficientnet_lite0.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gray = dir.path().join("gray.png");
+    image::GrayImage::from_fn(30, 20, |x, y| image::Luma([(x * 7 + y) as u8])).save(&gray).unwrap();
+    let rgba = dir.path().join("rgba.png");
+    image::RgbaImage::from_fn(50, 70, |x, y| image::Rgba([x as u8, y as u8, 7, 100])).save(&rgba).unwrap();
+    let deep = dir.path().join("deep.tif");
+    image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 0]))).to_rgb16().save(&deep).unwrap();
+    let mut cfg = tiny_config(0);
+    cfg.backbone = BackboneKind::EfficientnetLite0;
+    cfg.flow = FlowConfig { hidden: 16, ..FlowConfig::new(960) };
+    cfg.cached_views = 2;
+    cfg.views_per_image = 2;
+    let cache = FeatureCache { dir: None };
+    let images = vec![gray, rgba, deep];
+    let feats = differnet::train::training_features(&images, &cfg, &ex, &cache, &ProgressBar::hidden()).unwrap();
+    assert!(feats.iter().all(|f| f.len() == 2 * 960 && f.iter().all(|v| v.is_finite())));
+    train_flow(&feats, &cfg, &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    // a single training image trains too (batches of one image)
+    let (_, summary) = train_flow(&feats[..1], &cfg, &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    assert_eq!(summary.epoch_losses.len(), cfg.epochs);
+    // no images at all: an error that says so
+    let e = train_flow(&[], &cfg, &Device::Cpu, &ProgressBar::hidden()).err().unwrap().to_string();
+    assert!(e.contains("no training images"), "{e}");
 }
