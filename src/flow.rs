@@ -30,6 +30,17 @@ impl FlowConfig {
         }
         Ok(())
     }
+
+    /// Number of parameters of a flow with this configuration (saturating: a nonsense
+    /// configuration gives a huge count rather than an overflow).
+    pub fn parameter_count(&self) -> usize {
+        let (n1, n2, h) = (self.dim / 2, self.dim - self.dim / 2, self.hidden);
+        let subnet = |input: usize, output: usize| {
+            let layer = |i: usize, o: usize| i.saturating_mul(o).saturating_add(o);
+            layer(input, h).saturating_add(layer(h, h).saturating_mul(2)).saturating_add(layer(h, output))
+        };
+        subnet(n2, 2 * n1).saturating_add(subnet(n1, 2 * n2)).saturating_mul(self.blocks)
+    }
 }
 
 /// The official permutations: numpy `np.random.seed(k); np.random.permutation(768)` for k = 0..7.

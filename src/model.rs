@@ -54,6 +54,36 @@ pub struct Manifest {
     pub parameters_sha256: String,
 }
 
+/// The safetensors header length, checked to be plausible and within the `available` bytes.
+fn header_length(n: u64, available: u64, path: &Path) -> Result<usize> {
+    if n > 100 << 20 {
+        return Err(Error::Model { path: path.to_path_buf(), reason: "header length is implausible: not a differnet model file".into() });
+    }
+    if n > available {
+        return Err(Error::Model { path: path.to_path_buf(), reason: "truncated header".into() });
+    }
+    Ok(n as usize)
+}
+
+/// The manifest in a safetensors JSON header.
+fn manifest_from_header(header: &[u8], path: &Path) -> Result<Manifest> {
+    let bad = |reason: String| Error::Model { path: path.to_path_buf(), reason };
+    let v: serde_json::Value = serde_json::from_slice(header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let text = v
+        .get("__metadata__")
+        .and_then(|m| m.get(MANIFEST_KEY))
+        .and_then(|s| s.as_str())
+        .ok_or_else(|| bad("no differnet manifest in the file (is it a differnet model?)".into()))?;
+    let m: Manifest = serde_json::from_str(text).map_err(|e| bad(format!("manifest: {e}")))?;
+    if m.format != FORMAT {
+        return Err(bad(format!("format `{}` is not `{FORMAT}`", m.format)));
+    }
+    if m.format_version != FORMAT_VERSION {
+        return Err(bad(format!("format version {} is not supported (this build reads version {FORMAT_VERSION})", m.format_version)));
+    }
+    Ok(m)
+}
+
 pub struct Model {
     pub manifest: Manifest,
     pub flow: NormalizingFlow,
@@ -108,30 +138,33 @@ impl Model {
         use std::io::Read;
         let mut len = [0u8; 8];
         f.read_exact(&mut len).map_err(|_| bad("file too short to be a model".into()))?;
-        let n = u64::from_le_bytes(len);
-        if n > 100 << 20 {
-            return Err(bad("header length is implausible: not a differnet model file".into()));
-        }
-        let mut header = vec![0u8; n as usize];
+        let n = header_length(u64::from_le_bytes(len), u64::MAX, path)?;
+        let mut header = vec![0u8; n];
         f.read_exact(&mut header).map_err(|_| bad("truncated header".into()))?;
-        let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-        let text = v.get("__metadata__").and_then(|m| m.get(MANIFEST_KEY)).and_then(|s| s.as_str())
-            .ok_or_else(|| bad("no differnet manifest in the file (is it a differnet model?)".into()))?;
-        let m: Manifest = serde_json::from_str(text).map_err(|e| bad(format!("manifest: {e}")))?;
-        if m.format != FORMAT {
-            return Err(bad(format!("format `{}` is not `{FORMAT}`", m.format)));
-        }
-        if m.format_version != FORMAT_VERSION {
-            return Err(bad(format!("format version {} is not supported (this build reads version {FORMAT_VERSION})", m.format_version)));
-        }
-        Ok(m)
+        manifest_from_header(&header, path)
     }
 
     /// Loads and verifies a model: format version, parameter shapes and checksum.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let manifest = Self::read_manifest(path)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// [`Model::load`] from the bytes of a model file (`path` names it in errors). Sizes claimed
+    /// by the manifest are checked against the file before anything is allocated.
+    pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
         let bad = |reason: String| Error::Model { path: path.to_path_buf(), reason };
-        let tensors = candle_core::safetensors::load(path, device).map_err(|e| bad(format!("parameters: {e}")))?;
+        if bytes.len() < 8 {
+            return Err(bad("file too short to be a model".into()));
+        }
+        let n = header_length(u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")), bytes.len() as u64 - 8, path)?;
+        let manifest = manifest_from_header(&bytes[8..8 + n], path)?;
+        manifest.flow.validate().map_err(|e| bad(format!("manifest: {e}")))?;
+        let claimed = manifest.flow.parameter_count();
+        if claimed.saturating_mul(4) > bytes.len() {
+            return Err(bad(format!("the manifest describes {claimed} parameters, more than the file holds")));
+        }
+        let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| bad(format!("parameters: {e}")))?;
         let flow = NormalizingFlow::new(manifest.flow.clone(), 0, device)?;
         for (k, b) in flow.blocks.iter().enumerate() {
             if manifest.permutations.get(k) != Some(&b.perm) {

@@ -106,6 +106,19 @@ fn model_round_trip_and_corruption_is_refused() {
     newer.save(&bad).unwrap();
     let e = Model::load(&bad, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("format version 99"), "{e}");
+    // a hand-edited manifest claiming a huge flow is refused before anything is allocated
+    assert_eq!(m.manifest.flow.parameter_count(), m.flow.parameter_count());
+    let n_header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let text = std::str::from_utf8(&bytes[8..8 + n_header]).unwrap();
+    let hidden = format!("\\\"hidden\\\":{}", m.manifest.flow.hidden);
+    assert!(text.contains(&hidden), "manifest JSON is embedded as an escaped string");
+    let header = text.replacen(&hidden, "\\\"hidden\\\":1099511627776", 1);
+    let mut edited = (header.len() as u64).to_le_bytes().to_vec();
+    edited.extend(header.as_bytes());
+    edited.extend(&bytes[8 + n_header..]);
+    std::fs::write(&bad, &edited).unwrap();
+    let e = Model::load(&bad, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("more than the file holds"), "{e}");
     // a different backbone is refused
     let e = back.check_backbone(BackboneKind::EfficientnetLite0, &"cd".repeat(32), &path).err().unwrap().to_string();
     assert!(e.contains("trained with alexnet"), "{e}");
