@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod experiment;
 pub mod features;
+pub mod fuzzing;
 pub mod localize;
 pub mod flow;
 pub mod flow_grad;
