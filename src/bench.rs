@@ -60,6 +60,10 @@ pub struct BenchReport {
     pub peak_rss_bytes_flow_training: Option<u64>,
     pub peak_rss_bytes_testing: Option<u64>,
     pub peak_rss_bytes: Option<u64>,
+    /// Train + test on a dataset (`bench --data`), seconds, with the AUROC it reached.
+    pub e2e_seconds: Option<f64>,
+    pub image_auroc: Option<f64>,
+    pub e2e_settings: Option<String>,
 }
 
 /// Runs every measurement; `views` backbone views are timed (after one warm-up batch).
@@ -126,13 +130,20 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
         peak_rss_bytes_flow_training: rss_train,
         peak_rss_bytes_testing: rss_test,
         peak_rss_bytes: rss_train.max(rss_test),
+        e2e_seconds: None,
+        image_auroc: None,
+        e2e_settings: None,
     })
 }
 
 impl BenchReport {
     pub fn table(&self) -> String {
         let mb = |b: Option<u64>| b.map(|b| format!("{:.0} MB", b as f64 / 1e6)).unwrap_or_else(|| "n/a".into());
-        format!(
+        let e2e = match (self.e2e_seconds, self.image_auroc, &self.e2e_settings) {
+            (Some(t), Some(a), Some(how)) => format!("end to end (train + test)     {t:.0} s, image AUROC {a:.4} ({how})\n"),
+            _ => String::new(),
+        };
+        let body = format!(
             "threads                      {}\n\
              sgemm 2048³                  {:.1} GFLOP/s (reference)\n\
              backbone {:<19} {:.2} views/s (3 scales), {:.1} GFLOP/s, {:.2} of sgemm\n\
@@ -144,7 +155,8 @@ impl BenchReport {
             self.threads, self.sgemm_gflops, self.backbone, self.backbone_views_per_s, self.backbone_gflops, self.conv_to_sgemm_ratio,
             self.flow_dim, self.flow_hidden, self.flow_batch, self.flow_train_samples_per_s, self.flow_train_gflops, self.flow_to_sgemm_ratio,
             self.test_seconds_per_image_16_views, self.test_seconds_per_image_64_views, mb(self.peak_rss_bytes_flow_training), mb(self.peak_rss_bytes_testing)
-        )
+        );
+        body + &e2e
     }
 }
 
