@@ -80,13 +80,21 @@ impl Plot {
                 chart.draw_series(LineSeries::new(curve.iter().copied(), PALETTE[0].stroke_width(2))).map_err(e)?;
             }
             Plot::Histogram { good, defect, threshold } => {
-                let (lo, hi) = padded_range(good.iter().chain(defect.iter()).chain(threshold.iter()).copied());
+                // as the paper's fig. 6: the axis ends where the good scores and most defect
+                // scores end; the last bin collects everything above
+                let mut all: Vec<f64> = good.iter().chain(defect.iter()).copied().filter(|v| v.is_finite()).collect();
+                all.sort_by(f64::total_cmp);
+                let q90 = all.get(all.len() * 9 / 10).copied().unwrap_or(1.0);
+                let max_good = good.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let cap = (q90.max(max_good).max(threshold.unwrap_or(f64::NEG_INFINITY)) * 1.1).min(all.last().copied().unwrap_or(1.0));
+                let clipped = all.last().is_some_and(|m| *m > cap);
+                let (lo, hi) = padded_range(all.iter().copied().filter(|v| *v <= cap).chain(threshold.iter().copied()));
                 const BINS: usize = 40;
                 let width = (hi - lo) / BINS as f64;
                 let count = |xs: &[f64]| {
                     let mut c = vec![0usize; BINS];
-                    for x in xs {
-                        c[(((x - lo) / width) as usize).min(BINS - 1)] += 1;
+                    for x in xs.iter().filter(|x| x.is_finite()) {
+                        c[(((x - lo).max(0.0) / width) as usize).min(BINS - 1)] += 1;
                     }
                     c
                 };
@@ -99,7 +107,8 @@ impl Plot {
                     .y_label_area_size(48)
                     .build_cartesian_2d(lo..hi, 0f64..top)
                     .map_err(e)?;
-                chart.configure_mesh().x_desc("score").y_desc("images").label_style((FONT, 12)).draw().map_err(e)?;
+                let x_desc = if clipped { format!("score (last bin: all scores above {hi:.2})") } else { "score".to_string() };
+                chart.configure_mesh().x_desc(x_desc).y_desc("images").label_style((FONT, 12)).draw().map_err(e)?;
                 for (name, counts, color) in [("good", &cg, PALETTE[2]), ("defective", &cd, PALETTE[1])] {
                     chart
                         .draw_series(counts.iter().enumerate().filter(|(_, c)| **c > 0).map(|(i, c)| {
@@ -207,6 +216,10 @@ pub struct ReportFiles {
     pub histogram_png: PathBuf,
 }
 
+fn score_name(k: crate::score::ScoreKind) -> String {
+    serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -258,7 +271,7 @@ impl Report<'_> {
 
     fn markdown(&self) -> String {
         let ev = self.evaluation;
-        let mut s = format!("# {}\n\nModel `{}`, backbone {}, {} test views, score {:?}.\n\n", self.title, self.model, ev.backbone, ev.test_views, ev.score_kind);
+        let mut s = format!("# {}\n\nModel `{}`, backbone {}, {} test views, score {}.\n\n", self.title, self.model, ev.backbone, ev.test_views, score_name(ev.score_kind));
         s += "| defect type | images | image AUROC | pixel AUROC | AUPRO |\n|---|---|---|---|---|\n";
         for r in self.rows() {
             s += &format!("| {} |\n", r.join(" | "));
@@ -303,14 +316,14 @@ body{{font-family:sans-serif;margin:2em;color:#222;max-width:1200px}} table{{bor
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} td:first-child,th:first-child{{text-align:left}}\
 .plots{{display:flex;flex-wrap:wrap;gap:1em}} .gallery{{display:flex;flex-wrap:wrap;gap:1em}}\
 figure{{margin:0;width:260px}} figure img{{width:260px;border:1px solid #ccc}} figcaption{{font-size:12px;word-break:break-all}}\
-</style></head><body>\n<h1>{title}</h1>\n<p>Model <code>{model}</code>, backbone {backbone}, {views} test views, score {score:?}; \
+</style></head><body>\n<h1>{title}</h1>\n<p>Model <code>{model}</code>, backbone {backbone}, {views} test views, score {score}; \
 {n_good} good and {n_defect} defective test images.</p>\n<h2>Results</h2>\n{table}\n<p id=\"confusion\">{confusion}</p>\n\
 <h2>Figures</h2>\n<div class=\"plots\">{roc}{hist}</div>\n<h2>Cases to look at</h2>\n<div class=\"gallery\">{gallery}</div>\n</body></html>\n",
             title = escape(&self.title),
             model = escape(&self.model),
             backbone = escape(&ev.backbone),
             views = ev.test_views,
-            score = ev.score_kind,
+            score = score_name(ev.score_kind),
             n_good = ev.n_good,
             n_defect = ev.n_defect,
             table = table,
