@@ -86,15 +86,8 @@ struct ExperimentArgs {
     /// Test views (paper: 64); table 3 uses subsets of 1, 4, 16 and 64 of them.
     #[arg(long, default_value_t = 64)]
     test_views: usize,
-    /// Brightness jitter in training (paper, MTD: 0.15).
-    #[arg(long, default_value_t = 0.0)]
-    brightness: f32,
-    /// Contrast jitter in training.
-    #[arg(long, default_value_t = 0.0)]
-    contrast: f32,
-    /// Saturation jitter in training.
-    #[arg(long, default_value_t = 0.0)]
-    saturation: f32,
+    #[command(flatten)]
+    jitter: JitterArgs,
     /// Training-set sizes for fewshot.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64, 128, 256])]
     shots: Vec<usize>,
@@ -226,15 +219,8 @@ struct TrainArgs {
     /// Adam learning rate (paper: 2e-4).
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
-    /// Brightness jitter: factor uniform in [1-x, 1+x] (paper, MTD: 0.15).
-    #[arg(long, default_value_t = 0.0)]
-    brightness: f32,
-    /// Contrast jitter strength.
-    #[arg(long, default_value_t = 0.0)]
-    contrast: f32,
-    /// Saturation jitter strength.
-    #[arg(long, default_value_t = 0.0)]
-    saturation: f32,
+    #[command(flatten)]
+    jitter: JitterArgs,
     /// Disable random rotations in training.
     #[arg(long)]
     no_rotate: bool,
@@ -253,6 +239,26 @@ struct TrainArgs {
     /// Also write the model every N epochs, as OUT with `.epochN` before the extension.
     #[arg(long)]
     checkpoint_every: Option<usize>,
+}
+
+/// Colour jitter of the training views.
+#[derive(Args)]
+struct JitterArgs {
+    /// Brightness jitter: factor uniform in [1-x, 1+x] (paper, MTD: 0.15).
+    #[arg(long, default_value_t = 0.0)]
+    brightness: f32,
+    /// Contrast jitter strength.
+    #[arg(long, default_value_t = 0.0)]
+    contrast: f32,
+    /// Saturation jitter strength.
+    #[arg(long, default_value_t = 0.0)]
+    saturation: f32,
+}
+
+impl JitterArgs {
+    fn augment(&self, rotate: bool) -> differnet::transforms::Augment {
+        differnet::transforms::Augment { rotate, brightness: self.brightness, contrast: self.contrast, saturation: self.saturation }
+    }
 }
 
 /// What `test` and `report` evaluate.
@@ -565,7 +571,7 @@ fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
     cfg.batch_images = a.batch;
     cfg.views_per_image = a.views;
     cfg.cached_views = a.cached_views;
-    cfg.augment = differnet::transforms::Augment { rotate: !a.no_rotate, brightness: a.brightness, contrast: a.contrast, saturation: a.saturation };
+    cfg.augment = a.jitter.augment(!a.no_rotate);
     cfg.seed = a.seed;
     cfg.validate()?;
     tracing::info!(backbone = kind.id(), images = images.len(), "training");
@@ -798,7 +804,7 @@ fn experiment(cli: &Cli, a: &ExperimentArgs, dev: &candle_core::Device) -> Resul
     train.epochs = a.epochs;
     train.flow.hidden = a.hidden;
     train.cached_views = a.cached_views;
-    train.augment = differnet::transforms::Augment { rotate: true, brightness: a.brightness, contrast: a.contrast, saturation: a.saturation };
+    train.augment = a.jitter.augment(true);
     train.seed = a.seed;
     train.validate()?;
     let config = ExperimentConfig { train, test_views: a.test_views, shots: a.shots.clone(), subsets: a.subsets.max(1), multimodal_blocks: 12 };
@@ -931,9 +937,7 @@ fn short_schedule(data: &Path, out: &Path, epochs: usize, seed: u64) -> TrainArg
         hidden: 2048,
         alpha: 3.0,
         lr: 2e-4,
-        brightness: 0.0,
-        contrast: 0.0,
-        saturation: 0.0,
+        jitter: JitterArgs { brightness: 0.0, contrast: 0.0, saturation: 0.0 },
         no_rotate: false,
         score: ScoreKind::MeanZ2,
         threshold: None,

@@ -3,17 +3,7 @@
 
 mod common;
 use common::*;
-use std::path::Path;
-use std::process::Command;
 
-fn differnet(home: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_differnet"))
-        .args(args)
-        .env("DIFFERNET_HOME", home)
-        .output()
-        .expect("run differnet");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 #[test]
 fn train_test_predict_calibrate_and_errors() {
@@ -26,9 +16,9 @@ fn train_test_predict_calibrate_and_errors() {
     let model = home.path().join("m.safetensors");
     let (d, m) = (data.to_str().unwrap(), model.to_str().unwrap());
 
-    let (ok, _, err) = differnet(home.path(), &["--quiet", "train", "--data", d, "--out", m, "--epochs", "2", "--hidden", "32", "--cached-views", "2", "--views", "2", "--batch", "2", "--test-views", "2"]);
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "train", "--data", d, "--out", m, "--epochs", "2", "--hidden", "32", "--cached-views", "2", "--views", "2", "--batch", "2", "--test-views", "2"]);
     assert!(ok, "train failed: {err}");
-    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "test", "--model", m, "--data", d, "--pixel-metrics", "--pixel-views", "1"]);
+    let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "test", "--model", m, "--data", d, "--pixel-metrics", "--pixel-views", "1"]);
     assert!(ok, "test failed: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let pixel = v["pixel"]["pixel_auroc"].as_f64().unwrap();
@@ -41,11 +31,11 @@ fn train_test_predict_calibrate_and_errors() {
     assert_eq!(v["n_defect"], 3);
     assert_eq!(v["per_defect_auroc"].as_object().unwrap().len(), 3);
 
-    let (ok, _, err) = differnet(home.path(), &["--quiet", "calibrate", "--model", m, "--best-f1", "--data", d]);
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "calibrate", "--model", m, "--best-f1", "--data", d]);
     assert!(ok, "calibrate failed: {err}");
     let good = data.join("test/good");
     let maps = home.path().join("maps");
-    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "predict", "--model", m, good.to_str().unwrap(), "--heatmaps", maps.to_str().unwrap(), "--views", "1"]);
+    let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "predict", "--model", m, good.to_str().unwrap(), "--heatmaps", maps.to_str().unwrap(), "--views", "1"]);
     assert!(ok, "predict failed: {err}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(rows.len(), 2);
@@ -59,57 +49,57 @@ fn train_test_predict_calibrate_and_errors() {
 
     // heat maps against good images: refused before calibration, then stored in the model
     let defect_dir = data.join("test/crack");
-    let (ok, _, err) = differnet(home.path(), &["--quiet", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--normalize", "good"]);
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--normalize", "good"]);
     assert!(!ok && err.contains("--localization-good"), "{err}");
-    let (ok, _, err) = differnet(home.path(), &["--quiet", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--pixel-threshold", "1.5"]);
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--pixel-threshold", "1.5"]);
     assert!(!ok && err.contains("--pixel-threshold"), "{err}");
     let train_good = data.join("train/good");
-    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "calibrate", "--model", m, "--localization-good", train_good.to_str().unwrap(), "--pixel-views", "1"]);
+    let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "calibrate", "--model", m, "--localization-good", train_good.to_str().unwrap(), "--pixel-views", "1"]);
     assert!(ok, "calibrate --localization-good failed: {err}");
     let range: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(range["localization"]["high"].as_f64().unwrap() > range["localization"]["low"].as_f64().unwrap(), "{out}");
     assert_eq!(range["localization"]["images"], 4);
-    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--normalize", "good", "--views", "1"]);
+    let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--normalize", "good", "--views", "1"]);
     assert!(ok, "{err}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert!(image::open(rows[0]["mask"].as_str().unwrap()).is_ok());
 
     // a report folder: HTML, Markdown, plots, results
     let report = home.path().join("report");
-    let (ok, out, err) = differnet(home.path(), &["--quiet", "--json", "report", "--model", m, "--data", d, "--out", report.to_str().unwrap(), "--gallery", "1", "--gallery-views", "1"]);
+    let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "report", "--model", m, "--data", d, "--out", report.to_str().unwrap(), "--gallery", "1", "--gallery-views", "1"]);
     assert!(ok, "report failed: {err}");
     assert!(out.contains("index.html"), "{out}");
     for f in ["index.html", "summary.md", "results.json", "roc.png", "histogram.png", "gallery/00.png", "gallery/01.png"] {
         assert!(report.join(f).is_file(), "report lacks {f}");
     }
-    let (ok, out, _) = differnet(home.path(), &["info", m]);
+    let (ok, out, _) = differnet_cli(home.path(), &["info", m]);
     assert!(ok && out.contains("efficientnet-lite0") && out.contains("best-f1"), "{out}");
 
     // bad input: a broken image, a missing model, an empty dataset, a missing backbone
     let broken = home.path().join("broken.jpg");
     std::fs::write(&broken, b"\xff\xd8\xff garbage").unwrap();
-    let (ok, _, err) = differnet(home.path(), &["--quiet", "predict", "--model", m, broken.to_str().unwrap()]);
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "predict", "--model", m, broken.to_str().unwrap()]);
     assert!(!ok && err.contains("broken.jpg"), "{err}");
-    let (ok, _, err) = differnet(home.path(), &["--quiet", "test", "--model", "nope.safetensors", "--data", d]);
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "test", "--model", "nope.safetensors", "--data", d]);
     assert!(!ok && err.contains("nope.safetensors"), "{err}");
     let empty = home.path().join("empty");
     std::fs::create_dir_all(empty.join("train/good")).unwrap();
-    let (ok, _, err) = differnet(home.path(), &["--quiet", "train", "--data", empty.to_str().unwrap(), "--out", m]);
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "train", "--data", empty.to_str().unwrap(), "--out", m]);
     assert!(!ok && err.contains("empty"), "{err}");
-    let (ok, _, err) = differnet(home.path(), &["--quiet", "train", "--backbone", "alexnet", "--data", d, "--out", m]);
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "train", "--backbone", "alexnet", "--data", d, "--out", m]);
     assert!(!ok && err.contains("weights import alexnet"), "{err}");
     // AlexNet weights a user supplies: a complete file is imported, an incomplete one refused
     let subset = shared().join("fixtures/alexnet_seed0_features_subset.pth");
-    let (ok, _, err) = differnet(home.path(), &["weights", "import", "alexnet", subset.to_str().unwrap()]);
+    let (ok, _, err) = differnet_cli(home.path(), &["weights", "import", "alexnet", subset.to_str().unwrap()]);
     assert!(!ok && err.contains("features.3.weight"), "{err}");
     let full = shared().join("fixtures/alexnet_seed0_features.safetensors");
-    let (ok, _, err) = differnet(home.path(), &["weights", "import", "alexnet", full.to_str().unwrap()]);
+    let (ok, _, err) = differnet_cli(home.path(), &["weights", "import", "alexnet", full.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let (ok, out, _) = differnet(home.path(), &["--json", "weights", "list"]);
+    let (ok, out, _) = differnet_cli(home.path(), &["--json", "weights", "list"]);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert!(ok && rows.iter().all(|r| r["installed"] == true), "{out}");
     assert_eq!(rows[1]["info"]["source_sha256"], "f06ee7fd234fa31e624c46d94e3b9da841ad6466587a913bba3f50b2a4995b87");
     // the model is still the good one after the failed runs
-    let (ok, _, err) = differnet(home.path(), &["--quiet", "test", "--model", m, "--data", d]);
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "test", "--model", m, "--data", d]);
     assert!(ok, "{err}");
 }

@@ -4,18 +4,13 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::process::Command;
 
-fn differnet(home: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_differnet")).args(args).env("DIFFERNET_HOME", home).output().expect("run differnet");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 fn table(home: &Path, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--quiet", "--json", "experiment"];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--epochs", "2", "--hidden", "16", "--cached-views", "4", "--test-views", "4"]);
-    let (ok, out, err) = differnet(home, &all);
+    let (ok, out, err) = differnet_cli(home, &all);
     assert!(ok, "experiment {args:?} failed: {err}");
     serde_json::from_str(&out).unwrap()
 }

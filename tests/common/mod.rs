@@ -99,3 +99,9 @@ pub fn png_image(width: u32, height: u32, seed: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x * 3) as u8 ^ seed, (y * 5) as u8, ((x + y) as u8).wrapping_mul(seed)]));
     differnet::localize::png_bytes(&img)
 }
+
+/// Runs the `differnet` binary with `DIFFERNET_HOME=home`: (success, stdout, stderr).
+pub fn differnet_cli(home: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_differnet")).args(args).env("DIFFERNET_HOME", home).output().expect("run differnet");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
