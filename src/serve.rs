@@ -121,7 +121,9 @@ impl AppState {
                 .spawn(move || loop {
                     let job = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
                     let Some(job) = job else { break };
-                    let result = score_job(&job, &limits);
+                    // a bug must cost one request, not a worker: catch a panic and answer 500
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_job(&job, &limits)))
+                        .unwrap_or_else(|_| Err((StatusCode::INTERNAL_SERVER_ERROR, "internal error while scoring (logged)".into())));
                     let _ = job.reply.send(result);
                 })
                 .map_err(|e| crate::Error::Config(format!("cannot start worker thread: {e}")))?;
