@@ -658,6 +658,11 @@ fn pixel_metrics(cli: &Cli, model_path: &Path, data: &Path, views: usize, args: 
 
 /// `test` and `report`: image metrics, optionally pixel metrics, and a report folder.
 fn evaluate_and_report(cli: &Cli, a: &EvalArgs, report: Option<&Path>, dev: &candle_core::Device) -> Result<Evaluation> {
+    if report.is_some() {
+        // refuse bad heat-map settings before the long evaluation, not after it
+        let manifest = Model::read_manifest(&a.model)?;
+        check_map_args(manifest.localization.is_some(), &a.maps)?;
+    }
     let mut ev = test(cli, &a.model, &a.data, a.views, a.score, &a.backbone, dev)?;
     if a.pixel_metrics {
         ev.pixel = Some(pixel_metrics(cli, &a.model, &a.data, a.pixel_views, &a.backbone, dev)?);
@@ -675,13 +680,18 @@ fn evaluate_and_report(cli: &Cli, a: &EvalArgs, report: Option<&Path>, dev: &can
     Ok(ev)
 }
 
-fn map_style(model: &Model, a: &MapArgs) -> Result<MapStyle> {
+fn check_map_args(has_good_range: bool, a: &MapArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.pixel_threshold) {
         bail!("--pixel-threshold must be within 0..1 (it applies to the normalized heat map), got {}", a.pixel_threshold);
     }
-    if a.normalize == MapNormalization::Good && model.manifest.localization.is_none() {
+    if a.normalize == MapNormalization::Good && !has_good_range {
         bail!("--normalize good needs the range of good images' heat maps in the model: run `differnet calibrate --model MODEL --localization-good DIR` first");
     }
+    Ok(())
+}
+
+fn map_style(model: &Model, a: &MapArgs) -> Result<MapStyle> {
+    check_map_args(model.manifest.localization.is_some(), a)?;
     Ok(MapStyle { normalization: a.normalize, good: model.manifest.localization.clone(), pixel_threshold: a.pixel_threshold })
 }
 
