@@ -7,10 +7,7 @@ use common::*;
 
 #[test]
 fn train_test_predict_calibrate_and_errors() {
-    let home = tempfile::tempdir().unwrap();
-    let w = home.path().join("weights");
-    std::fs::create_dir_all(&w).unwrap();
-    std::fs::copy(shared().join("fixtures/efficientnet_lite0.safetensors"), w.join("efficientnet-lite0.safetensors")).unwrap();
+    let home = home_with_efficientnet();
     let data = home.path().join("data");
     differnet::synth::generate(&data, 4, 2, 1, 11).unwrap();
     let model = home.path().join("m.safetensors");

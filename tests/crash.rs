@@ -8,9 +8,7 @@ use std::time::Duration;
 
 #[test]
 fn killing_a_model_write_leaves_the_old_or_the_new_model() {
-    let home = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(home.path().join("weights")).unwrap();
-    std::fs::copy(efficientnet_weights(), home.path().join("weights/efficientnet-lite0.safetensors")).unwrap();
+    let home = home_with_efficientnet();
     let path = home.path().join("m.safetensors");
     // a flow of width 512 (about 80 MB) so that writing it takes a while
     efficientnet_model(512, Some(0.5), 1).save(&path).unwrap();

@@ -17,10 +17,7 @@ fn table(home: &Path, args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn experiments_write_tables_and_resume() {
-    let home = tempfile::tempdir().unwrap();
-    let w = home.path().join("weights");
-    std::fs::create_dir_all(&w).unwrap();
-    std::fs::copy(shared().join("fixtures/efficientnet_lite0.safetensors"), w.join("efficientnet-lite0.safetensors")).unwrap();
+    let home = home_with_efficientnet();
     let root = home.path().join("cats");
     differnet::synth::generate(&root.join("tile"), 6, 3, 1, 1).unwrap();
     differnet::synth::generate(&root.join("wood"), 6, 3, 1, 2).unwrap();

@@ -24,9 +24,7 @@ fn signal(pid: u32, sig: &str) {
 
 #[test]
 fn sighup_reloads_and_sigterm_finishes_requests_in_flight() {
-    let home = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(home.path().join("weights")).unwrap();
-    std::fs::copy(efficientnet_weights(), home.path().join("weights/efficientnet-lite0.safetensors")).unwrap();
+    let home = home_with_efficientnet();
     let model = home.path().join("part.safetensors");
     efficientnet_model(16, Some(1.0), 3).save(&model).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_differnet"))

@@ -105,3 +105,11 @@ pub fn differnet_cli(home: &std::path::Path, args: &[&str]) -> (bool, String, St
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_differnet")).args(args).env("DIFFERNET_HOME", home).output().expect("run differnet");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// A fresh `DIFFERNET_HOME` holding the EfficientNet-Lite0 fixture weights as if fetched.
+pub fn home_with_efficientnet() -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join("weights")).unwrap();
+    std::fs::copy(efficientnet_weights(), home.path().join("weights/efficientnet-lite0.safetensors")).unwrap();
+    home
+}
