@@ -94,7 +94,7 @@ pub fn view_scores(kind: Baseline, train: &[f32], test: &[f32], dim: usize) -> R
 /// Image scores: per-view scores of `test` ([images × views, dim]) averaged per image.
 pub fn image_scores(kind: Baseline, train: &[f32], test: &[f32], dim: usize, views: usize) -> Result<Vec<f64>> {
     let s = view_scores(kind, train, test, dim)?;
-    Ok(s.chunks(views).map(|v| v.iter().sum::<f64>() / v.len() as f64).collect())
+    Ok(crate::score::mean_per_image(&s, views))
 }
 
 #[cfg(test)]

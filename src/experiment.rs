@@ -354,7 +354,7 @@ pub fn flow_auroc(flow: &NormalizingFlow, test: &[Vec<f32>], labels: &[bool], de
     let all: Vec<f32> = test.concat();
     let s = crate::score::view_scores(flow, &all, dim, ScoreKind::MeanZ2, device)?;
     let views = test.first().map(|f| f.len() / dim).unwrap_or(1).max(1);
-    let scores: Vec<f64> = s.chunks(views).map(|v| v.iter().sum::<f64>() / v.len() as f64).collect();
+    let scores = crate::score::mean_per_image(&s, views);
     auroc(&scores, labels).ok_or_else(|| Error::Config("AUROC needs good and defective test images".into()))
 }
 

@@ -537,7 +537,7 @@ fn run(cli: &Cli) -> Result<()> {
                 args.backbone.cache_dir = Some(tmp.join("cache"));
                 let t = std::time::Instant::now();
                 let model = train(cli, &args, &dev)?;
-                let ev = test(cli, &args.out, data, None, None, &args.backbone, &dev)?;
+                let ev = test(cli, &args.out, data, &args.backbone, &dev)?;
                 r.e2e_seconds = Some(t.elapsed().as_secs_f64());
                 r.image_auroc = Some(ev.image_auroc);
                 r.e2e_settings = Some(format!(
@@ -635,23 +635,23 @@ fn score_paths(cli: &Cli, model: &Model, ex: &Extractor, cache: &FeatureCache, p
     Ok(scores)
 }
 
-fn test(cli: &Cli, model_path: &Path, data: &Path, views: Option<usize>, score: Option<ScoreKind>, args: &BackboneArgs, dev: &candle_core::Device) -> Result<Evaluation> {
-    let (mut model, ex, cache) = load_model(model_path, args, dev)?;
-    if let Some(s) = score {
-        model.manifest.score = s;
-    }
-    let ds = Dataset::open(data)?;
+/// Image metrics of a loaded model on a labelled dataset.
+fn evaluate(cli: &Cli, model: &Model, ex: &Extractor, cache: &FeatureCache, ds: &Dataset, views: Option<usize>) -> Result<Evaluation> {
     let b = bar(cli, ds.test.len() as u64, "scoring");
-    let ev = differnet::score::evaluate(&model, &ex, &cache, &ds, views.unwrap_or(model.manifest.test_views), &b)?;
+    let ev = differnet::score::evaluate(model, ex, cache, ds, views.unwrap_or(model.manifest.test_views), &b)?;
     b.finish();
     Ok(ev)
 }
 
-fn pixel_metrics(cli: &Cli, model_path: &Path, data: &Path, views: usize, args: &BackboneArgs, dev: &candle_core::Device) -> Result<differnet::localize::PixelMetrics> {
-    let (model, ex, _) = load_model(model_path, args, dev)?;
-    let ds = Dataset::open(data)?;
+/// Loads a model and evaluates it on the dataset at `data`.
+fn test(cli: &Cli, model_path: &Path, data: &Path, args: &BackboneArgs, dev: &candle_core::Device) -> Result<Evaluation> {
+    let (model, ex, cache) = load_model(model_path, args, dev)?;
+    evaluate(cli, &model, &ex, &cache, &Dataset::open(data)?, None)
+}
+
+fn pixel_metrics(cli: &Cli, model: &Model, ex: &Extractor, ds: &Dataset, views: usize) -> Result<differnet::localize::PixelMetrics> {
     let b = bar(cli, ds.test.len() as u64, "pixel maps");
-    let m = differnet::localize::pixel_metrics(&ex, &model.flow, &ds, views, &b)?;
+    let m = differnet::localize::pixel_metrics(ex, &model.flow, ds, views, &b)?;
     b.finish();
     Ok(m)
 }
@@ -663,12 +663,16 @@ fn evaluate_and_report(cli: &Cli, a: &EvalArgs, report: Option<&Path>, dev: &can
         let manifest = Model::read_manifest(&a.model)?;
         check_map_args(manifest.localization.is_some(), &a.maps)?;
     }
-    let mut ev = test(cli, &a.model, &a.data, a.views, a.score, &a.backbone, dev)?;
+    let (mut model, ex, cache) = load_model(&a.model, &a.backbone, dev)?;
+    if let Some(s) = a.score {
+        model.manifest.score = s;
+    }
+    let ds = Dataset::open(&a.data)?;
+    let mut ev = evaluate(cli, &model, &ex, &cache, &ds, a.views)?;
     if a.pixel_metrics {
-        ev.pixel = Some(pixel_metrics(cli, &a.model, &a.data, a.pixel_views, &a.backbone, dev)?);
+        ev.pixel = Some(pixel_metrics(cli, &model, &ex, &ds, a.pixel_views)?);
     }
     if let Some(dir) = report {
-        let (model, ex, _) = load_model(&a.model, &a.backbone, dev)?;
         let style = map_style(&model, &a.maps)?;
         let b = bar(cli, 0, "gallery");
         let gallery = differnet::report::gallery(&ex, &model.flow, &ev, a.gallery, &test_views(a.gallery_views), &style, &b)?;
@@ -761,7 +765,7 @@ fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Result<
         let value = metrics::threshold_for_fpr(&scores, fpr).context("no good images")?;
         Some(Threshold { value, method: format!("fpr={fpr} on {} good images", paths.len()) })
     } else if let (true, Some(data)) = (a.best_f1, &a.data) {
-        let ev = test(cli, &a.model, data, None, None, &a.backbone, dev)?;
+        let ev = evaluate(cli, &model, &ex, &cache, &Dataset::open(data)?, None)?;
         let scores: Vec<f64> = ev.samples.iter().map(|s| s.score).collect();
         let labels: Vec<bool> = ev.samples.iter().map(|s| s.defect != "good").collect();
         let (value, f1) = metrics::best_f1_threshold(&scores, &labels).context("no defective images")?;
@@ -972,10 +976,11 @@ fn demo(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
     args.batch = 8;
     args.hidden = 512;
     train(cli, &args, dev)?;
-    let mut ev = test(cli, &model_path, &data, None, None, &args.backbone, dev)?;
-    ev.pixel = Some(pixel_metrics(cli, &model_path, &data, 4, &args.backbone, dev)?);
+    let (model, ex, cache) = load_model(&model_path, &args.backbone, dev)?;
+    let ds = Dataset::open(&data)?;
+    let mut ev = evaluate(cli, &model, &ex, &cache, &ds, None)?;
+    ev.pixel = Some(pixel_metrics(cli, &model, &ex, &ds, 4)?);
     // overlays of the first image of each defect type
-    let (model, ex, _) = load_model(&model_path, &args.backbone, dev)?;
     let heatmaps = a.out.join("heatmaps");
     for t in differnet::synth::DEFECTS {
         let img = data.join("test").join(t).join("000.png");

@@ -47,6 +47,11 @@ pub fn anomaly_score(flow: &NormalizingFlow, features: &[f32], dim: usize, kind:
     Ok(s.iter().sum::<f64>() / s.len().max(1) as f64)
 }
 
+/// τ per image from consecutive per-view scores, `views` per image.
+pub fn mean_per_image(view_scores: &[f64], views: usize) -> Vec<f64> {
+    view_scores.chunks(views.max(1)).map(|v| v.iter().sum::<f64>() / v.len() as f64).collect()
+}
+
 /// Score of one test image.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SampleScore {
@@ -145,7 +150,7 @@ pub fn score_images(flow: &NormalizingFlow, kind: ScoreKind, ex: &Extractor, cac
             bar.inc(1);
         }
         let s = view_scores(flow, &feats, dim, kind, &ex.device)?;
-        out.extend(s.chunks(views.len()).map(|v| v.iter().sum::<f64>() / v.len() as f64));
+        out.extend(mean_per_image(&s, views.len()));
     }
     Ok(out)
 }
