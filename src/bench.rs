@@ -1,7 +1,7 @@
 //! Throughput and memory measurements (`differnet bench`): backbone, flow training and test
 //! latency on this machine, each next to the same process's large-matrix sgemm rate.
 
-use crate::backbone::{multiscale_features, BackboneKind, INPUT_SIZE};
+use crate::backbone::{BackboneKind, INPUT_SIZE};
 use crate::error::Result;
 use crate::features::Extractor;
 use crate::flow::{FlowConfig, NormalizingFlow};
@@ -71,14 +71,14 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let sgemm = sgemm_gflops(2048, 3);
     let kind: BackboneKind = ex.kind();
     let x = Tensor::randn(0f32, 1.0, (ex.batch, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu)?;
-    multiscale_features(ex.backbone.as_ref(), &x)?;
+    ex.features(&x)?;
     let batches = views.div_ceil(ex.batch).max(1);
     let t = Instant::now();
     for _ in 0..batches {
-        multiscale_features(ex.backbone.as_ref(), &x)?;
+        ex.features(&x)?;
     }
     let views_per_s = (batches * ex.batch) as f64 / t.elapsed().as_secs_f64();
-    let backbone_gflops = views_per_s * kind.multiscale_flops() / 1e9;
+    let backbone_gflops = views_per_s * kind.multiscale_flops(ex.stages()) / 1e9;
 
     reset_peak_rss();
     let flow = NormalizingFlow::new(flow_cfg.clone(), 0, &Device::Cpu)?;
@@ -168,7 +168,7 @@ mod tests {
         let f = crate::backbone::alexnet::flops(224);
         assert!((f / 2.0 / 1e9 - 0.655).abs() < 0.02, "{f}");
         // AlexNet 3-scale views: 3.58 GMAC (issue text, measured with PyTorch)
-        let m = crate::backbone::BackboneKind::Alexnet.multiscale_flops() / 2.0 / 1e9;
+        let m = crate::backbone::BackboneKind::Alexnet.multiscale_flops(&[0]) / 2.0 / 1e9;
         assert!((m - 3.58).abs() < 0.1, "{m}");
     }
 }

@@ -157,7 +157,7 @@ fn slug(name: &str) -> String {
 
 impl Runner<'_> {
     fn dim(&self) -> usize {
-        self.ex.kind().feature_dim()
+        self.ex.feature_dim()
     }
 
     /// A cell computed once: its result is stored in `out/cells/<name>.json` and reused on resume.

@@ -8,10 +8,12 @@ use crate::weights::sha256_hex;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
-/// A frozen backbone plus what identifies its weights.
+/// A frozen backbone, what identifies its weights, and which of its stages are pooled.
 pub struct Extractor {
     pub backbone: Box<dyn Backbone>,
     pub weights_sha256: String,
+    /// Stages whose maps make the features (see [`BackboneKind::default_stages`]).
+    stages: Vec<usize>,
     pub device: Device,
     /// Views per forward pass.
     pub batch: usize,
@@ -21,16 +23,39 @@ pub struct Extractor {
 impl Extractor {
     pub fn load(kind: BackboneKind, weights: &Path, device: &Device) -> Result<Self> {
         let weights_sha256 = crate::weights::sha256_file(weights)?;
-        Ok(Extractor { backbone: backbone::load(kind, weights, device)?, weights_sha256, device: device.clone(), batch: 4, lut: normalize_lut() })
+        Ok(Self::from_backbone(backbone::load(kind, weights, device)?, weights_sha256, device))
     }
 
-    /// Wraps a backbone built in memory (weights identified by `weights_sha256`).
+    /// Wraps a backbone built in memory (weights identified by `weights_sha256`), pooling its
+    /// default stages.
     pub fn from_backbone(backbone: Box<dyn Backbone>, weights_sha256: String, device: &Device) -> Self {
-        Extractor { backbone, weights_sha256, device: device.clone(), batch: 4, lut: normalize_lut() }
+        let stages = backbone.kind().default_stages();
+        Extractor { backbone, weights_sha256, stages, device: device.clone(), batch: 4, lut: normalize_lut() }
+    }
+
+    /// Pools `stages` instead (checked against the backbone).
+    pub fn with_stages(mut self, stages: &[usize]) -> Result<Self> {
+        self.kind().check_stages(stages)?;
+        self.stages = stages.to_vec();
+        Ok(self)
     }
 
     pub fn kind(&self) -> BackboneKind {
         self.backbone.kind()
+    }
+
+    pub fn stages(&self) -> &[usize] {
+        &self.stages
+    }
+
+    /// Length of one view's feature vector.
+    pub fn feature_dim(&self) -> usize {
+        self.kind().feature_dim(&self.stages)
+    }
+
+    /// Multi-scale features of a batch of network inputs [N, 3, 448, 448] -> [N, dim].
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        multiscale_features(self.backbone.as_ref(), &self.stages, x)
     }
 
     /// The network input of one view, [1, 3, 448, 448].
@@ -41,11 +66,11 @@ impl Extractor {
 
     /// Multi-scale features of each view of an image resized to 448×448: [views, dim] row-major.
     pub fn view_features(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(views.len() * self.kind().feature_dim());
+        let mut out = Vec::with_capacity(views.len() * self.feature_dim());
         for chunk in views.chunks(self.batch.max(1)) {
             let inputs: Vec<Tensor> = chunk.iter().map(|v| self.input_tensor(resized, v)).collect::<Result<_>>()?;
             let x = Tensor::cat(&inputs, 0)?;
-            let y = multiscale_features(self.backbone.as_ref(), &x)?;
+            let y = self.features(&x)?;
             out.extend(y.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
@@ -65,11 +90,11 @@ impl FeatureCache {
         crate::weights::home().join("features")
     }
 
-    /// The cache key: image bytes, backbone, its weights, and the exact views.
+    /// The cache key: image bytes, backbone, its weights, the pooled stages and the exact views.
     pub fn key(image_bytes: &[u8], ex: &Extractor, views: &[View]) -> String {
         let spec = serde_json::to_string(views).expect("views serialize");
         let image = sha256_hex(image_bytes);
-        sha256_hex(format!("{image}|{}|{}|{spec}", ex.kind().id(), ex.weights_sha256).as_bytes())
+        sha256_hex(format!("{image}|{}|{}|{:?}|{spec}", ex.kind().id(), ex.weights_sha256, ex.stages).as_bytes())
     }
 
     fn file(&self, key: &str) -> Option<PathBuf> {
@@ -91,7 +116,7 @@ impl FeatureCache {
     /// Features of `views` of the image at `path`: from the cache when present, else computed
     /// (and stored atomically). Returns [views, dim] row-major.
     pub fn features(&self, ex: &Extractor, path: &Path, views: &[View]) -> Result<Vec<f32>> {
-        let dim = ex.kind().feature_dim();
+        let dim = ex.feature_dim();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let file = self.file(&Self::key(&bytes, ex, views));
         if let Some(f) = &file {

@@ -1,7 +1,7 @@
 //! Defect localization (paper section 3.3, eq. 7): gradients of each view's loss with respect to
 //! the input pixels, blurred, summed over channels, rotated back and averaged; heat-map images.
 
-use crate::backbone::{multiscale_features, INPUT_SIZE};
+use crate::backbone::INPUT_SIZE;
 use crate::error::{Error, Result};
 use crate::features::Extractor;
 use crate::flow::{nll_loss, NormalizingFlow};
@@ -55,7 +55,7 @@ pub fn gradient_map(ex: &Extractor, flow: &NormalizingFlow, resized: &Rgb8, view
     let mut acc = vec![0f32; n];
     for view in views {
         let x = Var::from_tensor(&ex.input_tensor(resized, view)?)?;
-        let y = multiscale_features(ex.backbone.as_ref(), x.as_tensor())?;
+        let y = ex.features(x.as_tensor())?;
         let (z, logdet) = flow.forward(&y)?;
         let grads = nll_loss(&z, &logdet)?.backward()?;
         let g = grads.get(x.as_tensor()).ok_or_else(|| Error::Config("no gradient reached the input".into()))?;

@@ -14,27 +14,11 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f3
     }
 }
 
-/// dst += a·src, with AVX2+FMA when the processor has them (checked once).
-fn axpy(dst: &mut [f32], src: &[f32], a: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *FAST.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
-            // SAFETY: the features were detected on this processor.
-            return unsafe { axpy_avx2(dst, src, a) };
-        }
-    }
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d += a * s;
-    }
-}
-
+/// Whether this processor has AVX2 and FMA (checked once).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_avx2(dst: &mut [f32], src: &[f32], a: f32) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.mul_add(a, *d);
-    }
+fn has_avx2_fma() -> bool {
+    static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FAST.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
 struct Atan;
@@ -149,6 +133,123 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
     x.contiguous()?.apply_op1(MaxPool { k: kernel, s: stride })
 }
 
+/// Sizes of one plane of a direct convolution. The zero-padded input plane (hp × wp) is stored
+/// split into `s` column phases (phase r holds padded columns r, r+s, ...; pw columns each), so
+/// every tap reads a contiguous run of its input row whatever the stride.
+struct PlaneGeometry {
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    pt: usize,
+    pl: usize,
+    hp: usize,
+    pw: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl PlaneGeometry {
+    fn phases_len(&self) -> usize {
+        self.s * self.hp * self.pw
+    }
+
+    /// Writes the padded, phase-split copy of `plane` into `dst` (resized as needed).
+    fn fill_phases(&self, plane: &[f32], dst: &mut Vec<f32>) {
+        let PlaneGeometry { h, w, s, pt, pl, hp, pw, .. } = *self;
+        dst.clear();
+        dst.resize(self.phases_len(), 0.0);
+        for y in 0..h {
+            let row = &plane[y * w..(y + 1) * w];
+            if s == 1 {
+                dst[(y + pt) * pw + pl..(y + pt) * pw + pl + w].copy_from_slice(row);
+                continue;
+            }
+            if s == 2 {
+                // even columns x = 2j go to phase pl % 2 at j + pl/2, odd ones to the other
+                let even = ((pl % 2) * hp + y + pt) * pw + pl / 2;
+                let odd = (((pl + 1) % 2) * hp + y + pt) * pw + (pl + 1) / 2;
+                for (j, pair) in row.chunks(2).enumerate() {
+                    dst[even + j] = pair[0];
+                    if let Some(&v) = pair.get(1) {
+                        dst[odd + j] = v;
+                    }
+                }
+                continue;
+            }
+            // input column x sits at padded column x + pl = j·s + r
+            for (x, &v) in row.iter().enumerate() {
+                let col = x + pl;
+                dst[((col % s) * hp + y + pt) * pw + col / s] = v;
+            }
+        }
+    }
+}
+
+/// out += the k×k taps of `kernel` over a phase-split padded plane (see [`PlaneGeometry`]).
+fn accumulate_taps(out: &mut [f32], phases: &[f32], kernel: &[f32], g: &PlaneGeometry) {
+    let PlaneGeometry { k, s, hp, pw, oh, ow, .. } = *g;
+    assert!(out.len() >= oh * ow && phases.len() >= g.phases_len() && kernel.len() >= k * k && (k - 1) / s + ow <= pw && (oh - 1) * s + k <= hp);
+    // each tap reads its input row at this offset from the output row's start
+    let taps: Vec<(usize, f32)> = (0..k * k).map(|t| (((t % k) % s * hp + t / k) * pw + (t % k) / s, kernel[t])).collect();
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected on this processor; the assert above bounds every
+        // read (tap offset + row start + ow ≤ phases_len) and write (oh·ow ≤ out.len()).
+        return unsafe { accumulate_taps_avx2(out, phases, &taps, g) };
+    }
+    for oy in 0..oh {
+        let orow = &mut out[oy * ow..(oy + 1) * ow];
+        for &(off, w) in &taps {
+            let src = &phases[oy * s * pw + off..oy * s * pw + off + ow];
+            orow.iter_mut().zip(src).for_each(|(d, v)| *d += w * v);
+        }
+    }
+}
+
+/// [`accumulate_taps`] with 16 outputs held in two AVX registers while all taps are added.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_taps_avx2(out: &mut [f32], phases: &[f32], taps: &[(usize, f32)], g: &PlaneGeometry) {
+    use std::arch::x86_64::*;
+    let PlaneGeometry { s, pw, oh, ow, .. } = *g;
+    let (src, dst) = (phases.as_ptr(), out.as_mut_ptr());
+    for oy in 0..oh {
+        let (row, orow) = (src.add(oy * s * pw), dst.add(oy * ow));
+        let mut x = 0;
+        while x + 16 <= ow {
+            let (mut a0, mut a1) = (_mm256_loadu_ps(orow.add(x)), _mm256_loadu_ps(orow.add(x + 8)));
+            for &(off, w) in taps {
+                let (wv, p) = (_mm256_set1_ps(w), row.add(off + x));
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p), wv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(8)), wv, a1);
+            }
+            _mm256_storeu_ps(orow.add(x), a0);
+            _mm256_storeu_ps(orow.add(x + 8), a1);
+            x += 16;
+        }
+        while x + 8 <= ow {
+            let mut a0 = _mm256_loadu_ps(orow.add(x));
+            for &(off, w) in taps {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(off + x)), _mm256_set1_ps(w), a0);
+            }
+            _mm256_storeu_ps(orow.add(x), a0);
+            x += 8;
+        }
+        for x in x..ow {
+            let mut acc = *orow.add(x);
+            for &(off, w) in taps {
+                acc = (*row.add(off + x)).mul_add(w, acc);
+            }
+            *orow.add(x) = acc;
+        }
+    }
+}
+
+fn clamp_relu6(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = x.clamp(0.0, 6.0));
+}
+
 /// Direct k×k convolution for the two cases EfficientNet needs, dense with few input channels
 /// (the stem) and depthwise (groups = channels), with zero padding, bias and optional ReLU6
 /// fused into one pass. Weight [O, C/groups, k, k]; padding (top, bottom, left, right).
@@ -177,53 +278,39 @@ impl CustomOp2 for DirectConv {
         }
         let s = self.stride;
         let (oh, ow) = ((hp - k) / s + 1, (wp - k) / s + 1);
-        // Every input plane is copied once into a zero-padded buffer split into `s` column
-        // phases (phase r holds padded columns r, r+s, ...), so all inner loops are contiguous.
-        let pw = wp.div_ceil(s);
-        let plane_len = s * hp * pw;
-        let mut phases = vec![0f32; n * c * plane_len];
-        phases.par_chunks_mut(plane_len).enumerate().for_each(|(p, ph)| {
-            let plane = &x[p * h * w..(p + 1) * h * w];
-            for r in 0..s {
-                // phase r, padded column j*s + r = input column j*s + r - pl
-                let first = if r >= pl { 0 } else { (pl - r).div_ceil(s) };
-                for y in 0..h {
-                    let row = &plane[y * w..(y + 1) * w];
-                    let dst = &mut ph[(r * hp + y + pt) * pw..(r * hp + y + pt + 1) * pw];
-                    for (j, d) in dst.iter_mut().enumerate().skip(first) {
-                        let col = j * s + r - pl;
-                        if col >= w {
-                            break;
-                        }
-                        *d = row[col];
-                    }
-                }
-            }
-        });
+        let geo = PlaneGeometry { h, w, k, s, pt, pl, hp, pw: wp.div_ceil(s), oh, ow };
         let mut out = vec![0f32; n * o * oh * ow];
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out_plane)| {
-            let (b, oc) = (p / o, p % o);
-            let inputs = if self.depthwise { oc..oc + 1 } else { 0..c };
-            for oy in 0..oh {
-                let orow = &mut out_plane[oy * ow..(oy + 1) * ow];
-                orow.fill(self.bias[oc]);
-                for (j, ic) in inputs.clone().enumerate() {
+        if self.depthwise {
+            // one plane per job: its padded copy lives in the job's scratch buffer, in cache
+            out.par_chunks_mut(oh * ow).enumerate().for_each_init(Vec::new, |scratch, (p, out_plane)| {
+                let oc = p % o;
+                geo.fill_phases(&x[p * h * w..(p + 1) * h * w], scratch);
+                out_plane.fill(self.bias[oc]);
+                accumulate_taps(out_plane, scratch, &wt[oc * k * k..(oc + 1) * k * k], &geo);
+                if self.relu6 {
+                    clamp_relu6(out_plane);
+                }
+            });
+        } else {
+            // few input channels (the stem): every input plane is padded once, then shared
+            let plane_len = geo.phases_len();
+            let mut phases = vec![0f32; n * c * plane_len];
+            phases.par_chunks_mut(plane_len).enumerate().for_each_init(Vec::new, |scratch, (p, ph)| {
+                geo.fill_phases(&x[p * h * w..(p + 1) * h * w], scratch);
+                ph.copy_from_slice(scratch);
+            });
+            out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out_plane)| {
+                let (b, oc) = (p / o, p % o);
+                out_plane.fill(self.bias[oc]);
+                for ic in 0..c {
                     let ph = &phases[(b * c + ic) * plane_len..(b * c + ic + 1) * plane_len];
-                    let kern = &wt[(oc * wc + j) * k * k..(oc * wc + j + 1) * k * k];
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let base = ((kx % s) * hp + oy * s + ky) * pw + kx / s;
-                            axpy(orow, &ph[base..base + ow], kern[ky * k + kx]);
-                        }
-                    }
+                    accumulate_taps(out_plane, ph, &wt[(oc * c + ic) * k * k..(oc * c + ic + 1) * k * k], &geo);
                 }
                 if self.relu6 {
-                    for d in orow.iter_mut() {
-                        *d = d.clamp(0.0, 6.0);
-                    }
+                    clamp_relu6(out_plane);
                 }
-            }
-        });
+            });
+        }
         Ok((CpuStorage::F32(out), Shape::from((n, o, oh, ow))))
     }
 
@@ -424,6 +511,166 @@ pub fn pointwise_conv(x: &Tensor, weight: &std::sync::Arc<[f32]>, bias: &std::sy
     }
 }
 
+/// Folded weights of one inverted-residual block (MBConv): optional 1×1 expansion with ReLU6,
+/// depthwise k×k with ReLU6, 1×1 projection, and the residual when `residual`.
+pub struct MbConvWeights {
+    /// [E, C] and [E]; `None` when the block does not expand (E = C).
+    pub expand: Option<(std::sync::Arc<[f32]>, std::sync::Arc<[f32]>)>,
+    /// [E, k, k] and [E].
+    pub depthwise: (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>),
+    /// [O, E] and [O].
+    pub project: (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>),
+    pub kernel: usize,
+    pub stride: usize,
+    pub residual: bool,
+}
+
+/// A whole MBConv block computed band by band: each band of output rows expands only the input
+/// rows it needs, so the 6× wider expanded tensor never leaves the cache. Forward only.
+struct FusedMbConv<'a> {
+    w: &'a MbConvWeights,
+    pad: (usize, usize, usize, usize),
+    /// Floats of the expanded band kept in cache.
+    band_floats: usize,
+}
+
+/// Per-job buffers of [`FusedMbConv`], reused across bands.
+#[derive(Default)]
+struct BandScratch {
+    expanded: Vec<f32>,
+    phases: Vec<f32>,
+    depthwise: Vec<f32>,
+}
+
+/// Floats of the expanded band kept in cache (~512 KiB).
+const BAND_FLOATS: usize = 128 * 1024;
+
+impl FusedMbConv<'_> {
+    fn run(&self, x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Result<(Vec<f32>, Shape)> {
+        let m = self.w;
+        let (k, s) = (m.kernel, m.stride);
+        let e = m.depthwise.1.len();
+        let o = m.project.1.len();
+        let (pt, pb, pl, pr) = self.pad;
+        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        let expand_fits = m.expand.as_ref().map_or(e == c, |(wt, b)| wt.len() == e * c && b.len() == e);
+        if !expand_fits || m.depthwise.0.len() != e * k * k || m.project.0.len() != o * e || hp < k || wp < k {
+            candle_core::bail!("mbconv: weights do not fit an input of {c} channels")
+        }
+        let (oh, ow) = ((hp - k) / s + 1, (wp - k) / s + 1);
+        if m.residual && (s != 1 || o != c || oh != h || ow != w) {
+            candle_core::bail!("mbconv: the residual needs stride 1 and equal shapes")
+        }
+        let rows_in = (self.band_floats / (e * w)).max(k);
+        let band = ((rows_in - k) / s + 1).min(oh);
+        let bands = oh.div_ceil(band);
+        let mut out = vec![0f32; n * o * oh * ow];
+        let dst = SharedMut(out.as_mut_ptr());
+        (0..n * bands).into_par_iter().for_each_init(BandScratch::default, |sc, job| {
+            let (b, t) = (job / bands, job % bands);
+            let (oy0, oy1) = (t * band, ((t + 1) * band).min(oh));
+            // input rows [r0, r1) of the padded plane, of which [y0, y1) are real rows
+            let r0 = (oy0 * s) as isize - pt as isize;
+            let r1 = ((oy1 - 1) * s + k) as isize - pt as isize;
+            let (y0, y1) = (r0.max(0) as usize, (r1.min(h as isize)) as usize);
+            let rows = y1 - y0;
+            let image = &x[b * c * h * w..(b + 1) * c * h * w];
+            // 1. expansion of the band's rows: [E, rows·w]
+            let (expanded, channel_stride): (&[f32], usize) = match &m.expand {
+                Some((wt, bias)) => {
+                    sc.expanded.clear();
+                    sc.expanded.resize(e * rows * w, 0.0);
+                    for (ch, &bv) in bias.iter().enumerate() {
+                        sc.expanded[ch * rows * w..(ch + 1) * rows * w].fill(bv);
+                    }
+                    // SAFETY: dst is the job's own [e, rows·w] buffer; lhs/rhs are in bounds.
+                    unsafe {
+                        gemm::gemm(
+                            e, rows * w, c,
+                            sc.expanded.as_mut_ptr(), 1, (rows * w) as isize, true,
+                            wt.as_ptr(), 1, c as isize,
+                            image.as_ptr().add(y0 * w), 1, (h * w) as isize,
+                            1.0, 1.0, false, false, false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    clamp_relu6(&mut sc.expanded);
+                    (&sc.expanded[..], rows * w)
+                }
+                None => (&image[y0 * w..], h * w),
+            };
+            // 2. depthwise k×k over the band, zero padding where it leaves the image
+            let geo = PlaneGeometry {
+                h: rows,
+                w,
+                k,
+                s,
+                pt: (y0 as isize - r0) as usize,
+                pl,
+                hp: (r1 - r0) as usize,
+                pw: wp.div_ceil(s),
+                oh: oy1 - oy0,
+                ow,
+            };
+            let plane_out = geo.oh * ow;
+            sc.depthwise.clear();
+            sc.depthwise.resize(e * plane_out, 0.0);
+            let (dw, dbias) = (&m.depthwise.0, &m.depthwise.1);
+            for ch in 0..e {
+                geo.fill_phases(&expanded[ch * channel_stride..ch * channel_stride + rows * w], &mut sc.phases);
+                let d = &mut sc.depthwise[ch * plane_out..(ch + 1) * plane_out];
+                d.fill(dbias[ch]);
+                accumulate_taps(d, &sc.phases, &dw[ch * k * k..(ch + 1) * k * k], &geo);
+                clamp_relu6(d);
+            }
+            // 3. projection into the output columns of this band, plus the residual
+            let (pw_, pbias) = (&m.project.0, &m.project.1);
+            let base = b * o * oh * ow + oy0 * ow;
+            // SAFETY: every job writes the disjoint columns [oy0·ow, oy1·ow) of its image's rows.
+            unsafe {
+                let d = dst.get();
+                for (r, &bv) in pbias.iter().enumerate() {
+                    std::slice::from_raw_parts_mut(d.add(base + r * oh * ow), plane_out).fill(bv);
+                }
+                gemm::gemm(
+                    o, plane_out, e,
+                    d.add(base), 1, (oh * ow) as isize, true,
+                    pw_.as_ptr(), 1, e as isize,
+                    sc.depthwise.as_ptr(), 1, plane_out as isize,
+                    1.0, 1.0, false, false, false,
+                    gemm::Parallelism::None,
+                );
+                if m.residual {
+                    for r in 0..o {
+                        let row = std::slice::from_raw_parts_mut(d.add(base + r * oh * ow), plane_out);
+                        let src = &image[r * h * w + oy0 * ow..r * h * w + oy0 * ow + plane_out];
+                        row.iter_mut().zip(src).for_each(|(v, x)| *v += x);
+                    }
+                }
+            }
+        });
+        Ok((out, Shape::from((n, o, oh, ow))))
+    }
+}
+
+impl CustomOp1 for FusedMbConv<'_> {
+    fn name(&self) -> &'static str {
+        "mbconv"
+    }
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(st, l, "mbconv")?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (out, shape) = self.run(x, n, c, h, w)?;
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// One MBConv block fused band by band (see [`MbConvWeights`]), padding (top, bottom, left,
+/// right) around the depthwise input. No gradient: for feature extraction only.
+pub fn mbconv_fused(x: &Tensor, weights: &MbConvWeights, pad: (usize, usize, usize, usize)) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&FusedMbConv { w: weights, pad, band_floats: BAND_FLOATS })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,6 +745,39 @@ mod tests {
         let got = pointwise_conv(&x, &wv, &bv, true, Some(&r))?;
         let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_mbconv_equals_its_three_ops_at_every_band_size() -> Result<()> {
+        let dev = Device::Cpu;
+        let rnd = |n: usize, scale: f32| -> Result<std::sync::Arc<[f32]>> { Ok(Tensor::randn(0f32, scale, n, &dev)?.to_vec1::<f32>()?.into()) };
+        // (channels in, expansion, out, kernel, stride, residual, pad, height, width)
+        let cases = [
+            (4, 6, 4, 3, 1, true, (1, 1, 1, 1), 11, 9),
+            (4, 6, 5, 5, 2, false, (1, 2, 1, 2), 13, 10),
+            (6, 1, 3, 3, 2, false, (0, 1, 0, 1), 8, 8),
+            (3, 6, 3, 5, 1, true, (2, 2, 2, 2), 7, 12),
+        ];
+        for (c, ex, o, k, s, residual, pad, h, w) in cases {
+            let e = c * ex;
+            let expand = if ex == 1 { None } else { Some((rnd(e * c, 0.5)?, rnd(e, 0.5)?)) };
+            let m = MbConvWeights { expand, depthwise: (rnd(e * k * k, 0.5)?, rnd(e, 0.5)?), project: (rnd(o * e, 0.5)?, rnd(o, 0.5)?), kernel: k, stride: s, residual };
+            let x = Tensor::randn(0f32, 2., (2, c, h, w), &dev)?;
+            let hidden = match &m.expand {
+                Some((wt, b)) => pointwise_conv(&x, wt, b, true, None)?,
+                None => x.clone(),
+            };
+            let dw = Tensor::from_slice(&m.depthwise.0, (e, 1, k, k), &dev)?;
+            let hidden = depthwise_conv2d(&hidden, &dw, &m.depthwise.1, s, pad, true)?;
+            let want = pointwise_conv(&hidden, &m.project.0, &m.project.1, false, residual.then_some(&x))?;
+            // bands of one output row up to the whole plane
+            for band_floats in [1, e * w * (k + s), e * w * 4 * s, usize::MAX / 2] {
+                let got = x.apply_op1_no_bwd(&FusedMbConv { w: &m, pad, band_floats })?;
+                assert_eq!(got.dims(), want.dims());
+                assert!(max_diff(&got, &want)? < 1e-4, "case c{c} k{k} s{s}, band {band_floats}: {}", max_diff(&got, &want)?);
+            }
+        }
         Ok(())
     }
 

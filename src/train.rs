@@ -18,6 +18,10 @@ use std::path::PathBuf;
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
     pub backbone: BackboneKind,
+    /// Backbone stages pooled into the features; empty in models written before stages could
+    /// be chosen, which used the last stage (see [`TrainConfig::feature_stages`]).
+    #[serde(default)]
+    pub stages: Vec<usize>,
     pub flow: FlowConfig,
     pub adam: AdamConfig,
     pub epochs: usize,
@@ -35,7 +39,8 @@ impl TrainConfig {
     pub fn new(backbone: BackboneKind) -> Self {
         TrainConfig {
             backbone,
-            flow: FlowConfig::new(backbone.feature_dim()),
+            stages: backbone.default_stages(),
+            flow: FlowConfig::new(backbone.feature_dim(&backbone.default_stages())),
             adam: AdamConfig::default(),
             epochs: 192,
             batch_images: 24,
@@ -45,8 +50,22 @@ impl TrainConfig {
             seed: 0,
         }
     }
+    /// The pooled stages (the last one for models written before stages could be chosen).
+    pub fn feature_stages(&self) -> Vec<usize> {
+        if self.stages.is_empty() { self.backbone.last_stage() } else { self.stages.clone() }
+    }
+
+    /// Sets the pooled stages and the flow's width to match.
+    pub fn set_stages(&mut self, stages: &[usize]) -> Result<()> {
+        self.backbone.check_stages(stages)?;
+        self.stages = stages.to_vec();
+        self.flow.dim = self.backbone.feature_dim(stages);
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.flow.validate()?;
+        self.backbone.check_stages(&self.feature_stages())?;
         if self.epochs == 0 || self.batch_images == 0 || self.views_per_image == 0 {
             return Err(Error::Config("epochs, batch size and views per image must be at least 1".into()));
         }
@@ -184,3 +203,24 @@ pub fn train_flow_with_checkpoints(
     summary.flow_seconds = start.elapsed().as_secs_f64();
     Ok((flow, summary))
 }
+
+#[cfg(test)]
+mod stage_tests {
+    use super::*;
+
+    #[test]
+    fn configs_written_before_stages_existed_mean_the_last_stage() {
+        let mut v = serde_json::to_value(TrainConfig::new(BackboneKind::EfficientnetLite0)).unwrap();
+        assert_eq!(v["stages"], serde_json::json!([3, 4, 5]));
+        v.as_object_mut().unwrap().remove("stages");
+        let old: TrainConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(old.feature_stages(), vec![6]);
+        let mut cfg = TrainConfig::new(BackboneKind::EfficientnetLite0);
+        assert_eq!(cfg.flow.dim, 3 * (80 + 112 + 192));
+        cfg.set_stages(&[6]).unwrap();
+        assert_eq!(cfg.flow.dim, 960);
+        assert!(cfg.set_stages(&[5, 4]).is_err() && cfg.set_stages(&[7]).is_err() && cfg.set_stages(&[]).is_err());
+        assert!(TrainConfig::new(BackboneKind::Alexnet).set_stages(&[1]).is_err());
+    }
+}
+

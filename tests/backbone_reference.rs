@@ -37,7 +37,7 @@ fn alexnet_multiscale_features_and_input_gradient_match_pytorch() {
     let x = formula_batch();
     assert_eq!(vec_f32(&x.get(0).unwrap()), vec_f32(&f["x0"]));
     let xv = Var::from_tensor(&x).unwrap();
-    let y = multiscale_features(net.as_ref(), xv.as_tensor()).unwrap();
+    let y = multiscale_features(net.as_ref(), &[0], xv.as_tensor()).unwrap();
     assert_eq!(y.dims(), &[2, 768]);
     let err = max_abs_diff(&y, &f["y_f64"]);
     assert!(err < 1e-6, "features differ by {err}");
@@ -77,7 +77,7 @@ fn efficientnet_pooled_features_and_logits_match_pytorch_at_all_scales() {
     let x = formula_batch();
     for (name, factor) in [("x448", 1), ("x224", 2), ("x112", 4)] {
         let xs = backbone::downsample_nearest(&x, factor).unwrap();
-        let maps = net.feature_maps(&xs).unwrap();
+        let maps = net.last_stage_map(&xs).unwrap();
         let shape: Vec<i64> = f[&format!("{name}.last_stage_shape")].to_vec1().unwrap();
         assert_eq!(maps.dims().iter().map(|&d| d as i64).collect::<Vec<_>>(), shape, "{name}");
         let pooled = maps.mean((2, 3)).unwrap();
@@ -87,6 +87,28 @@ fn efficientnet_pooled_features_and_logits_match_pytorch_at_all_scales() {
         let err = max_abs_diff(&logits, &f[&format!("{name}.logits_f64")]);
         assert!(err < 1e-4, "{name} logits differ by {err}");
     }
+}
+
+#[test]
+fn efficientnet_every_stage_output_matches_pytorch() {
+    let f = fixture("efficientnet_lite0_outputs.safetensors");
+    let net = efficientnet();
+    let x = formula_batch();
+    // the last block of each of the 7 stages (blocks 0, 1-2, 3-4, 5-7, 8-10, 11-14, 15)
+    let last_block = [0, 2, 4, 7, 10, 14, 15];
+    for (name, factor) in [("x224", 2), ("x112", 4)] {
+        let xs = backbone::downsample_nearest(&x, factor).unwrap();
+        let maps = net.stage_maps(&xs, &[0, 1, 2, 3, 4, 5, 6]).unwrap();
+        for (stage, (map, block)) in maps.iter().zip(last_block).enumerate() {
+            let err = max_abs_diff(&map.mean((2, 3)).unwrap(), &f[&format!("{name}.debug_pool_after_block{block}")]);
+            assert!(err < 5e-5, "{name} stage {stage} differs by {err}");
+        }
+        // asking for a subset returns those stages only, in order, equal to the full run's
+        let some = net.stage_maps(&xs, &[3, 5]).unwrap();
+        assert_eq!(vec_f32(&some[0]), vec_f32(&maps[3]));
+        assert_eq!(vec_f32(&some[1]), vec_f32(&maps[5]));
+    }
+    assert!(net.stage_maps(&x, &[7]).is_err());
 }
 
 #[test]

@@ -27,6 +27,15 @@ fn train_test_predict_calibrate_and_errors() {
     assert_eq!(v["n_good"], 2);
     assert_eq!(v["n_defect"], 3);
     assert_eq!(v["per_defect_auroc"].as_object().unwrap().len(), 3);
+    // the model keeps its stages (the default 3,4,5 of the fast schedule): another choice is refused
+    let (ok, out, _) = differnet_cli(home.path(), &["info", m]);
+    assert!(ok);
+    let manifest: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(manifest["train"]["stages"], serde_json::json!([3, 4, 5]));
+    assert_eq!(manifest["flow"]["dim"], 3 * (80 + 112 + 192));
+    assert_eq!((manifest["train"]["epochs"].as_u64(), manifest["train"]["augment"]["rotate"].as_bool()), (Some(2), Some(false)));
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "test", "--model", m, "--data", d, "--stages", "6"]);
+    assert!(!ok && err.contains("stages [3, 4, 5]"), "{err}");
 
     let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "calibrate", "--model", m, "--best-f1", "--data", d]);
     assert!(ok, "calibrate failed: {err}");

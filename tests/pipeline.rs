@@ -268,16 +268,22 @@ fn cached_features_equal_fresh_ones_and_invalidate() {
     let after = cache.features(&ex, &img, &views).unwrap();
     assert_eq!(count(), 3);
     assert_ne!(after, first);
+    // other pooled stages: a new entry with those stages' features (the last stage: 3·320)
+    let last = Extractor::load(BackboneKind::EfficientnetLite0, &weights, &Device::Cpu).unwrap().with_stages(&[6]).unwrap();
+    let last_stage = cache.features(&last, &img, &views).unwrap();
+    assert_eq!(count(), 4);
+    assert_eq!(last_stage.len(), 2 * 960);
+    assert_eq!(last_stage, nocache.features(&last, &img, &views).unwrap());
 
     // scoring several images in one flow batch equals scoring each image alone
-    let mut cfg = differnet::flow::FlowConfig::new(960);
+    let mut cfg = differnet::flow::FlowConfig::new(ex.feature_dim());
     cfg.hidden = 16;
     let flow = differnet::flow::NormalizingFlow::new(cfg, 3, &Device::Cpu).unwrap();
     differnet::synth::generate(&dir.path().join("e"), 3, 0, 0, 5).unwrap();
     let paths: Vec<_> = (0..3).map(|i| dir.path().join(format!("e/train/good/{i:03}.png"))).collect();
     let batched = differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &views, &indicatif::ProgressBar::hidden()).unwrap();
     for (p, b) in paths.iter().zip(&batched) {
-        let alone = differnet::score::anomaly_score(&flow, &cache.features(&ex, p, &views).unwrap(), 960, ScoreKind::Nll, &Device::Cpu).unwrap();
+        let alone = differnet::score::anomaly_score(&flow, &cache.features(&ex, p, &views).unwrap(), ex.feature_dim(), ScoreKind::Nll, &Device::Cpu).unwrap();
         assert!((alone - b).abs() < 1e-9 * alone.abs().max(1.0), "{alone} vs {b}");
     }
     assert!(differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &[], &indicatif::ProgressBar::hidden()).is_err());
@@ -336,13 +342,14 @@ fn training_takes_mixed_images_and_a_single_one() {
     image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 0]))).to_rgb16().save(&deep).unwrap();
     let mut cfg = tiny_config(0);
     cfg.backbone = BackboneKind::EfficientnetLite0;
-    cfg.flow = FlowConfig { hidden: 16, ..FlowConfig::new(960) };
+    cfg.set_stages(ex.stages()).unwrap();
+    cfg.flow.hidden = 16;
     cfg.cached_views = 2;
     cfg.views_per_image = 2;
     let cache = FeatureCache { dir: None };
     let images = vec![gray, rgba, deep];
     let feats = differnet::train::training_features(&images, &cfg, &ex, &cache, &ProgressBar::hidden()).unwrap();
-    assert!(feats.iter().all(|f| f.len() == 2 * 960 && f.iter().all(|v| v.is_finite())));
+    assert!(feats.iter().all(|f| f.len() == 2 * ex.feature_dim() && f.iter().all(|v| v.is_finite())));
     train_flow(&feats, &cfg, &Device::Cpu, &ProgressBar::hidden()).unwrap();
     // a single training image trains too (batches of one image)
     let (_, summary) = train_flow(&feats[..1], &cfg, &Device::Cpu, &ProgressBar::hidden()).unwrap();

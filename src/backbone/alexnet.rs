@@ -2,7 +2,7 @@
 //! Max-pools use our differentiable op so input gradients reach the pixels (localization).
 
 use super::{expect_shape, get, Backbone, BackboneKind};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::max_pool2d;
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -77,11 +77,15 @@ impl Backbone for AlexNet {
     fn kind(&self) -> BackboneKind {
         BackboneKind::Alexnet
     }
-    fn feature_maps(&self, x: &Tensor) -> Result<Tensor> {
+    /// AlexNet has one feature stage (0): the output of `features`.
+    fn stage_maps(&self, x: &Tensor, stages: &[usize]) -> Result<Vec<Tensor>> {
+        if stages != [0] {
+            return Err(Error::Config(format!("AlexNet has one feature stage (0), not {stages:?}")));
+        }
         let c = &self.convs;
         let x = max_pool2d(&c[0].forward(x)?, 3, 2)?;
         let x = max_pool2d(&c[1].forward(&x)?, 3, 2)?;
         let x = c[4].forward(&c[3].forward(&c[2].forward(&x)?)?)?;
-        Ok(max_pool2d(&x, 3, 2)?)
+        Ok(vec![max_pool2d(&x, 3, 2)?])
     }
 }

@@ -1,9 +1,9 @@
 //! EfficientNet-Lite0 (lukemelas key layout) with batch norm folded into the convolutions,
-//! TF-SAME padding computed from the actual input size; features = last MBConv stage (320 ch).
+//! TF-SAME padding computed from the actual input size; feature maps from any MBConv stage.
 
 use super::{get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
-use crate::ops::{dense_conv2d, depthwise_conv2d, pointwise_conv};
+use crate::ops::{dense_conv2d, depthwise_conv2d, mbconv_fused, pointwise_conv, MbConvWeights};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,6 +21,9 @@ pub const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
     (5, 2, 6, 112, 192, 4),
     (3, 1, 6, 192, 320, 1),
 ];
+
+/// Output channels of each stage.
+pub const STAGE_CHANNELS: [usize; 7] = [16, 24, 40, 80, 112, 192, 320];
 
 /// A convolution with batch norm folded in: weight [O, I/groups, k, k] and bias [O]
 /// (also kept as plain vectors for the fused kernels).
@@ -86,10 +89,26 @@ struct MbConv {
     kernel: usize,
     stride: usize,
     residual: bool,
+    /// The same weights for the fused kernel.
+    fused: MbConvWeights,
 }
 
 impl MbConv {
+    fn new(expand: Option<FoldedConv>, depthwise: FoldedConv, project: FoldedConv, kernel: usize, stride: usize, residual: bool) -> Self {
+        let pair = |c: &FoldedConv| (c.weight_vec.clone(), c.bias_vec.clone());
+        let fused = MbConvWeights { expand: expand.as_ref().map(pair), depthwise: pair(&depthwise), project: pair(&project), kernel, stride, residual };
+        MbConv { expand, depthwise, project, kernel, stride, residual, fused }
+    }
+
+    /// When no gradient is needed (feature extraction) on the CPU, the fused band-by-band
+    /// kernel; otherwise the three differentiable ops (input gradients for localization).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() && x.device().is_cpu() {
+            let (_, _, h, w) = x.dims4()?;
+            let (t, b) = same_padding(h, self.kernel, self.stride);
+            let (l, r) = same_padding(w, self.kernel, self.stride);
+            return Ok(mbconv_fused(x, &self.fused, (t, b, l, r))?);
+        }
         let h = match &self.expand {
             Some(e) => pointwise(x, e, true, None)?,
             None => x.clone(),
@@ -124,7 +143,7 @@ impl EfficientNetLite0 {
                 if depthwise.weight.dims() != [inp * e, 1, k, k] || project.weight.dims() != [cout, inp * e, 1, 1] {
                     return Err(Error::format(path, format!("block {i} has unexpected shapes (not EfficientNet-Lite0?)")));
                 }
-                blocks.push(MbConv { expand, depthwise, project, kernel: k, stride, residual: stride == 1 && inp == cout });
+                blocks.push(MbConv::new(expand, depthwise, project, k, stride, stride == 1 && inp == cout));
             }
         }
         let head = match (tensors.get("_fc.weight"), tensors.get("_fc.bias")) {
@@ -137,8 +156,14 @@ impl EfficientNetLite0 {
     /// ImageNet logits (head conv, ReLU6, mean, fc): used to check the weights are really ImageNet's.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let (conv, w, b) = self.head.as_ref().ok_or_else(|| Error::Weights("weights lack the classifier head".into()))?;
-        let h = pointwise(&self.feature_maps(x)?, conv, true, None)?.mean((2, 3))?;
+        let h = pointwise(&self.last_stage_map(x)?, conv, true, None)?.mean((2, 3))?;
         Ok(h.matmul(&w.t()?)?.broadcast_add(b)?)
+    }
+
+    /// The output of the last MBConv stage (320 channels, before the 1×1 head).
+    pub fn last_stage_map(&self, x: &Tensor) -> Result<Tensor> {
+        let mut maps = self.stage_maps(x, &[STAGES.len() - 1])?;
+        Ok(maps.remove(0))
     }
 
     fn stem_forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -151,20 +176,30 @@ impl Backbone for EfficientNetLite0 {
     fn kind(&self) -> BackboneKind {
         BackboneKind::EfficientnetLite0
     }
-    fn feature_maps(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.stem_forward(x)?;
-        for b in &self.blocks {
-            h = b.forward(&h)?;
+    fn stage_maps(&self, x: &Tensor, stages: &[usize]) -> Result<Vec<Tensor>> {
+        let last = stages.iter().copied().max().ok_or_else(|| Error::Config("no feature stage requested".into()))?;
+        if last >= STAGES.len() {
+            return Err(Error::Config(format!("EfficientNet-Lite0 has stages 0..{}, not {last}", STAGES.len())));
         }
-        Ok(h)
+        let mut h = self.stem_forward(x)?;
+        let mut found = vec![None; STAGES.len()];
+        let mut first = 0;
+        for (stage, (.., reps)) in STAGES.iter().enumerate().take(last + 1) {
+            for b in &self.blocks[first..first + reps] {
+                h = b.forward(&h)?;
+            }
+            first += reps;
+            found[stage] = Some(h.clone());
+        }
+        Ok(stages.iter().map(|&s| found[s].clone().expect("stage computed")).collect())
     }
 }
 
-/// Multiply-adds ×2 of the feature maps (stem + 16 blocks) for an input of side `size`.
-pub fn flops(size: usize) -> f64 {
+/// Multiply-adds ×2 of the stem and the blocks up to stage `last` for an input of side `size`.
+pub fn flops(size: usize, last: usize) -> f64 {
     let mut side = size.div_ceil(2);
     let mut f = 2.0 * (32 * 3 * 9 * side * side) as f64;
-    for (k, s, e, cin, cout, reps) in STAGES {
+    for (k, s, e, cin, cout, reps) in STAGES.into_iter().take(last + 1) {
         for r in 0..reps {
             let (inp, stride) = if r == 0 { (cin, s) } else { (cout, 1) };
             let exp = inp * e;
