@@ -68,7 +68,8 @@ impl Extractor {
     pub fn view_features(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(views.len() * self.feature_dim());
         for chunk in views.chunks(self.batch.max(1)) {
-            let inputs: Vec<Tensor> = chunk.iter().map(|v| self.input_tensor(resized, v)).collect::<Result<_>>()?;
+            use rayon::prelude::*;
+            let inputs: Vec<Tensor> = chunk.par_iter().map(|v| self.input_tensor(resized, v)).collect::<Result<_>>()?;
             let x = Tensor::cat(&inputs, 0)?;
             let y = self.features(&x)?;
             out.extend(y.flatten_all()?.to_vec1::<f32>()?);

@@ -32,6 +32,16 @@ pub struct FlowBuffers {
     pub tensors: Vec<Vec<f32>>,
 }
 
+impl FlowBuffers {
+    /// Copies these parameters (in `named_parameters` order) into `flow`.
+    pub fn write_to(&self, flow: &NormalizingFlow) -> Result<()> {
+        for ((_, var), t) in flow.named_parameters().iter().zip(&self.tensors) {
+            var.set(&Tensor::from_slice(t, var.dims(), var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Index of a parameter: block, subnet (0 = s1, 1 = s2), layer 0..4, bias?
 fn idx(block: usize, subnet: usize, layer: usize, bias: bool) -> usize {
     ((block * 2 + subnet) * 4 + layer) * 2 + bias as usize
@@ -132,10 +142,12 @@ impl FlowTrainer {
 
     /// Writes the trained parameters back into `flow`.
     pub fn write_to(&self, flow: &NormalizingFlow) -> Result<()> {
-        for ((_, var), t) in flow.named_parameters().iter().zip(&self.params.tensors) {
-            var.set(&Tensor::from_slice(t, var.dims(), var.device())?)?;
-        }
-        Ok(())
+        self.params.write_to(flow)
+    }
+
+    /// The parameters alone, freeing gradients and Adam moments (training is over).
+    pub fn into_parameters(self) -> FlowBuffers {
+        self.params
     }
 
     fn subnet_forward(&self, block: usize, subnet: usize, input: &[f32], batch: usize) -> (Vec<f32>, SubnetCache) {

@@ -144,11 +144,16 @@ pub fn score_images(flow: &NormalizingFlow, kind: ScoreKind, ex: &Extractor, cac
     let per_batch = (256 / views.len()).max(1);
     let mut out = Vec::with_capacity(paths.len());
     for chunk in paths.chunks(per_batch) {
-        let mut feats = Vec::with_capacity(chunk.len() * views.len() * dim);
-        for p in chunk {
-            feats.extend(cache.features(ex, p, views)?);
-            bar.inc(1);
-        }
+        use rayon::prelude::*;
+        let per_image: Vec<Vec<f32>> = chunk
+            .par_iter()
+            .map(|p| {
+                let f = cache.features(ex, p, views);
+                bar.inc(1);
+                f
+            })
+            .collect::<Result<_>>()?;
+        let feats = per_image.concat();
         let s = view_scores(flow, &feats, dim, kind, &ex.device)?;
         out.extend(mean_per_image(&s, views.len()));
     }

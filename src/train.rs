@@ -93,13 +93,18 @@ pub fn training_views(cfg: &TrainConfig, i: usize) -> Vec<View> {
 
 /// Extracts (or loads from cache) the training views' features: one [cached_views, dim] matrix per image.
 pub fn training_features(images: &[PathBuf], cfg: &TrainConfig, ex: &Extractor, cache: &FeatureCache, bar: &ProgressBar) -> Result<Vec<Vec<f32>>> {
+    use rayon::prelude::*;
     bar.set_length(images.len() as u64);
-    let mut out = vec![];
-    for (i, p) in images.iter().enumerate() {
-        out.push(cache.features(ex, p, &training_views(cfg, i))?);
-        bar.inc(1);
-    }
-    Ok(out)
+    // images in parallel: one image's decoding overlaps another's backbone pass
+    images
+        .par_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let f = cache.features(ex, p, &training_views(cfg, i));
+            bar.inc(1);
+            f
+        })
+        .collect()
 }
 
 fn check_finite(loss: f64, epoch: usize) -> Result<()> {
@@ -136,11 +141,16 @@ pub fn train_flow_with_checkpoints(
     if let Some((i, _)) = features.iter().enumerate().find(|(_, f)| f.len() % dim != 0 || f.len() / dim < cfg.views_per_image) {
         return Err(Error::Training(format!("training image {i} has too few feature views for {} views per epoch", cfg.views_per_image)));
     }
-    let flow = NormalizingFlow::new(cfg.flow.clone(), cfg.seed, ex_device)?;
-    // On the CPU the flow trains with its hand-written backward pass (flow_grad); elsewhere
-    // with candle's autograd. Both compute the same loss and gradients (tests/flow_reference.rs).
-    let mut fast = if ex_device.is_cpu() { Some(FlowTrainer::from_flow(&flow)?) } else { None };
-    let mut adam = Adam::new(flow.named_parameters().into_iter().map(|(_, v)| v.clone()).collect(), cfg.adam.clone());
+    let new_flow = || NormalizingFlow::new(cfg.flow.clone(), cfg.seed, ex_device);
+    // On the CPU the flow trains with its hand-written backward pass (flow_grad) on the trainer's
+    // own copy of the parameters, and the candle flow is rebuilt from it only when saved, so its
+    // parameters are not held twice; elsewhere with candle's autograd. Both compute the same
+    // loss and gradients (tests/flow_reference.rs).
+    let (mut flow, mut fast) = if ex_device.is_cpu() { (None, Some(FlowTrainer::from_flow(&new_flow()?)?)) } else { (Some(new_flow()?), None) };
+    let mut adam = match &flow {
+        Some(f) => Some(Adam::new(f.named_parameters().into_iter().map(|(_, v)| v.clone()).collect(), cfg.adam.clone())),
+        None => None,
+    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EED);
     let mut summary = TrainingSummary::default();
     let start = std::time::Instant::now();
@@ -168,6 +178,7 @@ pub fn train_flow_with_checkpoints(
                     value
                 }
                 None => {
+                    let (flow, adam) = (flow.as_ref().expect("flow without trainer"), adam.as_mut().expect("adam with flow"));
                     let y = Tensor::from_vec(rows, (n_rows, dim), ex_device)?;
                     let (z, logdet) = flow.forward(&y)?;
                     let loss = nll_loss(&z, &logdet)?;
@@ -187,21 +198,29 @@ pub fn train_flow_with_checkpoints(
         tracing::debug!(epoch = epoch + 1, loss = mean, "epoch done");
         if let Some(c) = checkpoint.as_mut() {
             if c.every > 0 && (epoch + 1) % c.every == 0 && epoch + 1 < cfg.epochs {
-                if let Some(t) = &fast {
-                    t.write_to(&flow)?;
-                }
                 summary.epochs = epoch + 1;
                 summary.flow_seconds = start.elapsed().as_secs_f64();
-                (c.save)(epoch + 1, &flow, &summary)?;
+                match (&fast, &flow) {
+                    (Some(t), _) => {
+                        let snapshot = new_flow()?;
+                        t.write_to(&snapshot)?;
+                        (c.save)(epoch + 1, &snapshot, &summary)?;
+                    }
+                    (None, Some(f)) => (c.save)(epoch + 1, f, &summary)?,
+                    (None, None) => unreachable!("a flow or its trainer exists"),
+                }
             }
         }
     }
-    if let Some(t) = &fast {
-        t.write_to(&flow)?;
+    if let Some(t) = fast.take() {
+        let params = t.into_parameters();
+        let f = new_flow()?;
+        params.write_to(&f)?;
+        flow = Some(f);
     }
     summary.epochs = cfg.epochs;
     summary.flow_seconds = start.elapsed().as_secs_f64();
-    Ok((flow, summary))
+    Ok((flow.expect("trained flow"), summary))
 }
 
 #[cfg(test)]
