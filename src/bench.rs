@@ -81,9 +81,7 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let backbone_gflops = views_per_s * kind.multiscale_flops(ex.stages()) / 1e9;
 
     reset_peak_rss();
-    let flow = NormalizingFlow::new(flow_cfg.clone(), 0, &Device::Cpu)?;
-    let mut trainer = FlowTrainer::from_flow(&flow)?;
-    drop(flow);
+    let mut trainer = FlowTrainer::new(flow_cfg.clone(), 0)?;
     let y: Vec<f32> = (0..flow_batch * flow_cfg.dim).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
     trainer.loss_and_gradients(&y, flow_batch);
     trainer.adam_step(&AdamConfig::default());
@@ -98,10 +96,13 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let rss_train = peak_rss_bytes();
 
     // test latency: one image end to end (resize done once, views, backbone, flow)
-    reset_peak_rss();
+    // (measured like a test process: the trained flow alone, training state released first)
+    let params = trainer.into_parameters();
     let flow = NormalizingFlow::new(flow_cfg.clone(), 0, &Device::Cpu)?;
-    trainer.write_to(&flow)?;
-    drop(trainer);
+    params.write_to(&flow)?;
+    drop(params);
+    crate::flow_grad::return_freed_memory();
+    reset_peak_rss();
     let img = Rgb8 { width: 600, height: 500, data: (0..600 * 500 * 3).map(|i| (i * 31 % 251) as u8).collect() };
     let mut latency = [0.0; 2];
     for (slot, n) in [16usize, 64].iter().enumerate() {

@@ -875,12 +875,18 @@ fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Result<
 
 fn experiment(cli: &Cli, a: &ExperimentArgs, dev: &candle_core::Device) -> Result<()> {
     use differnet::experiment::{write_table, ExperimentConfig, Runner, Table};
-    let model = a.model.as_ref().map(|p| load_model(p, &a.backbone, dev)).transpose()?;
-    let kind = match &model {
-        Some((m, _, _)) => m.manifest.backbone,
-        None => resolve_backbone(a.backbone.backbone)?,
+    // a given model fixes the backbone and its stages for every cell
+    let (model, ex, cache) = match &a.model {
+        Some(p) => {
+            let (m, ex, cache) = load_model(p, &a.backbone, dev)?;
+            (Some(m), ex, cache)
+        }
+        None => {
+            let (ex, cache) = extractor(resolve_backbone(a.backbone.backbone)?, &a.backbone, dev)?;
+            (None, ex, cache)
+        }
     };
-    let (ex, cache) = extractor(kind, &a.backbone, dev)?;
+    let kind = ex.kind();
     let mut train = TrainConfig::new(kind);
     train.set_stages(ex.stages())?;
     train.epochs = a.epochs;
@@ -892,7 +898,7 @@ fn experiment(cli: &Cli, a: &ExperimentArgs, dev: &candle_core::Device) -> Resul
     let config = ExperimentConfig { train, test_views: a.test_views, shots: a.shots.clone(), subsets: a.subsets.max(1), multimodal_blocks: 12 };
     let settings = serde_json::to_value(&config)?;
     let runner = Runner { ex: &ex, cache: &cache, config, out: a.out.clone(), bar: bar(cli, 0, a.experiment_name()) };
-    let given = model.as_ref().map(|(m, _, _)| m);
+    let given = model.as_ref();
     let roots = || -> Result<Vec<PathBuf>> {
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(&a.data)
             .with_context(|| format!("reading {}", a.data.display()))?

@@ -146,7 +146,11 @@ pub fn train_flow_with_checkpoints(
     // own copy of the parameters, and the candle flow is rebuilt from it only when saved, so its
     // parameters are not held twice; elsewhere with candle's autograd. Both compute the same
     // loss and gradients (tests/flow_reference.rs).
-    let (mut flow, mut fast) = if ex_device.is_cpu() { (None, Some(FlowTrainer::from_flow(&new_flow()?)?)) } else { (Some(new_flow()?), None) };
+    let (mut flow, mut fast) = if ex_device.is_cpu() {
+        (None, Some(FlowTrainer::new(cfg.flow.clone(), cfg.seed)?))
+    } else {
+        (Some(new_flow()?), None)
+    };
     let mut adam = match &flow {
         Some(f) => Some(Adam::new(f.named_parameters().into_iter().map(|(_, v)| v.clone()).collect(), cfg.adam.clone())),
         None => None,
