@@ -175,7 +175,7 @@ impl PlaneGeometry {
             if s == 2 {
                 // even columns x = 2j go to phase pl % 2 at j + pl/2, odd ones to the other
                 let even = ((pl % 2) * hp + y + pt) * pw + pl / 2;
-                let odd = (((pl + 1) % 2) * hp + y + pt) * pw + (pl + 1) / 2;
+                let odd = (((pl + 1) % 2) * hp + y + pt) * pw + pl.div_ceil(2);
                 let (n_even, n_odd) = (w.div_ceil(2), w / 2);
                 // the two phases are different planes of dst, so the slices are disjoint
                 let (ev, od) = if even < odd {
@@ -563,15 +563,18 @@ pub fn pointwise_conv(x: &Tensor, weight: &std::sync::Arc<[f32]>, bias: &std::sy
     }
 }
 
+/// A weight matrix (row-major) and its bias, shared without copying.
+pub type WeightsAndBias = (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>);
+
 /// Folded weights of one inverted-residual block (MBConv): optional 1×1 expansion with ReLU6,
 /// depthwise k×k with ReLU6, 1×1 projection, and the residual when `residual`.
 pub struct MbConvWeights {
     /// [E, C] and [E]; `None` when the block does not expand (E = C).
-    pub expand: Option<(std::sync::Arc<[f32]>, std::sync::Arc<[f32]>)>,
+    pub expand: Option<WeightsAndBias>,
     /// [E, k, k] and [E].
-    pub depthwise: (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>),
+    pub depthwise: WeightsAndBias,
     /// [O, E] and [O].
-    pub project: (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>),
+    pub project: WeightsAndBias,
     pub kernel: usize,
     pub stride: usize,
     pub residual: bool,

@@ -151,10 +151,7 @@ pub fn train_flow_with_checkpoints(
     } else {
         (Some(new_flow()?), None)
     };
-    let mut adam = match &flow {
-        Some(f) => Some(Adam::new(f.named_parameters().into_iter().map(|(_, v)| v.clone()).collect(), cfg.adam.clone())),
-        None => None,
-    };
+    let mut adam = flow.as_ref().map(|f| Adam::new(f.named_parameters().into_iter().map(|(_, v)| v.clone()).collect(), cfg.adam.clone()));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EED);
     let mut summary = TrainingSummary::default();
     let start = std::time::Instant::now();
