@@ -165,9 +165,9 @@ struct BenchArgs {
     /// cache: reports `e2e_seconds` and `image_auroc`.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Training epochs of the end-to-end run (4 cached views per image, 8 test views).
-    #[arg(long, default_value_t = 8)]
-    e2e_epochs: usize,
+    /// Training epochs of the end-to-end run, which uses `train`'s default schedule (fast: 16).
+    #[arg(long)]
+    e2e_epochs: Option<usize>,
 }
 
 #[derive(Args)]
@@ -589,17 +589,26 @@ fn run(cli: &Cli) -> Result<()> {
             let mut r = differnet::bench::run(&ex, a.views, &flow, a.flow_batch, a.flow_steps)?;
             if let Some(data) = &a.data {
                 let tmp = std::env::temp_dir().join(format!("differnet-bench-{}", std::process::id()));
-                let mut args = short_schedule(data, &tmp.join("model.safetensors"), a.e2e_epochs, 0);
+                let mut args = short_schedule(data, &tmp.join("model.safetensors"), 0, 0);
+                // train's defaults: the fast schedule
+                (args.schedule, args.epochs, args.views, args.cached_views, args.test_views) = (Schedule::Fast, a.e2e_epochs, None, None, None);
                 args.hidden = a.hidden;
                 args.backbone.cache_dir = Some(tmp.join("cache"));
+                let plan = args.plan();
                 let t = std::time::Instant::now();
                 let model = train(cli, &args, &dev)?;
                 let ev = test(cli, &args.out, data, &args.backbone, &dev)?;
                 r.e2e_seconds = Some(t.elapsed().as_secs_f64());
                 r.image_auroc = Some(ev.image_auroc);
                 r.e2e_settings = Some(format!(
-                    "{} training images, {} epochs, 4 cached views, {} test images x 8 views, flow width {}, empty feature cache",
-                    model.manifest.training_data.n_images, a.e2e_epochs, ev.n_good + ev.n_defect, a.hidden
+                    "{} training images, fast schedule: {} epochs, {} view(s) per image, rotation {}; {} test images x {} view(s); flow width {}; empty feature cache",
+                    model.manifest.training_data.n_images,
+                    plan.epochs,
+                    plan.views,
+                    if plan.rotate { "on" } else { "off" },
+                    ev.n_good + ev.n_defect,
+                    plan.test_views,
+                    a.hidden
                 ));
                 r.peak_rss_bytes = differnet::bench::peak_rss_bytes().max(r.peak_rss_bytes);
                 let _ = std::fs::remove_dir_all(&tmp);

@@ -109,3 +109,20 @@ fn train_test_predict_calibrate_and_errors() {
     let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "test", "--model", m, "--data", d]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn bench_reports_the_issue_keys_and_an_end_to_end_run() {
+    let home = home_with_efficientnet();
+    let data = home.path().join("data");
+    differnet::synth::generate(&data, 4, 2, 2, 3).unwrap();
+    let args = ["--quiet", "--json", "bench", "--views", "4", "--flow-steps", "1", "--flow-batch", "8", "--hidden", "32", "--data", data.to_str().unwrap(), "--e2e-epochs", "1"];
+    let (ok, out, err) = differnet_cli(home.path(), &args);
+    assert!(ok, "bench failed: {err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in ["conv_to_sgemm_ratio", "flow_train_samples_per_s", "test_seconds_per_image_64_views", "peak_rss_bytes", "e2e_seconds", "image_auroc"] {
+        assert!(r[key].as_f64().is_some_and(|v| v.is_finite() && v >= 0.0), "{key}: {}", r[key]);
+    }
+    assert!(r["backbone_views_per_s"].as_f64().unwrap() > 0.0);
+    let settings = r["e2e_settings"].as_str().unwrap();
+    assert!(settings.contains("fast schedule: 1 epochs") && settings.contains("rotation off"), "{settings}");
+}
