@@ -135,10 +135,6 @@ struct ServeArgs {
     /// Views per backbone forward pass.
     #[arg(long, default_value_t = 4)]
     backbone_batch: usize,
-    /// Backbone stages pooled into the features when training (EfficientNet-Lite0: 0-6, default
-    /// 3,4,5; `6` alone is the last stage; AlexNet: 0). A model keeps the stages it was trained with.
-    #[arg(long, value_delimiter = ',')]
-    stages: Option<Vec<usize>>,
 }
 
 #[derive(Args)]
