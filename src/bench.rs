@@ -7,6 +7,7 @@ use crate::features::Extractor;
 use crate::flow::{FlowConfig, NormalizingFlow};
 use crate::flow_grad::FlowTrainer;
 use crate::optim::AdamConfig;
+use crate::sgemm::{sgemm_with, Backend};
 use crate::transforms::{test_views, Rgb8};
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -23,19 +24,14 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// GFLOP/s of an n×n×n single-precision matrix product with the `gemm` crate, best of `reps`.
-pub fn sgemm_gflops(n: usize, reps: usize) -> f64 {
+/// GFLOP/s of an n×n×n single-precision matrix product on `backend`, best of `reps`.
+pub fn sgemm_gflops(n: usize, reps: usize, backend: Backend) -> f64 {
     let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
-    let b = a.clone();
     let mut c = vec![0f32; n * n];
     let mut best = f64::MAX;
     for _ in 0..reps {
         let t = Instant::now();
-        // SAFETY: all three buffers are n×n row-major.
-        unsafe {
-            gemm::gemm(n, n, n, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, n as isize, b.as_ptr(), 1, n as isize,
-                0.0, 1.0, false, false, false, gemm::Parallelism::Rayon(rayon::current_num_threads()));
-        }
+        sgemm_with(backend, n, n, n, &mut c, false, (&a, n, 1), (&a, n, 1));
         best = best.min(t.elapsed().as_secs_f64());
     }
     2.0 * (n * n * n) as f64 / best / 1e9
@@ -44,7 +40,12 @@ pub fn sgemm_gflops(n: usize, reps: usize) -> f64 {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     pub threads: usize,
+    /// The implementation of this process's matrix products (`sgemm::backend`).
+    pub sgemm_backend: String,
+    /// Best 2048³ sgemm of this process (either backend): the reference for every ratio below.
     pub sgemm_gflops: f64,
+    /// 2048³ sgemm with the pure-Rust `gemm` crate, for comparison.
+    pub sgemm_rust_gflops: f64,
     pub backbone: String,
     pub backbone_views_per_s: f64,
     pub backbone_gflops: f64,
@@ -68,7 +69,11 @@ pub struct BenchReport {
 
 /// Runs every measurement; `views` backbone views are timed (after one warm-up batch).
 pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usize, flow_steps: usize) -> Result<BenchReport> {
-    let sgemm = sgemm_gflops(2048, 3);
+    let backend = crate::sgemm::backend();
+    let sgemm_rust = sgemm_gflops(2048, 3, Backend::Rust);
+    let sgemm_active = if backend == Backend::Rust { sgemm_rust } else { sgemm_gflops(2048, 3, backend) };
+    // the ratios are against the best matrix product this process can do
+    let sgemm = sgemm_active.max(sgemm_rust);
     let kind: BackboneKind = ex.kind();
     let x = Tensor::randn(0f32, 1.0, (ex.batch, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu)?;
     ex.features(&x)?;
@@ -115,7 +120,9 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let rss_test = peak_rss_bytes();
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
+        sgemm_backend: backend.name().into(),
         sgemm_gflops: sgemm,
+        sgemm_rust_gflops: sgemm_rust,
         backbone: kind.id().into(),
         backbone_views_per_s: views_per_s,
         backbone_gflops,
@@ -146,14 +153,14 @@ impl BenchReport {
         };
         let body = format!(
             "threads                      {}\n\
-             sgemm 2048³                  {:.1} GFLOP/s (reference)\n\
+             sgemm 2048³                  {:.1} GFLOP/s (reference; used: {}; gemm crate: {:.1})\n\
              backbone {:<19} {:.2} views/s (3 scales), {:.1} GFLOP/s, {:.2} of sgemm\n\
              flow training {}×{} b{:<4}  {:.1} samples/s, {:.1} GFLOP/s, {:.2} of sgemm\n\
              test latency 16 views        {:.2} s/image\n\
              test latency 64 views        {:.2} s/image\n\
              peak RSS flow training       {}\n\
              peak RSS testing             {}\n",
-            self.threads, self.sgemm_gflops, self.backbone, self.backbone_views_per_s, self.backbone_gflops, self.conv_to_sgemm_ratio,
+            self.threads, self.sgemm_gflops, self.sgemm_backend, self.sgemm_rust_gflops, self.backbone, self.backbone_views_per_s, self.backbone_gflops, self.conv_to_sgemm_ratio,
             self.flow_dim, self.flow_hidden, self.flow_batch, self.flow_train_samples_per_s, self.flow_train_gflops, self.flow_to_sgemm_ratio,
             self.test_seconds_per_image_16_views, self.test_seconds_per_image_64_views, mb(self.peak_rss_bytes_flow_training), mb(self.peak_rss_bytes_testing)
         );

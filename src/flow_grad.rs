@@ -7,25 +7,7 @@ use crate::optim::{adam_update, AdamConfig};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-/// Row-major matrix view: (data, row stride, column stride).
-type Mat<'a> = (&'a [f32], usize, usize);
-
-/// dst[m×n] (row-major, contiguous) = (acc ? dst : 0) + A[m×k]·B[k×n].
-fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], acc: bool, a: Mat, b: Mat) {
-    debug_assert!(dst.len() >= m * n);
-    let threads = rayon::current_num_threads();
-    let par = if m * n * k > 1 << 18 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the strides describe sub-slices of the given buffers (checked by the callers' shapes).
-    unsafe {
-        gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, n as isize, acc,
-            a.0.as_ptr(), a.2 as isize, a.1 as isize,
-            b.0.as_ptr(), b.2 as isize, b.1 as isize,
-            1.0, 1.0, false, false, false, par,
-        )
-    }
-}
+use crate::sgemm::sgemm as gemm;
 
 /// Parameters (or their gradients) in `NormalizingFlow::named_parameters` order.
 pub struct FlowBuffers {

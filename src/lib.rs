@@ -22,6 +22,7 @@ pub mod optim;
 pub mod report;
 pub mod score;
 pub mod serve;
+pub mod sgemm;
 pub mod synth;
 pub mod torch_file;
 pub mod train;

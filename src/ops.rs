@@ -2,6 +2,7 @@
 //! max-pool with a backward pass, and a fast depthwise convolution.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use crate::sgemm::{sgemm_with, Backend::Rust};
 use rayon::prelude::*;
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -79,6 +80,23 @@ fn argmax_windows(x: &[f32], w: usize, oh: usize, ow: usize, k: usize, s: usize)
     out
 }
 
+/// The maximum of each window (NaN when the window holds one, like `argmax_windows`): the
+/// column maxima of the window's rows first (contiguous, vectorized), then across columns.
+fn max_windows(x: &[f32], w: usize, ow: usize, k: usize, s: usize, out: &mut [f32]) {
+    let nan_max = |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) };
+    let mut rows = vec![0f32; w];
+    for (oy, dst) in out.chunks_mut(ow).enumerate() {
+        rows.copy_from_slice(&x[oy * s * w..(oy * s + 1) * w]);
+        for ky in 1..k {
+            let r = &x[(oy * s + ky) * w..(oy * s + ky + 1) * w];
+            rows.iter_mut().zip(r).for_each(|(m, v)| *m = nan_max(*m, *v));
+        }
+        for (ox, d) in dst.iter_mut().enumerate() {
+            *d = rows[ox * s..ox * s + k].iter().copied().fold(f32::NEG_INFINITY, nan_max);
+        }
+    }
+}
+
 impl CustomOp1 for MaxPool {
     fn name(&self) -> &'static str {
         "max_pool2d"
@@ -87,12 +105,7 @@ impl CustomOp1 for MaxPool {
         let x = contiguous_f32(st, l, "max_pool2d")?;
         let (planes, h, w, oh, ow) = pool_dims(l, self.k, self.s)?;
         let mut out = vec![0f32; planes * oh * ow];
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, o)| {
-            let plane = &x[p * h * w..(p + 1) * h * w];
-            for (dst, i) in o.iter_mut().zip(argmax_windows(plane, w, oh, ow, self.k, self.s)) {
-                *dst = plane[i];
-            }
-        });
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, o)| max_windows(&x[p * h * w..(p + 1) * h * w], w, ow, self.k, self.s, o));
         let (n, c, _, _) = l.shape().dims4()?;
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
@@ -482,34 +495,13 @@ impl Pointwise {
         const TILE: usize = 256;
         let tiles = hw.div_ceil(TILE);
         let dst = SharedMut(out.as_mut_ptr());
-        (0..n * tiles).into_par_iter().for_each(|job| {
+        (0..n * tiles).into_par_iter().for_each_init(Vec::new, |product, job| {
             let (b, t) = (job / tiles, job % tiles);
             let (c0, cols) = (t * TILE, TILE.min(hw - t * TILE));
-            let base = b * o * hw + c0;
+            product.resize(o * cols, 0.0);
+            sgemm_with(Rust, o, cols, c, product, false, (&self.weight, c, 1), (&x[b * c * hw + c0..], hw, 1));
             // SAFETY: every job writes a disjoint column range [c0, c0+cols) of its image's rows.
-            let d = dst.get();
-            unsafe {
-                for (r, &bv) in self.bias.iter().enumerate() {
-                    std::slice::from_raw_parts_mut(d.add(base + r * hw), cols).fill(bv);
-                }
-                gemm::gemm(
-                    o, cols, c,
-                    d.add(base), 1, hw as isize, true,
-                    self.weight.as_ptr(), 1, c as isize,
-                    x.as_ptr().add(b * c * hw + c0), 1, hw as isize,
-                    1.0, 1.0, false, false, false,
-                    gemm::Parallelism::None,
-                );
-                for r in 0..o {
-                    let row = std::slice::from_raw_parts_mut(d.add(base + r * hw), cols);
-                    if self.relu6 {
-                        row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
-                    }
-                    if let Some(res) = residual {
-                        row.iter_mut().zip(&res[base + r * hw..base + r * hw + cols]).for_each(|(v, x)| *v += x);
-                    }
-                }
-            }
+            unsafe { store_rows(dst, b * o * hw + c0, hw, product, cols, &self.bias, self.relu6, residual) };
         });
         Ok((CpuStorage::F32(out), Shape::from((n, o, h, w))))
     }
@@ -538,6 +530,25 @@ impl CustomOp2 for Pointwise {
     fn bwd(&self, x: &Tensor, residual: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let pre = (res - residual)?;
         Ok((Some(self.input_grad(x, &pre, grad)?), Some(grad.clone())))
+    }
+}
+
+/// Stores a product tile `product` [O, cols] into the output rows that start at `base` (row
+/// stride `stride`) as `relu6?(p + bias)`, plus `residual` read at the same indices.
+/// The tile products above use the gemm crate rather than OpenBLAS: as fast on these small,
+/// many products (measured), and it keeps EfficientNet features independent of the system.
+///
+/// # Safety
+/// `dst` must hold `base + (O-1)·stride + cols` values and no other thread may touch this range.
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_rows(dst: SharedMut, base: usize, stride: usize, product: &[f32], cols: usize, bias: &[f32], relu6: bool, residual: Option<&[f32]>) {
+    for (r, (p, &bv)) in product.chunks(cols).zip(bias).enumerate() {
+        let start = base + r * stride;
+        let row = std::slice::from_raw_parts_mut(dst.get().add(start), cols);
+        row.iter_mut().zip(p).for_each(|(v, p)| *v = if relu6 { (p + bv).clamp(0.0, 6.0) } else { p + bv });
+        if let Some(res) = residual {
+            row.iter_mut().zip(&res[start..start + cols]).for_each(|(v, x)| *v += x);
+        }
     }
 }
 
@@ -595,6 +606,7 @@ struct BandScratch {
     expanded: Vec<f32>,
     phases: Vec<f32>,
     depthwise: Vec<f32>,
+    projected: Vec<f32>,
 }
 
 /// Floats of the expanded band (1 MiB: measured best between 128 KiB and 4 MiB on a 512 KiB-L2 core).
@@ -660,17 +672,7 @@ impl FusedMbConv<'_> {
                 // W·x only: the bias and ReLU6 are applied while padding (step 2)
                 sc.expanded.clear();
                 sc.expanded.resize(e * rows * w, 0.0);
-                // SAFETY: dst is the job's own [e, rows·w] buffer; lhs/rhs are in bounds.
-                unsafe {
-                    gemm::gemm(
-                        e, rows * w, c,
-                        sc.expanded.as_mut_ptr(), 1, (rows * w) as isize, false,
-                        wt.as_ptr(), 1, c as isize,
-                        image.as_ptr().add(y0 * w), 1, (h * w) as isize,
-                        0.0, 1.0, false, false, false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                sgemm_with(Rust, e, rows * w, c, &mut sc.expanded, false, (wt, c, 1), (&image[y0 * w..], h * w, 1));
                 (&sc.expanded[..], rows * w)
             }
             None => (&image[y0 * w..], h * w),
@@ -705,28 +707,12 @@ impl FusedMbConv<'_> {
         // 3. projection into the output columns of this band, plus the residual
         let (pw_, pbias) = (&m.project.0, &m.project.1);
         let base = b * o * oh * ow + oy0 * ow;
+        sc.projected.resize(o * plane_out, 0.0);
+        sgemm_with(Rust, o, plane_out, e, &mut sc.projected, false, (pw_, e, 1), (&sc.depthwise, plane_out, 1));
+        // (a residual block keeps shape: x and the output share the same index of a position)
+        let residual = m.residual.then_some(x);
         // SAFETY: every job writes the disjoint columns [oy0·ow, oy1·ow) of its image's rows.
-        unsafe {
-            let d = dst.get();
-            for (r, &bv) in pbias.iter().enumerate() {
-                std::slice::from_raw_parts_mut(d.add(base + r * oh * ow), plane_out).fill(bv);
-            }
-            gemm::gemm(
-                o, plane_out, e,
-                d.add(base), 1, (oh * ow) as isize, true,
-                pw_.as_ptr(), 1, e as isize,
-                sc.depthwise.as_ptr(), 1, plane_out as isize,
-                1.0, 1.0, false, false, false,
-                gemm::Parallelism::None,
-            );
-            if m.residual {
-                for r in 0..o {
-                    let row = std::slice::from_raw_parts_mut(d.add(base + r * oh * ow), plane_out);
-                    let src = &image[r * h * w + oy0 * ow..r * h * w + oy0 * ow + plane_out];
-                    row.iter_mut().zip(src).for_each(|(v, x)| *v += x);
-                }
-            }
-        }
+        unsafe { store_rows(dst, base, oh * ow, &sc.projected, plane_out, pbias, false, residual) };
     }
 }
 
@@ -767,6 +753,101 @@ pub fn mbconv_fused(x: &Tensor, weights: &MbConvWeights, pad: (usize, usize, usi
     x.contiguous()?.apply_op1_no_bwd(&FusedMbConv { w: weights, pad, band_floats: BAND_FLOATS })
 }
 
+/// Dense convolution with bias and ReLU lowered to one matrix product per image: the k×k
+/// patches are unrolled into a [C·k·k, OH·OW] matrix (im2col) and multiplied by the weight
+/// [O, C·k·k] with `sgemm` (OpenBLAS when present). AlexNet's convolutions; no gradient.
+struct GemmConv<'a> {
+    weight: &'a [f32],
+    bias: &'a [f32],
+    k: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl GemmConv<'_> {
+    /// Row r = (ci, ky, kx) of the unrolled patches of one image `x` [C, H, W].
+    fn im2col_row(&self, x: &[f32], (h, w, oh, ow): (usize, usize, usize, usize), r: usize, row: &mut [f32]) {
+        let (ci, ky, kx) = (r / (self.k * self.k), r / self.k % self.k, r % self.k);
+        let plane = &x[ci * h * w..(ci + 1) * h * w];
+        for oy in 0..oh {
+            let dst = &mut row[oy * ow..(oy + 1) * ow];
+            let Some(y) = (oy * self.stride + ky).checked_sub(self.pad).filter(|&y| y < h) else {
+                dst.fill(0.0);
+                continue;
+            };
+            let src = &plane[y * w..(y + 1) * w];
+            // output columns whose input column ox·s + kx − pad lies inside the row
+            let lo = self.pad.saturating_sub(kx).div_ceil(self.stride).min(ow);
+            let hi = ((w + self.pad).saturating_sub(kx).div_ceil(self.stride)).clamp(lo, ow);
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            let first = lo * self.stride + kx - self.pad;
+            if self.stride == 1 {
+                dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+            } else {
+                for (d, v) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(self.stride)) {
+                    *d = *v;
+                }
+            }
+        }
+    }
+
+    /// relu(W · im2col(x) + b) of one image into `out` [O, OH·OW]; `parallel` spreads the unrolling.
+    fn image(&self, x: &[f32], dims: (usize, usize, usize, usize), cols: &mut Vec<f32>, out: &mut [f32], parallel: bool) {
+        let (_, _, oh, ow) = dims;
+        let (o, ckk, n) = (self.bias.len(), self.weight.len() / self.bias.len(), oh * ow);
+        cols.resize(ckk * n, 0.0);
+        if parallel {
+            cols.par_chunks_mut(n).enumerate().for_each(|(r, row)| self.im2col_row(x, dims, r, row));
+        } else {
+            cols.chunks_mut(n).enumerate().for_each(|(r, row)| self.im2col_row(x, dims, r, row));
+        }
+        for (row, &b) in out.chunks_mut(n).zip(self.bias) {
+            row.fill(b);
+        }
+        crate::sgemm::sgemm(o, n, ckk, out, true, (self.weight, ckk, 1), (cols, n, 1));
+        out.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+}
+
+impl CustomOp1 for GemmConv<'_> {
+    fn name(&self) -> &'static str {
+        "gemm_conv2d"
+    }
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(st, l, "gemm_conv2d")?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let o = self.bias.len();
+        if self.weight.len() != o * c * self.k * self.k {
+            candle_core::bail!("gemm_conv2d: weight has {} values, expected {o}x{c}x{}x{}", self.weight.len(), self.k, self.k)
+        }
+        if h + 2 * self.pad < self.k || w + 2 * self.pad < self.k {
+            candle_core::bail!("gemm_conv2d: input {h}x{w} smaller than the {}x{} kernel", self.k, self.k)
+        }
+        let (oh, ow) = ((h + 2 * self.pad - self.k) / self.stride + 1, (w + 2 * self.pad - self.k) / self.stride + 1);
+        let dims = (h, w, oh, ow);
+        let mut out = vec![0f32; n * o * oh * ow];
+        let images = x.chunks(c * h * w).zip(out.chunks_mut(o * oh * ow));
+        thread_local! {
+            // the unrolled patches (up to ~20 MB), kept per thread so pages are not faulted in anew
+            static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        if n >= rayon::current_num_threads() || rayon::current_thread_index().is_some() {
+            // one image per job, each product on its job's thread
+            images.collect::<Vec<_>>().into_par_iter().for_each(|(xi, oi)| COLS.with_borrow_mut(|cols| self.image(xi, dims, cols, oi, false)));
+        } else {
+            COLS.with_borrow_mut(|cols| images.for_each(|(xi, oi)| self.image(xi, dims, cols, oi, true)));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, o, oh, ow))))
+    }
+}
+
+/// relu(conv2d(x, weight) + bias) with square kernel `k`, `stride` and zero padding `pad`, by
+/// im2col + sgemm; `weight` is [O, C, k, k] row-major. No gradient (use candle's conv2d for that).
+pub fn gemm_conv2d_relu(x: &Tensor, weight: &[f32], bias: &[f32], k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&GemmConv { weight, bias, k, stride, pad })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,6 +865,23 @@ mod tests {
         let gx = g.get(&x).unwrap().to_vec1::<f32>()?;
         for (a, b) in gx.iter().zip(xs) {
             assert!((a - 1.0 / (1.0 + b * b)).abs() < 1e-7);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gemm_conv_equals_candle_conv2d_plus_bias_and_relu() -> Result<()> {
+        let dev = Device::Cpu;
+        // AlexNet's kernel/stride/padding kinds, on one image (split product) and on three (per-image jobs)
+        for (n, c, o, k, stride, pad, side) in [(1, 3, 8, 11, 4, 2, 45), (3, 5, 7, 5, 1, 2, 13), (2, 6, 4, 3, 1, 1, 9), (1, 2, 3, 3, 2, 0, 10)] {
+            let x = Tensor::randn(0f32, 1.0, (n, c, side, side + 3), &dev)?;
+            let w = Tensor::randn(0f32, 0.3, (o, c, k, k), &dev)?;
+            let b = Tensor::randn(0f32, 0.3, o, &dev)?;
+            let want = x.conv2d(&w, pad, stride, 1, 1)?.broadcast_add(&b.reshape((1, o, 1, 1))?)?.relu()?;
+            let got = gemm_conv2d_relu(&x, &w.flatten_all()?.to_vec1::<f32>()?, &b.to_vec1::<f32>()?, k, stride, pad)?;
+            assert_eq!(got.dims(), want.dims());
+            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(err < 1e-4, "k{k} s{stride} p{pad}: max error {err}");
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 
 use super::{expect_shape, get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
-use crate::ops::max_pool2d;
+use crate::ops::{gemm_conv2d_relu, max_pool2d};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,12 +11,20 @@ use std::path::Path;
 struct Conv {
     weight: Tensor,
     bias: Tensor,
+    /// The same weights as plain rows for the im2col + sgemm kernel.
+    weight_rows: Vec<f32>,
+    bias_values: Vec<f32>,
+    kernel: usize,
     stride: usize,
     padding: usize,
 }
 
 impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && !x.track_op() {
+            return Ok(gemm_conv2d_relu(x, &self.weight_rows, &self.bias_values, self.kernel, self.stride, self.padding)?);
+        }
+        // candle's conv2d where the input gradient is needed (localization) or on CUDA
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?.relu()?)
     }
@@ -67,7 +75,8 @@ impl AlexNet {
             let bias = get(tensors, &bn, path)?;
             expect_shape(&weight, &[o, i, k, k], &wn, path)?;
             expect_shape(&bias, &[o], &bn, path)?;
-            convs.push(Conv { weight, bias, stride, padding });
+            let (weight_rows, bias_values) = (weight.flatten_all()?.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
+            convs.push(Conv { weight, bias, weight_rows, bias_values, kernel: k, stride, padding });
         }
         Ok(AlexNet { convs })
     }
