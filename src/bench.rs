@@ -67,6 +67,19 @@ pub struct BenchReport {
     pub e2e_settings: Option<String>,
 }
 
+/// The extractor to time: installed weights, or random AlexNet weights when none are installed
+/// (weights do not change the speed); EfficientNet-Lite0 needs its weights (its BN is folded).
+pub fn extractor(kind: BackboneKind, device: &Device) -> Result<Extractor> {
+    let path = crate::weights::weights_path(kind);
+    if path.is_file() {
+        Extractor::load(kind, &path, device)
+    } else if kind == BackboneKind::Alexnet {
+        Ok(Extractor::from_backbone(Box::new(crate::backbone::AlexNet::random(device)?), "random".into(), device))
+    } else {
+        Err(crate::Error::Config(format!("no {} weights: run `differnet weights fetch`", kind.id())))
+    }
+}
+
 /// Runs every measurement; `views` backbone views are timed (after one warm-up batch).
 pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usize, flow_steps: usize) -> Result<BenchReport> {
     let backend = crate::sgemm::backend();

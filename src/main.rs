@@ -571,14 +571,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Weights(w) => weights_cmd(cli, w)?,
         Command::Demo(a) => demo(cli, a, &dev)?,
         Command::Bench(a) => {
-            let path = weights::weights_path(a.backbone);
-            let mut ex = if path.is_file() {
-                Extractor::load(a.backbone, &path, &dev)?
-            } else if a.backbone == BackboneKind::Alexnet {
-                Extractor::from_backbone(Box::new(differnet::backbone::AlexNet::random(&dev)?), "random".into(), &dev)
-            } else {
-                bail!("no {} weights: run `differnet weights fetch`", a.backbone.id());
-            };
+            let mut ex = differnet::bench::extractor(a.backbone, &dev)?;
             ex.batch = a.backbone_batch.max(1);
             let mut flow = differnet::flow::FlowConfig::new(ex.feature_dim());
             flow.hidden = a.hidden;
