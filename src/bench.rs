@@ -101,12 +101,10 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     reset_peak_rss();
     let mut trainer = FlowTrainer::new(flow_cfg.clone(), 0)?;
     let y: Vec<f32> = (0..flow_batch * flow_cfg.dim).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-    trainer.loss_and_gradients(&y, flow_batch);
-    trainer.adam_step(&AdamConfig::default());
+    trainer.train_step(&y, flow_batch, &AdamConfig::default());
     let t = Instant::now();
     for _ in 0..flow_steps {
-        trainer.loss_and_gradients(&y, flow_batch);
-        trainer.adam_step(&AdamConfig::default());
+        trainer.train_step(&y, flow_batch, &AdamConfig::default());
     }
     let samples_per_s = (flow_steps * flow_batch) as f64 / t.elapsed().as_secs_f64();
     let params: usize = trainer.params.tensors.iter().map(|t| t.len()).sum();

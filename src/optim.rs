@@ -55,26 +55,53 @@ impl InplaceOp2 for AdamKernel<'_> {
     }
 }
 
-/// One Adam update of `p` with gradient `g` and moments `m`, `v` (step counts from 1).
+/// The constants of Adam step `step` (its bias corrections), applied to any slice of parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+}
+
+impl AdamStep {
+    /// Step numbers count from 1.
+    pub fn new(c: &AdamConfig, step: u64) -> Self {
+        let bc1 = 1.0 - c.beta1.powi(step as i32);
+        let bc2 = 1.0 - c.beta2.powi(step as i32);
+        AdamStep {
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            weight_decay: c.weight_decay as f32,
+            step_size: (c.lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+        }
+    }
+
+    /// Updates `p` (and its moments `m`, `v`) with gradient `g`, on this thread.
+    pub fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (beta1, beta2) = (self.beta1, self.beta2);
+        for i in 0..p.len() {
+            let gi = g[i] + self.weight_decay * p[i];
+            m[i] = beta1 * m[i] + (1.0 - beta1) * gi;
+            v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi;
+            let denom = v[i].sqrt() / self.bc2_sqrt + self.eps;
+            p[i] -= self.step_size * m[i] / denom;
+        }
+    }
+}
+
+/// One Adam update of `p` with gradient `g` and moments `m`, `v` (step counts from 1), in parallel.
 pub fn adam_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &AdamConfig, step: u64) {
-    let (beta1, beta2, eps, wd) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, c.weight_decay as f32);
-    let bc1 = 1.0 - c.beta1.powi(step as i32);
-    let bc2 = 1.0 - c.beta2.powi(step as i32);
-    let step_size = (c.lr / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
+    let s = AdamStep::new(c, step);
     const CHUNK: usize = 1 << 14;
     p.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| {
-            for i in 0..p.len() {
-                let gi = g[i] + wd * p[i];
-                m[i] = beta1 * m[i] + (1.0 - beta1) * gi;
-                v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi;
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] -= step_size * m[i] / denom;
-            }
-        });
+        .for_each(|((p, g), (m, v))| s.apply(p, g, m, v));
 }
 
 impl Adam {

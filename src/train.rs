@@ -173,9 +173,8 @@ pub fn train_flow_with_checkpoints(
             let n_rows = chunk.len() * cfg.views_per_image;
             let value = match fast.as_mut() {
                 Some(t) => {
-                    let value = t.loss_and_gradients(&rows, n_rows);
+                    let value = t.train_step(&rows, n_rows, &cfg.adam);
                     check_finite(value, epoch)?;
-                    t.adam_step(&cfg.adam);
                     value
                 }
                 None => {
