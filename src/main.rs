@@ -80,9 +80,15 @@ struct ExperimentArgs {
     /// Training epochs of every flow (paper: 192).
     #[arg(long, default_value_t = 192)]
     epochs: usize,
-    /// Random training views extracted per image (each epoch samples 4 of them).
+    /// Random training views extracted per image (each epoch samples --views of them).
     #[arg(long, default_value_t = 16)]
     cached_views: usize,
+    /// Training views sampled per image and epoch (paper: 4).
+    #[arg(long, default_value_t = 4)]
+    views: usize,
+    /// Random rotations of the training views (paper: on; `train`'s fast schedule: off).
+    #[arg(long, value_enum, default_value = "on")]
+    rotate: Switch,
     /// Test views (paper: 64); table 3 uses subsets of 1, 4, 16 and 64 of them.
     #[arg(long, default_value_t = 64)]
     test_views: usize,
@@ -890,7 +896,8 @@ fn experiment(cli: &Cli, a: &ExperimentArgs, dev: &candle_core::Device) -> Resul
     train.epochs = a.epochs;
     train.flow.hidden = a.hidden;
     train.cached_views = a.cached_views;
-    train.augment = a.jitter.augment(true);
+    train.views_per_image = a.views;
+    train.augment = a.jitter.augment(a.rotate == Switch::On);
     train.seed = a.seed;
     train.validate()?;
     let config = ExperimentConfig { train, test_views: a.test_views, shots: a.shots.clone(), subsets: a.subsets.max(1), multimodal_blocks: 12 };
