@@ -175,9 +175,15 @@ impl PlaneGeometry {
     /// [`Self::fill_phases`] of `f` applied to each value of `plane` (the padding stays zero).
     #[inline(always)]
     fn fill_phases_with(&self, plane: &[f32], dst: &mut Vec<f32>, f: impl Fn(f32) -> f32) {
-        let PlaneGeometry { h, w, s, pt, pl, hp, pw, .. } = *self;
-        dst.clear();
         dst.resize(self.phases_len(), 0.0);
+        self.fill_phases_into(plane, dst, f)
+    }
+
+    /// [`Self::fill_phases_with`] into a slice of exactly `phases_len()` values.
+    #[inline(always)]
+    fn fill_phases_into(&self, plane: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+        let PlaneGeometry { h, w, s, pt, pl, hp, pw, .. } = *self;
+        dst.fill(0.0);
         for y in 0..h {
             let row = &plane[y * w..(y + 1) * w];
             if s == 1 {
@@ -360,10 +366,7 @@ impl CustomOp2 for DirectConv {
             // few input channels (the stem): every input plane is padded once, then shared
             let plane_len = geo.phases_len();
             let mut phases = vec![0f32; n * c * plane_len];
-            phases.par_chunks_mut(plane_len).enumerate().for_each_init(Vec::new, |scratch, (p, ph)| {
-                geo.fill_phases(&x[p * h * w..(p + 1) * h * w], scratch);
-                ph.copy_from_slice(scratch);
-            });
+            phases.par_chunks_mut(plane_len).enumerate().for_each(|(p, ph)| geo.fill_phases_into(&x[p * h * w..(p + 1) * h * w], ph, |v| v));
             out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out_plane)| {
                 let (b, oc) = (p / o, p % o);
                 out_plane.fill(self.bias[oc]);
