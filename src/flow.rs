@@ -80,7 +80,12 @@ impl Linear {
         let b: Vec<f32> = (0..output).map(|_| rng.random_range(-bound..bound)).collect();
         Ok(Linear { weight: Var::from_vec(w, (output, input), dev)?, bias: Var::from_vec(b, output, dev)? })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `frozen`: no gradient for the parameters is wanted (scoring); on the CPU, for an input
+    /// that needs no gradient either, the product then runs outside candle's graph on `sgemm`.
+    fn forward(&self, x: &Tensor, frozen: bool) -> Result<Tensor> {
+        if frozen && x.device().is_cpu() && !x.track_op() {
+            return Ok(crate::ops::frozen_linear(x, self.weight.as_tensor(), self.bias.as_tensor())?);
+        }
         Ok(x.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
     }
 }
@@ -101,10 +106,10 @@ impl Subnet {
             ],
         })
     }
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, frozen: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h)?;
+            h = l.forward(&h, frozen)?;
             if i < 3 {
                 h = h.relu()?;
             }
@@ -180,10 +185,20 @@ impl NormalizingFlow {
 
     /// z = f_NF(y) and log|det ∂z/∂y| per sample: [B, D] -> ([B, D], [B]).
     pub fn forward(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.forward_with(y, false)
+    }
+
+    /// `forward` with the parameters frozen (scoring, gradient maps): faster on the CPU, and
+    /// gradients reach only the input.
+    pub fn forward_frozen(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.forward_with(y, true)
+    }
+
+    fn forward_with(&self, y: &Tensor, frozen: bool) -> Result<(Tensor, Tensor)> {
         let mut x = y.clone();
         let mut logdet: Option<Tensor> = None;
         for b in &self.blocks {
-            let (out, ld) = b.forward(&x, self.config.alpha)?;
+            let (out, ld) = b.forward(&x, self.config.alpha, frozen)?;
             x = out;
             logdet = Some(match logdet {
                 None => ld,
@@ -219,13 +234,13 @@ impl CouplingBlock {
         Ok((soft_clamp(&r.narrow(1, 0, n)?, alpha)?, r.narrow(1, n, n)?))
     }
 
-    pub fn forward(&self, x: &Tensor, alpha: f64) -> Result<(Tensor, Tensor)> {
+    pub fn forward(&self, x: &Tensor, alpha: f64, frozen: bool) -> Result<(Tensor, Tensor)> {
         let x = x.index_select(&self.perm_t, 1)?;
         let (x1, x2) = Self::halves(&x)?;
         let (n1, n2) = (x1.dim(1)?, x2.dim(1)?);
-        let (ls2, t2) = Self::scale_shift(&self.s2.forward(&x2)?, n1, alpha)?;
+        let (ls2, t2) = Self::scale_shift(&self.s2.forward(&x2, frozen)?, n1, alpha)?;
         let y1 = ((ls2.exp()? * &x1)? + t2)?;
-        let (ls1, t1) = Self::scale_shift(&self.s1.forward(&y1)?, n2, alpha)?;
+        let (ls1, t1) = Self::scale_shift(&self.s1.forward(&y1, frozen)?, n2, alpha)?;
         let y2 = ((ls1.exp()? * &x2)? + t1)?;
         let out = Tensor::cat(&[y1, y2], 1)?.clamp(-1e6f32, 1e6f32)?;
         let logdet = (ls1.sum(1)? + ls2.sum(1)?)?;
@@ -235,9 +250,9 @@ impl CouplingBlock {
     pub fn inverse(&self, y: &Tensor, alpha: f64) -> Result<Tensor> {
         let (y1, y2) = Self::halves(y)?;
         let (n1, n2) = (y1.dim(1)?, y2.dim(1)?);
-        let (ls1, t1) = Self::scale_shift(&self.s1.forward(&y1)?, n2, alpha)?;
+        let (ls1, t1) = Self::scale_shift(&self.s1.forward(&y1, false)?, n2, alpha)?;
         let x2 = ((y2 - t1)? / ls1.exp()?)?;
-        let (ls2, t2) = Self::scale_shift(&self.s2.forward(&x2)?, n1, alpha)?;
+        let (ls2, t2) = Self::scale_shift(&self.s2.forward(&x2, false)?, n1, alpha)?;
         let x1 = ((y1 - t2)? / ls2.exp()?)?;
         let x = Tensor::cat(&[x1, x2], 1)?.clamp(-1e6f32, 1e6f32)?;
         Ok(x.index_select(&self.inv_perm_t, 1)?)

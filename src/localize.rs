@@ -56,7 +56,7 @@ pub fn gradient_map(ex: &Extractor, flow: &NormalizingFlow, resized: &Rgb8, view
     for view in views {
         let x = Var::from_tensor(&ex.input_tensor(resized, view)?)?;
         let y = ex.features(x.as_tensor())?;
-        let (z, logdet) = flow.forward(&y)?;
+        let (z, logdet) = flow.forward_frozen(&y)?;
         let grads = nll_loss(&z, &logdet)?.backward()?;
         let g = grads.get(x.as_tensor()).ok_or_else(|| Error::Config("no gradient reached the input".into()))?;
         let g = g.flatten_all()?.to_vec1::<f32>()?;

@@ -1,8 +1,8 @@
 //! Tensor operations candle lacks, as CPU custom ops: `atan` (with backward), overlapping
 //! max-pool with a backward pass, and a fast depthwise convolution.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use crate::sgemm::{sgemm_with, Backend::Rust};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use crate::sgemm::{sgemm, sgemm_with, Backend::Rust};
 use rayon::prelude::*;
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -849,6 +849,32 @@ impl CustomOp1 for GemmConv<'_> {
 /// im2col + sgemm; `weight` is [O, C, k, k] row-major. No gradient (use candle's conv2d for that).
 pub fn gemm_conv2d_relu(x: &Tensor, weight: &[f32], bias: &[f32], k: usize, stride: usize, pad: usize) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&GemmConv { weight, bias, k, stride, pad })
+}
+
+/// A fully connected layer with frozen parameters, `x·Wᵀ + b` by `sgemm` (OpenBLAS when present):
+/// scoring runs the flow's subnets with it. No gradient.
+struct FrozenLinear;
+
+impl CustomOp3 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen_linear"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (contiguous_f32(s1, l1, "frozen_linear")?, contiguous_f32(s2, l2, "frozen_linear")?, contiguous_f32(s3, l3, "frozen_linear")?);
+        let (rows, input) = l1.shape().dims2()?;
+        let (output, w_input) = l2.shape().dims2()?;
+        if w_input != input || b.len() != output {
+            candle_core::bail!("frozen_linear: x {:?}, weight {:?}, bias {:?} do not fit", l1.shape(), l2.shape(), l3.shape())
+        }
+        let mut y: Vec<f32> = b.iter().copied().cycle().take(rows * output).collect();
+        sgemm(rows, output, input, &mut y, true, (x, input, 1), (w, 1, input));
+        Ok((CpuStorage::F32(y), Shape::from((rows, output))))
+    }
+}
+
+/// `x·weightᵀ + bias` for x [B, in], weight [out, in], bias [out], without gradient tracking.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &FrozenLinear)
 }
 
 #[cfg(test)]

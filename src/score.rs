@@ -27,7 +27,7 @@ pub fn view_scores(flow: &NormalizingFlow, features: &[f32], dim: usize, kind: S
     let mut out = Vec::with_capacity(n);
     for chunk in features.chunks(dim * 256) {
         let y = Tensor::from_slice(chunk, (chunk.len() / dim, dim), device)?;
-        let (z, logdet) = flow.forward(&y)?;
+        let (z, logdet) = flow.forward_frozen(&y)?;
         let z2: Vec<f32> = z.sqr()?.sum(1)?.to_vec1()?;
         match kind {
             ScoreKind::MeanZ2 => out.extend(z2.iter().map(|&s| s as f64 / dim as f64)),

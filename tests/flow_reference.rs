@@ -39,10 +39,15 @@ fn forward_logdet_loss_and_blocks_match_pytorch() {
     assert!(max_abs_diff(&logdet, &f["logdet_f64"]) < 1e-5, "logdet: {}", max_abs_diff(&logdet, &f["logdet_f64"]));
     let loss = nll_loss(&z, &logdet).unwrap();
     assert!(max_abs_diff(&loss, &f["loss_f64"]) < 1e-6);
+    // frozen parameters (scoring): the subnets' products run on sgemm outside the graph
+    let (zf, logdet_f) = flow.forward_frozen(x).unwrap();
+    assert!(!zf.track_op(), "a frozen forward of a plain input builds no graph");
+    assert!(max_abs_diff(&zf, &f["z_f64"]) < 1e-5, "frozen z: {}", max_abs_diff(&zf, &f["z_f64"]));
+    assert!(max_abs_diff(&logdet_f, &f["logdet_f64"]) < 1e-5, "frozen logdet: {}", max_abs_diff(&logdet_f, &f["logdet_f64"]));
     // block by block
     let mut h = x.clone();
     for (k, b) in flow.blocks.iter().enumerate() {
-        let (out, ld) = b.forward(&h, 3.0).unwrap();
+        let (out, ld) = b.forward(&h, 3.0, false).unwrap();
         assert!(max_abs_diff(&out, &f[&format!("block_out.{k}")]) < 1e-5, "block {k}");
         assert!(max_abs_diff(&ld, &f[&format!("block_logdet.{k}")]) < 1e-5, "block {k} logdet");
         h = out;
