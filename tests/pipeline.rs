@@ -284,7 +284,8 @@ fn cached_features_equal_fresh_ones_and_invalidate() {
     let batched = differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &views, &indicatif::ProgressBar::hidden()).unwrap();
     for (p, b) in paths.iter().zip(&batched) {
         let alone = differnet::score::anomaly_score(&flow, &cache.features(&ex, p, &views).unwrap(), ex.feature_dim(), ScoreKind::Nll, &Device::Cpu).unwrap();
-        assert!((alone - b).abs() < 1e-9 * alone.abs().max(1.0), "{alone} vs {b}");
+        // equal up to rounding: OpenBLAS's kernels may round differently for other batch sizes
+        assert!((alone - b).abs() < 1e-6 * alone.abs().max(1.0), "{alone} vs {b}");
     }
     assert!(differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &[], &indicatif::ProgressBar::hidden()).is_err());
 }
