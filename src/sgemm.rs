@@ -115,6 +115,8 @@ pub fn sgemm_with(backend: Backend, m: usize, n: usize, k: usize, dst: &mut [f32
     let block = |j0: usize, cols: usize| {
         let (ta, lda) = cblas_layout(a).expect("checked above");
         let (tb, ldb) = cblas_layout(b).expect("checked above");
+        // capture the whole `Columns` (Send + Sync), not its raw pointer field
+        #[allow(clippy::redundant_locals)]
         let c = c;
         // SAFETY: columns j0..j0+cols of B and C lie inside their buffers (asserts above); jobs
         // write disjoint column ranges of C.
