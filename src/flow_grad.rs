@@ -204,7 +204,8 @@ impl FlowTrainer {
         g
     }
 
-    /// Loss L (eq. 4, batch mean / D) and gradients of all parameters for features y [batch, dim].
+    /// Loss L (eq. 4, batch mean / D) and gradients of all parameters for features y [batch, dim]
+    /// (a non-finite loss is returned at once, the gradients left as they were).
     pub fn loss_and_gradients(&mut self, y: &[f32], batch: usize) -> f64 {
         self.forward_backward(y, batch, None)
     }

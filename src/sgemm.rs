@@ -92,7 +92,7 @@ pub fn sgemm_with(backend: Backend, m: usize, n: usize, k: usize, dst: &mut [f32
     // split large products over the threads, unless called from a job that already has its own
     let large = m * n * k > 1 << 18 && threads > 1 && rayon::current_thread_index().is_none();
     let blas = match backend {
-        Backend::OpenBlas => openblas().filter(|_| cblas_layout(a).is_some() && cblas_layout(b).is_some()),
+        Backend::OpenBlas => openblas().filter(|_| cblas_layout(a, m, k).is_some() && cblas_layout(b, k, n).is_some()),
         Backend::Rust => None,
     };
     let Some(f) = blas else {
@@ -113,8 +113,8 @@ pub fn sgemm_with(backend: Backend, m: usize, n: usize, k: usize, dst: &mut [f32
     let c = Columns(dst.as_mut_ptr());
     // One single-threaded OpenBLAS call for columns [j0, j0 + cols) of C.
     let block = |j0: usize, cols: usize| {
-        let (ta, lda) = cblas_layout(a).expect("checked above");
-        let (tb, ldb) = cblas_layout(b).expect("checked above");
+        let (ta, lda) = cblas_layout(a, m, k).expect("checked above");
+        let (tb, ldb) = cblas_layout(b, k, n).expect("checked above");
         // capture the whole `Columns` (Send + Sync), not its raw pointer field
         #[allow(clippy::redundant_locals)]
         let c = c;
@@ -135,15 +135,18 @@ pub fn sgemm_with(backend: Backend, m: usize, n: usize, k: usize, dst: &mut [f32
     }
 }
 
-/// CBLAS transpose flag and leading dimension of a row-major view, when it has a unit stride.
-fn cblas_layout(x: Mat) -> Option<(i32, i32)> {
+/// CBLAS transpose flag and leading dimension of a row-major `rows`×`cols` view, when CBLAS can
+/// take it: one unit stride, a valid leading dimension, sizes that fit its `int`s.
+fn cblas_layout(x: Mat, rows: usize, cols: usize) -> Option<(i32, i32)> {
     const NO_TRANS: i32 = 111;
     const TRANS: i32 = 112;
-    match (x.1, x.2) {
-        (rs, 1) => Some((NO_TRANS, rs.max(1) as i32)),
-        (1, cs) => Some((TRANS, cs.max(1) as i32)),
-        _ => None,
-    }
+    let (flag, ld, least) = match (x.1, x.2) {
+        (rs, 1) => (NO_TRANS, rs, cols),
+        (1, cs) => (TRANS, cs, rows),
+        _ => return None,
+    };
+    let fits = |v: usize| i32::try_from(v).is_ok();
+    (ld >= least.max(1) && fits(ld) && fits(rows) && fits(cols) && fits(x.0.len())).then_some((flag, ld as i32))
 }
 
 #[cfg(test)]
