@@ -502,6 +502,8 @@ impl Pointwise {
             let (b, t) = (job / tiles, job % tiles);
             let (c0, cols) = (t * TILE, TILE.min(hw - t * TILE));
             product.resize(o * cols, 0.0);
+            // the gemm crate, not OpenBLAS, for these small, many products: as fast here
+            // (measured), and EfficientNet features then do not depend on the system
             sgemm_with(Rust, o, cols, c, product, false, (&self.weight, c, 1), (&x[b * c * hw + c0..], hw, 1));
             // SAFETY: every job writes a disjoint column range [c0, c0+cols) of its image's rows.
             unsafe { store_rows(dst, b * o * hw + c0, hw, product, cols, &self.bias, self.relu6, residual) };
@@ -538,8 +540,6 @@ impl CustomOp2 for Pointwise {
 
 /// Stores a product tile `product` [O, cols] into the output rows that start at `base` (row
 /// stride `stride`) as `relu6?(p + bias)`, plus `residual` read at the same indices.
-/// The tile products above use the gemm crate rather than OpenBLAS: as fast on these small,
-/// many products (measured), and it keeps EfficientNet features independent of the system.
 ///
 /// # Safety
 /// `dst` must hold `base + (O-1)·stride + cols` values and no other thread may touch this range.
@@ -808,7 +808,7 @@ impl GemmConv<'_> {
         for (row, &b) in out.chunks_mut(n).zip(self.bias) {
             row.fill(b);
         }
-        crate::sgemm::sgemm(o, n, ckk, out, true, (self.weight, ckk, 1), (cols, n, 1));
+        sgemm(o, n, ckk, out, true, (self.weight, ckk, 1), (cols, n, 1));
         out.iter_mut().for_each(|v| *v = v.max(0.0));
     }
 }

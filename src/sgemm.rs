@@ -92,10 +92,10 @@ pub fn sgemm_with(backend: Backend, m: usize, n: usize, k: usize, dst: &mut [f32
     // split large products over the threads, unless called from a job that already has its own
     let large = m * n * k > 1 << 18 && threads > 1 && rayon::current_thread_index().is_none();
     let blas = match backend {
-        Backend::OpenBlas => openblas().filter(|_| cblas_layout(a, m, k).is_some() && cblas_layout(b, k, n).is_some()),
+        Backend::OpenBlas => openblas().and_then(|f| Some((f, cblas_layout(a, m, k)?, cblas_layout(b, k, n)?))),
         Backend::Rust => None,
     };
-    let Some(f) = blas else {
+    let Some((f, (ta, lda), (tb, ldb))) = blas else {
         let par = if large { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         // SAFETY: the asserts above keep every index inside the three buffers.
         unsafe {
@@ -113,8 +113,6 @@ pub fn sgemm_with(backend: Backend, m: usize, n: usize, k: usize, dst: &mut [f32
     let c = Columns(dst.as_mut_ptr());
     // One single-threaded OpenBLAS call for columns [j0, j0 + cols) of C.
     let block = |j0: usize, cols: usize| {
-        let (ta, lda) = cblas_layout(a, m, k).expect("checked above");
-        let (tb, ldb) = cblas_layout(b, k, n).expect("checked above");
         // capture the whole `Columns` (Send + Sync), not its raw pointer field
         #[allow(clippy::redundant_locals)]
         let c = c;
