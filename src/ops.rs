@@ -167,28 +167,35 @@ impl PlaneGeometry {
         self.s * self.hp * self.pw
     }
 
-    /// Writes the padded, phase-split copy of `plane` into `dst` (resized as needed).
-    fn fill_phases(&self, plane: &[f32], dst: &mut Vec<f32>) {
-        self.fill_phases_with(plane, dst, |v| v)
-    }
-
-    /// [`Self::fill_phases`] of `f` applied to each value of `plane` (the padding stays zero).
+    /// Writes the padded, phase-split copy of `plane` into `dst` (resized as needed), each value
+    /// passed through `on_copy` (the padding stays zero).
     #[inline(always)]
-    fn fill_phases_with(&self, plane: &[f32], dst: &mut Vec<f32>, f: impl Fn(f32) -> f32) {
+    fn fill_phases(&self, plane: &[f32], dst: &mut Vec<f32>, on_copy: OnCopy) {
         dst.resize(self.phases_len(), 0.0);
-        self.fill_phases_into(plane, dst, f)
+        self.fill_phases_into(plane, dst, on_copy)
     }
 
-    /// [`Self::fill_phases_with`] into a slice of exactly `phases_len()` values.
+    /// [`Self::fill_phases`] into a slice of exactly `phases_len()` values. Only the padding is
+    /// zeroed; every other value is written once.
     #[inline(always)]
-    fn fill_phases_into(&self, plane: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+    fn fill_phases_into(&self, plane: &[f32], dst: &mut [f32], on_copy: OnCopy) {
         let PlaneGeometry { h, w, s, pt, pl, hp, pw, .. } = *self;
-        dst.fill(0.0);
+        for r in 0..s {
+            let phase = &mut dst[r * hp * pw..(r + 1) * hp * pw];
+            phase[..pt * pw].fill(0.0);
+            phase[(pt + h) * pw..].fill(0.0);
+            // the columns j of this phase that hold input columns: pl <= j·s + r < pl + w
+            let first = pl.saturating_sub(r).div_ceil(s).min(pw);
+            let end = (pl + w).saturating_sub(r).div_ceil(s).min(pw);
+            for y in pt..pt + h {
+                phase[y * pw..y * pw + first].fill(0.0);
+                phase[y * pw + end..(y + 1) * pw].fill(0.0);
+            }
+        }
         for y in 0..h {
             let row = &plane[y * w..(y + 1) * w];
             if s == 1 {
-                let d = &mut dst[(y + pt) * pw + pl..(y + pt) * pw + pl + w];
-                d.iter_mut().zip(row).for_each(|(d, &v)| *d = f(v));
+                on_copy.copy(row, &mut dst[(y + pt) * pw + pl..(y + pt) * pw + pl + w]);
                 continue;
             }
             if s == 2 {
@@ -204,17 +211,78 @@ impl PlaneGeometry {
                     let (a, b) = dst.split_at_mut(even);
                     (&mut b[..n_even], &mut a[odd..odd + n_odd])
                 };
-                deinterleave(row, ev, od, &f);
+                deinterleave(row, ev, od, on_copy);
                 if w % 2 == 1 {
-                    ev[n_even - 1] = f(row[w - 1]);
+                    ev[n_even - 1] = on_copy.apply(row[w - 1]);
                 }
                 continue;
             }
             // input column x sits at padded column x + pl = j·s + r
             for (x, &v) in row.iter().enumerate() {
                 let col = x + pl;
-                dst[((col % s) * hp + y + pt) * pw + col / s] = f(v);
+                dst[((col % s) * hp + y + pt) * pw + col / s] = on_copy.apply(v);
             }
+        }
+    }
+}
+
+/// What happens to each input value as it is copied into the padded planes: nothing, or the
+/// expansion's bias and ReLU6 (`clamp(v + bias, 0, 6)`), applied here so that no pass is spent on it.
+#[derive(Clone, Copy)]
+enum OnCopy {
+    Identity,
+    BiasRelu6(f32),
+}
+
+impl OnCopy {
+    #[inline(always)]
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            OnCopy::Identity => v,
+            OnCopy::BiasRelu6(b) => (v + b).clamp(0.0, 6.0),
+        }
+    }
+
+    /// [`Self::apply`] on 8 values (the same results: max then min, as the scalar clamp).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn apply8(self, v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        match self {
+            OnCopy::Identity => v,
+            OnCopy::BiasRelu6(b) => _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, _mm256_set1_ps(b)), _mm256_setzero_ps()), _mm256_set1_ps(6.0)),
+        }
+    }
+
+    /// dst[i] = apply(src[i]); with AVX2, 8 values at a time.
+    #[inline(always)]
+    fn copy(self, src: &[f32], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: AVX2 was detected; n is within both slices.
+            return unsafe { self.copy_avx2(src, dst, n) };
+        }
+        for i in 0..n {
+            dst[i] = self.apply(src[i]);
+        }
+    }
+
+    /// [`Self::copy`] of the first `n` values with AVX2.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present; `n` ≤ both lengths.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn copy_avx2(self, src: &[f32], dst: &mut [f32], n: usize) {
+        use std::arch::x86_64::*;
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), self.apply8(_mm256_loadu_ps(src.as_ptr().add(i))));
+            i += 8;
+        }
+        for i in i..n {
+            *dst.get_unchecked_mut(i) = self.apply(*src.get_unchecked(i));
         }
     }
 }
@@ -222,54 +290,75 @@ impl PlaneGeometry {
 /// ev[j] = f(row[2j]), od[j] = f(row[2j+1]) for the pairs of `row` (a trailing odd value is
 /// left to the caller); with AVX2, 16 values at a time.
 #[inline(always)]
-fn deinterleave(row: &[f32], ev: &mut [f32], od: &mut [f32], f: &impl Fn(f32) -> f32) {
+fn deinterleave(row: &[f32], ev: &mut [f32], od: &mut [f32], f: OnCopy) {
     let pairs = (row.len() / 2).min(ev.len()).min(od.len());
-    let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        // SAFETY: AVX2 was detected; every load reads row[2j..2j+16] with 2j+16 <= 2·pairs and
-        // every store writes [j, j+8) with j+8 <= pairs.
-        unsafe {
-            use std::arch::x86_64::*;
-            while j + 8 <= pairs {
-                let a = _mm256_loadu_ps(row.as_ptr().add(2 * j));
-                let b = _mm256_loadu_ps(row.as_ptr().add(2 * j + 8));
-                // per 128-bit lane: [a0 a2 b0 b2 | a4 a6 b4 b6], then lanes 0 2 1 3 of 64 bits
-                let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b))));
-                let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b))));
-                let (mut ea, mut oa) = ([0f32; 8], [0f32; 8]);
-                _mm256_storeu_ps(ea.as_mut_ptr(), e);
-                _mm256_storeu_ps(oa.as_mut_ptr(), o);
-                for i in 0..8 {
-                    ev[j + i] = f(ea[i]);
-                    od[j + i] = f(oa[i]);
-                }
-                j += 8;
-            }
-        }
+        // SAFETY: AVX2 was detected; pairs is within all three slices.
+        return unsafe { deinterleave_avx2(row, ev, od, f, pairs) };
     }
-    for j in j..pairs {
-        ev[j] = f(row[2 * j]);
-        od[j] = f(row[2 * j + 1]);
+    for j in 0..pairs {
+        ev[j] = f.apply(row[2 * j]);
+        od[j] = f.apply(row[2 * j + 1]);
     }
 }
 
-/// out += the k×k taps of `kernel` over a phase-split padded plane (see [`PlaneGeometry`]).
-/// With `relu6`, the sums are clamped to [0, 6] as they are stored.
-fn accumulate_taps(out: &mut [f32], phases: &[f32], kernel: &[f32], g: &PlaneGeometry, relu6: bool) {
+/// [`deinterleave`] of the first `pairs` pairs with AVX2.
+///
+/// # Safety
+/// AVX2 and FMA must be present; 2·pairs ≤ row.len(), pairs ≤ ev.len(), od.len().
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn deinterleave_avx2(row: &[f32], ev: &mut [f32], od: &mut [f32], f: OnCopy, pairs: usize) {
+    use std::arch::x86_64::*;
+    let mut j = 0;
+    // every load reads row[2j..2j+16] with 2j+16 <= 2·pairs; every store writes [j, j+8), j+8 <= pairs
+    while j + 8 <= pairs {
+        let a = _mm256_loadu_ps(row.as_ptr().add(2 * j));
+        let b = _mm256_loadu_ps(row.as_ptr().add(2 * j + 8));
+        // per 128-bit lane: [a0 a2 b0 b2 | a4 a6 b4 b6], then lanes 0 2 1 3 of 64 bits
+        let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b))));
+        let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b))));
+        _mm256_storeu_ps(ev.as_mut_ptr().add(j), f.apply8(e));
+        _mm256_storeu_ps(od.as_mut_ptr().add(j), f.apply8(o));
+        j += 8;
+    }
+    for j in j..pairs {
+        *ev.get_unchecked_mut(j) = f.apply(*row.get_unchecked(2 * j));
+        *od.get_unchecked_mut(j) = f.apply(*row.get_unchecked(2 * j + 1));
+    }
+}
+
+/// The k×k taps of `kernel` over a phase-split padded plane (see [`PlaneGeometry`]) added to
+/// `out`, or to `init` when given (then `out`'s old values are not read). With `relu6`, the
+/// sums are clamped to [0, 6] as they are stored.
+fn accumulate_taps(out: &mut [f32], phases: &[f32], kernel: &[f32], g: &PlaneGeometry, init: Option<f32>, relu6: bool) {
     let PlaneGeometry { k, s, hp, pw, oh, ow, .. } = *g;
     assert!(out.len() >= oh * ow && phases.len() >= g.phases_len() && kernel.len() >= k * k && (k - 1) / s + ow <= pw && (oh - 1) * s + k <= hp);
-    // each tap reads its input row at this offset from the output row's start
-    let taps: Vec<(usize, f32)> = (0..k * k).map(|t| (((t % k) % s * hp + t / k) * pw + (t % k) / s, kernel[t])).collect();
+    // each tap reads its input row at this offset from the output row's start (on the stack
+    // for kernels up to 5×5: this runs once per channel and band)
+    let tap = |t: usize| (((t % k) % s * hp + t / k) * pw + (t % k) / s, kernel[t]);
+    let mut small = [(0usize, 0f32); 25];
+    let large: Vec<(usize, f32)>;
+    let taps: &[(usize, f32)] = if k * k <= small.len() {
+        (0..k * k).for_each(|t| small[t] = tap(t));
+        &small[..k * k]
+    } else {
+        large = (0..k * k).map(tap).collect();
+        &large
+    };
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the features were detected on this processor; the assert above bounds every
         // read (tap offset + row start + ow ≤ phases_len) and write (oh·ow ≤ out.len()).
-        return unsafe { accumulate_taps_avx2(out, phases, &taps, g, relu6) };
+        return unsafe { accumulate_taps_avx2(out, phases, taps, g, init, relu6) };
     }
     for oy in 0..oh {
         let orow = &mut out[oy * ow..(oy + 1) * ow];
-        for &(off, w) in &taps {
+        if let Some(b) = init {
+            orow.fill(b);
+        }
+        for &(off, w) in taps {
             let src = &phases[oy * s * pw + off..oy * s * pw + off + ow];
             orow.iter_mut().zip(src).for_each(|(d, v)| *d += w * v);
         }
@@ -279,43 +368,117 @@ fn accumulate_taps(out: &mut [f32], phases: &[f32], kernel: &[f32], g: &PlaneGeo
     }
 }
 
-/// [`accumulate_taps`] with 16 outputs held in two AVX registers while all taps are added.
+/// [`accumulate_taps`] on tiles of 1-2 output rows × 8-32 columns held in AVX registers while
+/// all taps are added (several independent sums, so the FMA latency is hidden); the last
+/// columns of a row through masked loads and stores.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_taps_avx2(out: &mut [f32], phases: &[f32], taps: &[(usize, f32)], g: &PlaneGeometry, relu6: bool) {
+unsafe fn accumulate_taps_avx2(out: &mut [f32], phases: &[f32], taps: &[(usize, f32)], g: &PlaneGeometry, init: Option<f32>, relu6: bool) {
     use std::arch::x86_64::*;
     let PlaneGeometry { s, pw, oh, ow, .. } = *g;
     let (lo, hi) = if relu6 { (0.0, 6.0) } else { (f32::NEG_INFINITY, f32::INFINITY) };
-    let (lo8, hi8) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let t = TapTile { taps, init, lo: _mm256_set1_ps(lo), hi: _mm256_set1_ps(hi), src_row: s * pw, dst_row: ow };
+    let lanes: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mask = _mm256_loadu_si256(lanes.as_ptr().add(8 - ow % 8) as *const __m256i);
     let (src, dst) = (phases.as_ptr(), out.as_mut_ptr());
-    for oy in 0..oh {
+    let mut oy = 0;
+    while oy < oh {
         let (row, orow) = (src.add(oy * s * pw), dst.add(oy * ow));
         let mut x = 0;
-        while x + 16 <= ow {
-            let (mut a0, mut a1) = (_mm256_loadu_ps(orow.add(x)), _mm256_loadu_ps(orow.add(x + 8)));
-            for &(off, w) in taps {
-                let (wv, p) = (_mm256_set1_ps(w), row.add(off + x));
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p), wv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(8)), wv, a1);
+        if oy + 2 <= oh {
+            while x + 32 <= ow {
+                t.run::<2, 4, false>(row.add(x), orow.add(x), mask);
+                x += 32;
             }
-            _mm256_storeu_ps(orow.add(x), _mm256_min_ps(_mm256_max_ps(a0, lo8), hi8));
-            _mm256_storeu_ps(orow.add(x + 8), _mm256_min_ps(_mm256_max_ps(a1, lo8), hi8));
-            x += 16;
+            while x + 16 <= ow {
+                t.run::<2, 2, false>(row.add(x), orow.add(x), mask);
+                x += 16;
+            }
+            while x + 8 <= ow {
+                t.run::<2, 1, false>(row.add(x), orow.add(x), mask);
+                x += 8;
+            }
+            if x < ow {
+                t.run::<2, 1, true>(row.add(x), orow.add(x), mask);
+            }
+            oy += 2;
+            continue;
+        }
+        while x + 32 <= ow {
+            t.run::<1, 4, false>(row.add(x), orow.add(x), mask);
+            x += 32;
         }
         while x + 8 <= ow {
-            let mut a0 = _mm256_loadu_ps(orow.add(x));
-            for &(off, w) in taps {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(off + x)), _mm256_set1_ps(w), a0);
-            }
-            _mm256_storeu_ps(orow.add(x), _mm256_min_ps(_mm256_max_ps(a0, lo8), hi8));
+            t.run::<1, 1, false>(row.add(x), orow.add(x), mask);
             x += 8;
         }
-        for x in x..ow {
-            let mut acc = *orow.add(x);
-            for &(off, w) in taps {
-                acc = (*row.add(off + x)).mul_add(w, acc);
+        if x < ow {
+            t.run::<1, 1, true>(row.add(x), orow.add(x), mask);
+        }
+        oy += 1;
+    }
+}
+
+/// 8 floats from `p`, or with `MASKED` only the lanes of `mask` (the others read as 0). A
+/// function, not a closure, so that it is inlined into the AVX2 caller with its intrinsics.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load8<const MASKED: bool>(p: *const f32, mask: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    if MASKED {
+        _mm256_maskload_ps(p, mask)
+    } else {
+        _mm256_loadu_ps(p)
+    }
+}
+
+/// One tile of [`accumulate_taps_avx2`]: what every tile shares.
+#[cfg(target_arch = "x86_64")]
+struct TapTile<'a> {
+    taps: &'a [(usize, f32)],
+    init: Option<f32>,
+    lo: std::arch::x86_64::__m256,
+    hi: std::arch::x86_64::__m256,
+    /// Floats between the input rows of consecutive output rows, and between output rows.
+    src_row: usize,
+    dst_row: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TapTile<'_> {
+    /// R output rows × V vectors of 8 columns starting at `dst`, reading from `src`; with
+    /// `MASKED` (V = 1), only the lanes of `mask`. Each sum adds the taps in the same order
+    /// with the same fused multiply-adds, whatever the tile.
+    #[inline(always)]
+    unsafe fn run<const R: usize, const V: usize, const MASKED: bool>(&self, src: *const f32, dst: *mut f32, mask: std::arch::x86_64::__m256i) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = match self.init {
+                    Some(b) => _mm256_set1_ps(b),
+                    None => load8::<MASKED>(dst.add(r * self.dst_row + 8 * v), mask),
+                };
             }
-            *orow.add(x) = acc.clamp(lo, hi);
+        }
+        for &(off, w) in self.taps {
+            let wv = _mm256_set1_ps(w);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(load8::<MASKED>(src.add(r * self.src_row + off + 8 * v), mask), wv, *a);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, a) in acc.iter().enumerate() {
+                let c = _mm256_min_ps(_mm256_max_ps(*a, self.lo), self.hi);
+                let p = dst.add(r * self.dst_row + 8 * v);
+                if MASKED {
+                    _mm256_maskstore_ps(p, mask, c)
+                } else {
+                    _mm256_storeu_ps(p, c)
+                }
+            }
         }
     }
 }
@@ -358,21 +521,20 @@ impl CustomOp2 for DirectConv {
             // one plane per job: its padded copy lives in the job's scratch buffer, in cache
             out.par_chunks_mut(oh * ow).enumerate().for_each_init(Vec::new, |scratch, (p, out_plane)| {
                 let oc = p % o;
-                geo.fill_phases(&x[p * h * w..(p + 1) * h * w], scratch);
-                out_plane.fill(self.bias[oc]);
-                accumulate_taps(out_plane, scratch, &wt[oc * k * k..(oc + 1) * k * k], &geo, self.relu6);
+                geo.fill_phases(&x[p * h * w..(p + 1) * h * w], scratch, OnCopy::Identity);
+                accumulate_taps(out_plane, scratch, &wt[oc * k * k..(oc + 1) * k * k], &geo, Some(self.bias[oc]), self.relu6);
             });
         } else {
             // few input channels (the stem): every input plane is padded once, then shared
             let plane_len = geo.phases_len();
             let mut phases = vec![0f32; n * c * plane_len];
-            phases.par_chunks_mut(plane_len).enumerate().for_each(|(p, ph)| geo.fill_phases_into(&x[p * h * w..(p + 1) * h * w], ph, |v| v));
+            phases.par_chunks_mut(plane_len).enumerate().for_each(|(p, ph)| geo.fill_phases_into(&x[p * h * w..(p + 1) * h * w], ph, OnCopy::Identity));
             out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out_plane)| {
                 let (b, oc) = (p / o, p % o);
-                out_plane.fill(self.bias[oc]);
                 for ic in 0..c {
                     let ph = &phases[(b * c + ic) * plane_len..(b * c + ic + 1) * plane_len];
-                    accumulate_taps(out_plane, ph, &wt[(oc * c + ic) * k * k..(oc * c + ic + 1) * k * k], &geo, false);
+                    let init = (ic == 0).then_some(self.bias[oc]);
+                    accumulate_taps(out_plane, ph, &wt[(oc * c + ic) * k * k..(oc * c + ic + 1) * k * k], &geo, init, false);
                 }
                 if self.relu6 {
                     clamp_relu6(out_plane);
@@ -673,7 +835,6 @@ impl FusedMbConv<'_> {
         let (expanded, channel_stride): (&[f32], usize) = match &m.expand {
             Some((wt, _)) => {
                 // W·x only: the bias and ReLU6 are applied while padding (step 2)
-                sc.expanded.clear();
                 sc.expanded.resize(e * rows * w, 0.0);
                 sgemm_with(Rust, e, rows * w, c, &mut sc.expanded, false, (wt, c, 1), (&image[y0 * w..], h * w, 1));
                 (&sc.expanded[..], rows * w)
@@ -694,18 +855,18 @@ impl FusedMbConv<'_> {
             ow,
         };
         let plane_out = geo.oh * ow;
-        sc.depthwise.clear();
+        // (every value of these buffers is written below before it is read)
         sc.depthwise.resize(e * plane_out, 0.0);
         let (dw, dbias) = (&m.depthwise.0, &m.depthwise.1);
         for ch in 0..e {
             let src = &expanded[ch * channel_stride..ch * channel_stride + rows * w];
-            match &m.expand {
-                Some((_, ebias)) => geo.fill_phases_with(src, &mut sc.phases, |v| (v + ebias[ch]).clamp(0.0, 6.0)),
-                None => geo.fill_phases(src, &mut sc.phases),
-            }
+            let on_copy = match &m.expand {
+                Some((_, ebias)) => OnCopy::BiasRelu6(ebias[ch]),
+                None => OnCopy::Identity,
+            };
+            geo.fill_phases(src, &mut sc.phases, on_copy);
             let d = &mut sc.depthwise[ch * plane_out..(ch + 1) * plane_out];
-            d.fill(dbias[ch]);
-            accumulate_taps(d, &sc.phases, &dw[ch * k * k..(ch + 1) * k * k], &geo, true);
+            accumulate_taps(d, &sc.phases, &dw[ch * k * k..(ch + 1) * k * k], &geo, Some(dbias[ch]), true);
         }
         // 3. projection into the output columns of this band, plus the residual
         let (pw_, pbias) = (&m.project.0, &m.project.1);
@@ -951,6 +1112,20 @@ mod tests {
             let got = dense_conv2d(&x, &wd, &[0.0; 4], stride, (1, 2, 2, 1), false)?;
             let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "dense, stride {stride}: {diff}");
+        }
+        // widths and heights that use every tile of the AVX2 kernel (2 rows × 32/16/8 columns,
+        // the single last row, masked last columns), with bias and ReLU6
+        for (k, stride, h, w) in [(3, 1, 5, 61), (5, 2, 6, 75), (3, 2, 9, 36), (5, 1, 3, 7)] {
+            let x = Tensor::randn(0f32, 1., (1, 2, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1., (2, 1, k, k), &dev)?;
+            let bias = [0.5f32, -0.25];
+            let p = k / 2;
+            let want = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?.conv2d(&wt, 0, stride, 1, 2)?;
+            let want = want.broadcast_add(&Tensor::new(&bias, &dev)?.reshape((1, 2, 1, 1))?)?.clamp(0f32, 6f32)?;
+            let got = depthwise_conv2d(&x, &wt, &bias, stride, (p, p, p, p), true)?;
+            assert_eq!(got.dims(), want.dims());
+            let diff = max_diff(&got, &want)?;
+            assert!(diff < 1e-5, "k{k} s{stride} {h}×{w}: {diff}");
         }
         Ok(())
     }
