@@ -146,6 +146,39 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
     x.contiguous()?.apply_op1(MaxPool { k: kernel, s: stride })
 }
 
+/// Every `factor`-th row and column of each NCHW plane (nearest-neighbour downsampling by an
+/// integer factor), planes in parallel. Forward only.
+struct Subsample {
+    factor: usize,
+}
+
+impl CustomOp1 for Subsample {
+    fn name(&self) -> &'static str {
+        "subsample"
+    }
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(st, l, "subsample")?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let f = self.factor.max(1);
+        let (oh, ow) = (h / f, w / f);
+        let mut out = vec![0f32; n * c * oh * ow];
+        if oh * ow > 0 {
+            out.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(dst, plane)| {
+                for (y, row) in dst.chunks_exact_mut(ow).enumerate() {
+                    let src = &plane[y * f * w..];
+                    row.iter_mut().enumerate().for_each(|(x, d)| *d = src[x * f]);
+                }
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}
+
+/// `x[:, :, ::factor, ::factor]` cut to `size / factor` rows and columns, without gradient.
+pub fn subsample(x: &Tensor, factor: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Subsample { factor })
+}
+
 /// Sizes of one plane of a direct convolution. The zero-padded input plane (hp × wp) is stored
 /// split into `s` column phases (phase r holds padded columns r, r+s, ...; pw columns each), so
 /// every tap reads a contiguous run of its input row whatever the stride.
@@ -165,6 +198,13 @@ struct PlaneGeometry {
 impl PlaneGeometry {
     fn phases_len(&self) -> usize {
         self.s * self.hp * self.pw
+    }
+
+    /// Where each tap t = (ky, kx) reads its input row, from the start of an output row's:
+    /// the same for every channel, so computed once per plane geometry.
+    fn tap_offsets(&self) -> Vec<usize> {
+        let PlaneGeometry { k, s, hp, pw, .. } = *self;
+        (0..k * k).map(|t| ((t % k) % s * hp + t / k) * pw + (t % k) / s).collect()
     }
 
     /// Writes the padded, phase-split copy of `plane` into `dst` (resized as needed), each value
@@ -331,34 +371,25 @@ unsafe fn deinterleave_avx2(row: &[f32], ev: &mut [f32], od: &mut [f32], f: OnCo
 
 /// The k×k taps of `kernel` over a phase-split padded plane (see [`PlaneGeometry`]) added to
 /// `out`, or to `init` when given (then `out`'s old values are not read). With `relu6`, the
-/// sums are clamped to [0, 6] as they are stored.
-fn accumulate_taps(out: &mut [f32], phases: &[f32], kernel: &[f32], g: &PlaneGeometry, init: Option<f32>, relu6: bool) {
+/// sums are clamped to [0, 6] as they are stored. `offsets` is `g.tap_offsets()`.
+fn accumulate_taps(out: &mut [f32], phases: &[f32], kernel: &[f32], offsets: &[usize], g: &PlaneGeometry, init: Option<f32>, relu6: bool) {
     let PlaneGeometry { k, s, hp, pw, oh, ow, .. } = *g;
     assert!(out.len() >= oh * ow && phases.len() >= g.phases_len() && kernel.len() >= k * k && (k - 1) / s + ow <= pw && (oh - 1) * s + k <= hp);
-    // each tap reads its input row at this offset from the output row's start (on the stack
-    // for kernels up to 5×5: this runs once per channel and band)
-    let tap = |t: usize| (((t % k) % s * hp + t / k) * pw + (t % k) / s, kernel[t]);
-    let mut small = [(0usize, 0f32); 25];
-    let large: Vec<(usize, f32)>;
-    let taps: &[(usize, f32)] = if k * k <= small.len() {
-        (0..k * k).for_each(|t| small[t] = tap(t));
-        &small[..k * k]
-    } else {
-        large = (0..k * k).map(tap).collect();
-        &large
-    };
+    assert!(offsets.len() == k * k && offsets.iter().all(|&o| o + (oh - 1) * s * pw + ow <= g.phases_len()));
+    let taps = Taps { offsets, weights: &kernel[..k * k] };
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the features were detected on this processor; the assert above bounds every
         // read (tap offset + row start + ow ≤ phases_len) and write (oh·ow ≤ out.len()).
         return unsafe { accumulate_taps_avx2(out, phases, taps, g, init, relu6) };
     }
+    let taps = offsets.iter().copied().zip(kernel.iter().copied());
     for oy in 0..oh {
         let orow = &mut out[oy * ow..(oy + 1) * ow];
         if let Some(b) = init {
             orow.fill(b);
         }
-        for &(off, w) in taps {
+        for (off, w) in taps.clone() {
             let src = &phases[oy * s * pw + off..oy * s * pw + off + ow];
             orow.iter_mut().zip(src).for_each(|(d, v)| *d += w * v);
         }
@@ -373,7 +404,7 @@ fn accumulate_taps(out: &mut [f32], phases: &[f32], kernel: &[f32], g: &PlaneGeo
 /// columns of a row through masked loads and stores.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_taps_avx2(out: &mut [f32], phases: &[f32], taps: &[(usize, f32)], g: &PlaneGeometry, init: Option<f32>, relu6: bool) {
+unsafe fn accumulate_taps_avx2(out: &mut [f32], phases: &[f32], taps: Taps, g: &PlaneGeometry, init: Option<f32>, relu6: bool) {
     use std::arch::x86_64::*;
     let PlaneGeometry { s, pw, oh, ow, .. } = *g;
     let (lo, hi) = if relu6 { (0.0, 6.0) } else { (f32::NEG_INFINITY, f32::INFINITY) };
@@ -432,10 +463,17 @@ unsafe fn load8<const MASKED: bool>(p: *const f32, mask: std::arch::x86_64::__m2
     }
 }
 
+/// The taps of one k×k kernel: where each reads (from [`PlaneGeometry::tap_offsets`]) and its weight.
+#[derive(Clone, Copy)]
+struct Taps<'a> {
+    offsets: &'a [usize],
+    weights: &'a [f32],
+}
+
 /// One tile of [`accumulate_taps_avx2`]: what every tile shares.
 #[cfg(target_arch = "x86_64")]
 struct TapTile<'a> {
-    taps: &'a [(usize, f32)],
+    taps: Taps<'a>,
     init: Option<f32>,
     lo: std::arch::x86_64::__m256,
     hi: std::arch::x86_64::__m256,
@@ -461,7 +499,7 @@ impl TapTile<'_> {
                 };
             }
         }
-        for &(off, w) in self.taps {
+        for (&off, &w) in self.taps.offsets.iter().zip(self.taps.weights) {
             let wv = _mm256_set1_ps(w);
             for (r, acc) in acc.iter_mut().enumerate() {
                 for (v, a) in acc.iter_mut().enumerate() {
@@ -516,13 +554,14 @@ impl CustomOp2 for DirectConv {
         let s = self.stride;
         let (oh, ow) = ((hp - k) / s + 1, (wp - k) / s + 1);
         let geo = PlaneGeometry { h, w, k, s, pt, pl, hp, pw: wp.div_ceil(s), oh, ow };
+        let offsets = geo.tap_offsets();
         let mut out = vec![0f32; n * o * oh * ow];
         if self.depthwise {
             // one plane per job: its padded copy lives in the job's scratch buffer, in cache
             out.par_chunks_mut(oh * ow).enumerate().for_each_init(Vec::new, |scratch, (p, out_plane)| {
                 let oc = p % o;
                 geo.fill_phases(&x[p * h * w..(p + 1) * h * w], scratch, OnCopy::Identity);
-                accumulate_taps(out_plane, scratch, &wt[oc * k * k..(oc + 1) * k * k], &geo, Some(self.bias[oc]), self.relu6);
+                accumulate_taps(out_plane, scratch, &wt[oc * k * k..(oc + 1) * k * k], &offsets, &geo, Some(self.bias[oc]), self.relu6);
             });
         } else {
             // few input channels (the stem): every input plane is padded once, then shared
@@ -534,7 +573,7 @@ impl CustomOp2 for DirectConv {
                 for ic in 0..c {
                     let ph = &phases[(b * c + ic) * plane_len..(b * c + ic + 1) * plane_len];
                     let init = (ic == 0).then_some(self.bias[oc]);
-                    accumulate_taps(out_plane, ph, &wt[(oc * c + ic) * k * k..(oc * c + ic + 1) * k * k], &geo, init, false);
+                    accumulate_taps(out_plane, ph, &wt[(oc * c + ic) * k * k..(oc * c + ic + 1) * k * k], &offsets, &geo, init, false);
                 }
                 if self.relu6 {
                     clamp_relu6(out_plane);
@@ -796,17 +835,29 @@ impl FusedMbConv<'_> {
         let rows_in = (self.band_floats / (e * w)).max(k);
         let band = ((rows_in - k) / s + 1).min(oh);
         let bands = oh.div_ceil(band);
-        let mut out = vec![0f32; n * o * oh * ow];
+        // not zeroed first: the jobs below write every value (rows [oy0, oy1) of every channel
+        // of their image, for bands that cover all rows of all images)
+        let len = n * o * oh * ow;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
         let dst = SharedMut(out.as_mut_ptr());
         let plan = BandPlan { c, h, w, e, o, k, s, pt, pl, wp, oh, ow, band, bands };
-        (0..n * bands).into_par_iter().for_each_init(BandScratch::default, |sc, job| {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2_fma() {
-                // SAFETY: the features were detected on this processor.
-                return unsafe { self.band_job_avx2(&plan, x, dst, sc, job) };
-            }
-            self.band_job(&plan, x, dst, sc, job)
+        thread_local! {
+            // kept per thread across calls, so the buffers are not allocated and zeroed anew for
+            // every block (a band job runs no nested parallel work, so it is never re-entered)
+            static SCRATCH: std::cell::RefCell<BandScratch> = std::cell::RefCell::default();
+        }
+        (0..n * bands).into_par_iter().for_each(|job| {
+            SCRATCH.with_borrow_mut(|sc| {
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2_fma() {
+                    // SAFETY: the features were detected on this processor.
+                    return unsafe { self.band_job_avx2(&plan, x, dst, sc, job) };
+                }
+                self.band_job(&plan, x, dst, sc, job)
+            })
         });
+        // SAFETY: the capacity is len and all len values were written by the jobs above.
+        unsafe { out.set_len(len) };
         Ok((out, Shape::from((n, o, oh, ow))))
     }
 
@@ -855,6 +906,7 @@ impl FusedMbConv<'_> {
             ow,
         };
         let plane_out = geo.oh * ow;
+        let offsets = geo.tap_offsets();
         // (every value of these buffers is written below before it is read)
         sc.depthwise.resize(e * plane_out, 0.0);
         let (dw, dbias) = (&m.depthwise.0, &m.depthwise.1);
@@ -866,7 +918,7 @@ impl FusedMbConv<'_> {
             };
             geo.fill_phases(src, &mut sc.phases, on_copy);
             let d = &mut sc.depthwise[ch * plane_out..(ch + 1) * plane_out];
-            accumulate_taps(d, &sc.phases, &dw[ch * k * k..(ch + 1) * k * k], &geo, Some(dbias[ch]), true);
+            accumulate_taps(d, &sc.phases, &dw[ch * k * k..(ch + 1) * k * k], &offsets, &geo, Some(dbias[ch]), true);
         }
         // 3. projection into the output columns of this band, plus the residual
         let (pw_, pbias) = (&m.project.0, &m.project.1);
@@ -1126,6 +1178,20 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let diff = max_diff(&got, &want)?;
             assert!(diff < 1e-5, "k{k} s{stride} {h}×{w}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn subsample_takes_every_factor_th_row_and_column() -> Result<()> {
+        let x = Tensor::randn(0f32, 1., (2, 3, 7, 9), &Device::Cpu)?;
+        for f in [1, 2, 3] {
+            let rows = Tensor::new((0..7 / f).map(|i| (i * f) as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+            let cols = Tensor::new((0..9 / f).map(|i| (i * f) as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+            let want = x.index_select(&rows, 2)?.index_select(&cols, 3)?;
+            let got = subsample(&x, f)?;
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?, "factor {f}");
         }
         Ok(())
     }
