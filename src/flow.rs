@@ -25,7 +25,7 @@ impl FlowConfig {
         FlowConfig { dim, blocks: 8, hidden: 2048, alpha: 3.0 }
     }
     pub fn validate(&self) -> Result<()> {
-        if self.dim < 2 || self.blocks == 0 || self.hidden == 0 || !(self.alpha > 0.0) {
+        if self.dim < 2 || self.blocks == 0 || self.hidden == 0 || self.alpha.is_nan() || self.alpha <= 0.0 {
             return Err(Error::Config(format!("flow needs dim >= 2, blocks >= 1, hidden >= 1, alpha > 0 (got {self:?})")));
         }
         Ok(())

@@ -140,6 +140,7 @@ impl FlowTrainer {
         self.params
     }
 
+    #[allow(clippy::needless_range_loop)] // l indexes the layer's shapes, parameters and caches
     fn subnet_forward(&self, block: usize, subnet: usize, input: &[f32], batch: usize) -> (Vec<f32>, SubnetCache) {
         let mut h = input.to_vec();
         let mut hidden: [Vec<f32>; 3] = Default::default();

@@ -158,7 +158,7 @@ pub fn pro_curve(samples: &[PixelSample]) -> Vec<(f64, f64)> {
     for s in samples {
         let (label, n) = connected_components(s.mask, s.width);
         let base = region_sizes.len();
-        region_sizes.extend(std::iter::repeat(0).take(n));
+        region_sizes.resize(base + n, 0);
         for (&v, &l) in s.map.iter().zip(&label) {
             if l > 0 {
                 region_sizes[base + l as usize - 1] += 1;

@@ -358,7 +358,10 @@ fn half_to_f32(h: u16) -> f32 {
     f32::from_bits(v.to_bits() | sign)
 }
 
-fn state_dict_entries(path: &Path, root: Val) -> Result<Vec<(String, String, String, usize, Vec<usize>, Vec<usize>)>> {
+/// One tensor of a state dict: (name, storage key, storage dtype, offset, size, stride).
+type StateDictEntry = (String, String, String, usize, Vec<usize>, Vec<usize>);
+
+fn state_dict_entries(path: &Path, root: Val) -> Result<Vec<StateDictEntry>> {
     let dict = match root {
         Val::Dict(d) => d,
         _ => return Err(Error::format(path, "top-level object is not a state dict")),

@@ -228,9 +228,9 @@ pub fn color_jitter(img: &Rgb8, ops: &[ColorOp]) -> Rgb8 {
 /// The table `lut[c][v] = (v/255 - mean_c) / std_c` in f32, as `ToTensor` + `Normalize` compute it.
 pub fn normalize_lut() -> [[f32; 256]; 3] {
     let mut lut = [[0f32; 256]; 3];
-    for c in 0..3 {
-        for v in 0..256 {
-            lut[c][v] = ((v as f32 / 255.0) - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, value) in table.iter_mut().enumerate() {
+            *value = ((v as f32 / 255.0) - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
         }
     }
     lut

@@ -97,11 +97,10 @@ fn logdet_equals_finite_difference_jacobian() {
         let p = (c..dim).max_by(|&x, &y| a[x][c].abs().partial_cmp(&a[y][c].abs()).unwrap()).unwrap();
         a.swap(c, p);
         det_log += a[c][c].abs().ln();
-        for r in c + 1..dim {
-            let f = a[r][c] / a[c][c];
-            for k in c..dim {
-                a[r][k] -= f * a[c][k];
-            }
+        let pivot = a[c].clone();
+        for row in a.iter_mut().skip(c + 1) {
+            let f = row[c] / pivot[c];
+            row.iter_mut().zip(&pivot).skip(c).for_each(|(x, p)| *x -= f * p);
         }
     }
     assert!((det_log - ld).abs() < 2e-3, "finite-difference log|det| {det_log} vs flow {ld}");

@@ -136,7 +136,8 @@ fn image_formats_decode_to_the_same_rgb() {
     let rgb = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 19) as u8, (y * 30) as u8, 200]));
     let expect_gray: Vec<u8> = gray.pixels().flat_map(|p| [p[0]; 3]).collect();
     let expect_rgb: Vec<u8> = rgb.as_raw().clone();
-    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path)>, &Vec<u8>)> = vec![
+    type Case<'a> = (&'a str, Box<dyn Fn(&std::path::Path) + 'a>, &'a Vec<u8>);
+    let cases: Vec<Case> = vec![
         ("g.png", Box::new(|p| gray.save(p).unwrap()), &expect_gray),
         ("g.bmp", Box::new(|p| image::DynamicImage::ImageLuma8(gray.clone()).to_rgb8().save(p).unwrap()), &expect_gray),
         ("g.tif", Box::new(|p| gray.save(p).unwrap()), &expect_gray),
@@ -231,7 +232,7 @@ fn bad_images_and_folders_give_errors_naming_the_file() {
     std::fs::copy(&one, looped.join("a.png")).unwrap();
     std::os::unix::fs::symlink(looped.join("b.png"), looped.join("c.png")).unwrap();
     std::os::unix::fs::symlink(looped.join("c.png"), looped.join("b.png")).unwrap();
-    let e = differnet::data::expand_inputs(&[looped.clone()]).err().expect("a looping link is reported").to_string();
+    let e = differnet::data::expand_inputs(std::slice::from_ref(&looped)).expect_err("a looping link is reported").to_string();
     assert!((e.contains("b.png") || e.contains("c.png")) && e.contains("Too many levels"), "{e}");
     let e = load_rgb(&dir.path().join("missing.png")).err().unwrap().to_string();
     assert!(e.contains("missing.png"), "{e}");
@@ -307,7 +308,7 @@ fn synthetic_data_is_deterministic_and_masked() {
     assert_eq!(ds.test.len(), 4);
     for s in ds.test.iter().filter(|s| s.is_defect()) {
         let m = load_rgb(s.mask.as_ref().unwrap()).unwrap();
-        assert!(m.data.iter().any(|&v| v == 255), "{} mask is empty", s.path.display());
+        assert!(m.data.contains(&255), "{} mask is empty", s.path.display());
     }
 }
 
