@@ -415,38 +415,13 @@ unsafe fn accumulate_taps_avx2(out: &mut [f32], phases: &[f32], taps: Taps, g: &
     let mut oy = 0;
     while oy < oh {
         let (row, orow) = (src.add(oy * s * pw), dst.add(oy * ow));
-        let mut x = 0;
         if oy + 2 <= oh {
-            while x + 32 <= ow {
-                t.run::<2, 4, false>(row.add(x), orow.add(x), mask);
-                x += 32;
-            }
-            while x + 16 <= ow {
-                t.run::<2, 2, false>(row.add(x), orow.add(x), mask);
-                x += 16;
-            }
-            while x + 8 <= ow {
-                t.run::<2, 1, false>(row.add(x), orow.add(x), mask);
-                x += 8;
-            }
-            if x < ow {
-                t.run::<2, 1, true>(row.add(x), orow.add(x), mask);
-            }
+            t.rows::<2>(row, orow, ow, mask);
             oy += 2;
-            continue;
+        } else {
+            t.rows::<1>(row, orow, ow, mask);
+            oy += 1;
         }
-        while x + 32 <= ow {
-            t.run::<1, 4, false>(row.add(x), orow.add(x), mask);
-            x += 32;
-        }
-        while x + 8 <= ow {
-            t.run::<1, 1, false>(row.add(x), orow.add(x), mask);
-            x += 8;
-        }
-        if x < ow {
-            t.run::<1, 1, true>(row.add(x), orow.add(x), mask);
-        }
-        oy += 1;
     }
 }
 
@@ -484,6 +459,27 @@ struct TapTile<'a> {
 
 #[cfg(target_arch = "x86_64")]
 impl TapTile<'_> {
+    /// R whole output rows from `dst` on: tiles of 32, 16 and 8 columns, then the masked rest.
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(&self, src: *const f32, dst: *mut f32, ow: usize, mask: std::arch::x86_64::__m256i) {
+        let mut x = 0;
+        while x + 32 <= ow {
+            self.run::<R, 4, false>(src.add(x), dst.add(x), mask);
+            x += 32;
+        }
+        while x + 16 <= ow {
+            self.run::<R, 2, false>(src.add(x), dst.add(x), mask);
+            x += 16;
+        }
+        while x + 8 <= ow {
+            self.run::<R, 1, false>(src.add(x), dst.add(x), mask);
+            x += 8;
+        }
+        if x < ow {
+            self.run::<R, 1, true>(src.add(x), dst.add(x), mask);
+        }
+    }
+
     /// R output rows × V vectors of 8 columns starting at `dst`, reading from `src`; with
     /// `MASKED` (V = 1), only the lanes of `mask`. Each sum adds the taps in the same order
     /// with the same fused multiply-adds, whatever the tile.
