@@ -3,7 +3,7 @@
 
 use crate::backbone::{self, multiscale_features, Backbone, BackboneKind, INPUT_SIZE};
 use crate::error::{write_atomic, Error, Result};
-use crate::transforms::{normalize_lut, resize_bilinear, to_normalized_chw, Rgb8, View};
+use crate::transforms::{normalize_lut, resize_bilinear, to_normalized_chw, to_normalized_chw_into, Rgb8, View};
 use crate::weights::sha256_hex;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -66,11 +66,17 @@ impl Extractor {
 
     /// Multi-scale features of each view of an image resized to 448×448: [views, dim] row-major.
     pub fn view_features(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        if (resized.width, resized.height) != (INPUT_SIZE, INPUT_SIZE) {
+            return Err(Error::Config(format!("view_features needs a {INPUT_SIZE}x{INPUT_SIZE} image, got {}x{}", resized.width, resized.height)));
+        }
         let mut out = Vec::with_capacity(views.len() * self.feature_dim());
+        let per_view = 3 * INPUT_SIZE * INPUT_SIZE;
         for chunk in views.chunks(self.batch.max(1)) {
-            use rayon::prelude::*;
-            let inputs: Vec<Tensor> = chunk.par_iter().map(|v| self.input_tensor(resized, v)).collect::<Result<_>>()?;
-            let x = Tensor::cat(&inputs, 0)?;
+            // each view written straight into its part of the batch (no per-view tensors to join)
+            let mut batch = vec![0f32; chunk.len() * per_view];
+            batch.par_chunks_mut(per_view).zip(chunk).for_each(|(dst, v)| to_normalized_chw_into(&v.apply(resized), &self.lut, dst));
+            let x = Tensor::from_vec(batch, (chunk.len(), 3, INPUT_SIZE, INPUT_SIZE), &self.device)?;
             let y = self.features(&x)?;
             out.extend(y.flatten_all()?.to_vec1::<f32>()?);
         }

@@ -28,5 +28,6 @@ pub mod torch_file;
 pub mod train;
 pub mod transforms;
 pub mod weights;
+pub mod winograd;
 
 pub use error::{Error, Result};

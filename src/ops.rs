@@ -17,7 +17,7 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f3
 
 /// Whether this processor has AVX2 and FMA (checked once).
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FAST.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
@@ -1075,10 +1075,131 @@ impl CustomOp3 for FrozenLinear {
         if w_input != input || b.len() != output {
             candle_core::bail!("frozen_linear: x {:?}, weight {:?}, bias {:?} do not fit", l1.shape(), l2.shape(), l3.shape())
         }
+        if rows <= FEW_ROWS {
+            return Ok((CpuStorage::F32(linear_few_rows(x, rows, w, b)), Shape::from((rows, output))));
+        }
         let mut y: Vec<f32> = b.iter().copied().cycle().take(rows * output).collect();
         sgemm(rows, output, input, &mut y, true, (x, input, 1), (w, 1, input));
         Ok((CpuStorage::F32(y), Shape::from((rows, output))))
     }
+}
+
+/// Rows up to which [`frozen_linear`] streams the weights itself instead of calling `sgemm`:
+/// `sgemm` copies (packs) all of W before multiplying, which for a few rows (one image's test
+/// views) costs more than the products; here each weight row is read once, straight from memory.
+const FEW_ROWS: usize = 16;
+
+/// `x·wᵀ + b` for a few rows of x [rows, in], w [out, in], b [out]: tiles of up to 4 rows × 3
+/// outputs of dot products over the whole input, groups of outputs split over the threads.
+fn linear_few_rows(x: &[f32], rows: usize, w: &[f32], b: &[f32]) -> Vec<f32> {
+    const OUTPUTS_PER_JOB: usize = 12;
+    let (output, input) = (b.len(), w.len() / b.len().max(1));
+    assert!(x.len() == rows * input && w.len() == output * input);
+    if rows == 0 {
+        return vec![];
+    }
+    // the result transposed, [out, rows], so that each job owns one contiguous part
+    let mut yt = vec![0f32; output * rows];
+    yt.par_chunks_mut(OUTPUTS_PER_JOB * rows).enumerate().for_each(|(job, part)| {
+        let (j0, outs) = (job * OUTPUTS_PER_JOB, part.len() / rows);
+        for j in (0..outs).step_by(3) {
+            let dst = &mut part[j * rows..];
+            for r in (0..rows).step_by(4) {
+                let t = DotTile { x, w, input, r0: r, j0: j0 + j };
+                match ((rows - r).min(4), (outs - j).min(3)) {
+                    (4, 3) => t.store::<4, 3>(dst, rows),
+                    (3, 3) => t.store::<3, 3>(dst, rows),
+                    (2, 3) => t.store::<2, 3>(dst, rows),
+                    (1, 3) => t.store::<1, 3>(dst, rows),
+                    (4, 2) => t.store::<4, 2>(dst, rows),
+                    (3, 2) => t.store::<3, 2>(dst, rows),
+                    (2, 2) => t.store::<2, 2>(dst, rows),
+                    (1, 2) => t.store::<1, 2>(dst, rows),
+                    (4, _) => t.store::<4, 1>(dst, rows),
+                    (3, _) => t.store::<3, 1>(dst, rows),
+                    (2, _) => t.store::<2, 1>(dst, rows),
+                    (_, _) => t.store::<1, 1>(dst, rows),
+                }
+            }
+        }
+    });
+    let mut y = vec![0f32; rows * output];
+    for (o, (col, bias)) in yt.chunks(rows).zip(b).enumerate() {
+        for (r, v) in col.iter().enumerate() {
+            y[r * output + o] = v + bias;
+        }
+    }
+    y
+}
+
+/// Dot products of the rows of x from r0 with the rows of w from j0 (both `input` long).
+struct DotTile<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    input: usize,
+    r0: usize,
+    j0: usize,
+}
+
+impl DotTile<'_> {
+    /// `dst[q·stride + r0 + i] = x_{r0+i} · w_{j0+q}` for i < R, q < J.
+    #[inline(always)]
+    fn store<const R: usize, const J: usize>(&self, dst: &mut [f32], stride: usize) {
+        let &DotTile { x, w, input, r0, j0 } = self;
+        assert!((r0 + R) * input <= x.len() && (j0 + J) * input <= w.len() && (J - 1) * stride + r0 + R <= dst.len());
+        let (xs, ws) = (&x[r0 * input..], &w[j0 * input..]);
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: features detected; the assert bounds R rows of x and J rows of w.
+            let sums = unsafe { dot_tile_avx2::<R, J>(xs.as_ptr(), ws.as_ptr(), input) };
+            for (q, s) in sums.iter().enumerate() {
+                dst[q * stride + r0..q * stride + r0 + R].copy_from_slice(s);
+            }
+            return;
+        }
+        for q in 0..J {
+            for i in 0..R {
+                let (a, c) = (&xs[i * input..(i + 1) * input], &ws[q * input..(q + 1) * input]);
+                dst[q * stride + r0 + i] = a.iter().zip(c).map(|(u, v)| u * v).sum();
+            }
+        }
+    }
+}
+
+/// [`DotTile`]'s sums with R·J AVX accumulators: per 8 inputs, J weight loads and R row loads
+/// feed R·J FMAs. Rows are `input` apart; returns sums[q][i] = x_i · w_q.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_tile_avx2<const R: usize, const J: usize>(x: *const f32, w: *const f32, input: usize) -> [[f32; R]; J] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); R]; J];
+    let mut k = 0;
+    while k + 8 <= input {
+        let mut wv = [_mm256_setzero_ps(); J];
+        for (q, v) in wv.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(w.add(q * input + k));
+        }
+        for i in 0..R {
+            let xv = _mm256_loadu_ps(x.add(i * input + k));
+            for q in 0..J {
+                acc[q][i] = _mm256_fmadd_ps(xv, wv[q], acc[q][i]);
+            }
+        }
+        k += 8;
+    }
+    let mut sums = [[0f32; R]; J];
+    for q in 0..J {
+        for i in 0..R {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[q][i]);
+            let mut s = lanes.iter().sum::<f32>();
+            for t in k..input {
+                s += *x.add(i * input + t) * *w.add(q * input + t);
+            }
+            sums[q][i] = s;
+        }
+    }
+    sums
 }
 
 /// `x·weightᵀ + bias` for x [B, in], weight [out, in], bias [out], without gradient tracking.
@@ -1174,6 +1295,29 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let diff = max_diff(&got, &want)?;
             assert!(diff < 1e-5, "k{k} s{stride} {h}×{w}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_linear_matches_the_definition_for_few_and_many_rows() -> Result<()> {
+        // few rows take `linear_few_rows` (every tile shape: 1-4 rows × 1-3 outputs, an input
+        // length with a tail after the 8-wide steps), more rows take `sgemm`
+        let (input, output) = (27, 13);
+        let w: Vec<f32> = (0..output * input).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let b: Vec<f32> = (0..output).map(|i| i as f32 * 0.25 - 1.0).collect();
+        for rows in [1, 2, 3, 5, 7, 16, 17, 40] {
+            let x: Vec<f32> = (0..rows * input).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+            let dev = &candle_core::Device::Cpu;
+            let got = frozen_linear(&Tensor::from_slice(&x, (rows, input), dev)?, &Tensor::from_slice(&w, (output, input), dev)?, &Tensor::from_slice(&b, output, dev)?)?;
+            assert_eq!(got.dims(), &[rows, output]);
+            let got = got.flatten_all()?.to_vec1::<f32>()?;
+            for r in 0..rows {
+                for o in 0..output {
+                    let want = b[o] + (0..input).map(|i| x[r * input + i] * w[o * input + i]).sum::<f32>();
+                    assert!((got[r * output + o] - want).abs() < 1e-4, "rows {rows}, ({r}, {o}): {} vs {want}", got[r * output + o]);
+                }
+            }
         }
         Ok(())
     }

@@ -238,14 +238,22 @@ pub fn normalize_lut() -> [[f32; 256]; 3] {
 
 /// Converts to the normalized CHW float tensor data fed to the backbone.
 pub fn to_normalized_chw(img: &Rgb8, lut: &[[f32; 256]; 3]) -> Vec<f32> {
-    let n = img.width * img.height;
-    let mut out = vec![0f32; 3 * n];
-    for (i, p) in img.data.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * n + i] = lut[c][p[c] as usize];
-        }
-    }
+    let mut out = vec![0f32; 3 * img.width * img.height];
+    to_normalized_chw_into(img, lut, &mut out);
     out
+}
+
+/// [`to_normalized_chw`] into `out` (3·width·height values), e.g. one view's part of a batch.
+pub fn to_normalized_chw_into(img: &Rgb8, lut: &[[f32; 256]; 3], out: &mut [f32]) {
+    let n = img.width * img.height;
+    assert_eq!(out.len(), 3 * n, "to_normalized_chw_into: output does not fit a {}x{} image", img.width, img.height);
+    let (r, gb) = out.split_at_mut(n);
+    let (g, b) = gb.split_at_mut(n);
+    for (i, p) in img.data.chunks_exact(3).enumerate() {
+        r[i] = lut[0][p[0] as usize];
+        g[i] = lut[1][p[1] as usize];
+        b[i] = lut[2][p[2] as usize];
+    }
 }
 
 /// One view of an image: a rotation and optional colour jitter (paper eq. 5's T_i).
