@@ -56,6 +56,7 @@ pub struct BenchReport {
     pub flow_train_samples_per_s: f64,
     pub flow_train_gflops: f64,
     pub flow_to_sgemm_ratio: f64,
+    /// One image end to end (resize, views, backbone, flow), the fastest of [`LATENCY_REPEATS`].
     pub test_seconds_per_image_16_views: f64,
     pub test_seconds_per_image_64_views: f64,
     /// The flow's part of the two latencies above (the rest: views and backbone).
@@ -82,6 +83,9 @@ pub fn extractor(kind: BackboneKind, device: &Device) -> Result<Extractor> {
         Err(crate::Error::Config(format!("no {} weights: run `differnet weights fetch`", kind.id())))
     }
 }
+
+/// Images scored for each test latency; the fastest is reported.
+pub const LATENCY_REPEATS: usize = 3;
 
 /// Runs every measurement; `views` backbone views are timed (after one warm-up batch).
 pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usize, flow_steps: usize) -> Result<BenchReport> {
@@ -135,8 +139,20 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     // one untimed image first (a test process scores a stream of images; the backbone measure
     // above has its warm-up batch too)
     score_image(ex.batch.max(1))?;
-    let (latency16, flow16) = score_image(16)?;
-    let (latency64, flow64) = score_image(64)?;
+    // the fastest of LATENCY_REPEATS images, like the sgemm reference (the others measure the
+    // machine's neighbours: on a shared VM one image's time varies by ±20%)
+    let best = |n: usize| -> Result<(f64, f64)> {
+        let mut best = (f64::MAX, 0.0);
+        for _ in 0..LATENCY_REPEATS {
+            let t = score_image(n)?;
+            if t.0 < best.0 {
+                best = t;
+            }
+        }
+        Ok(best)
+    };
+    let (latency16, flow16) = best(16)?;
+    let (latency64, flow64) = best(64)?;
     let rss_test = peak_rss_bytes();
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
@@ -178,8 +194,8 @@ impl BenchReport {
              sgemm 2048³                  {:.1} GFLOP/s (reference; used: {}; gemm crate: {:.1})\n\
              backbone {:<19} {:.2} views/s (3 scales), {:.1} GFLOP/s, {:.2} of sgemm\n\
              flow training {}×{} b{:<4}  {:.1} samples/s, {:.1} GFLOP/s, {:.2} of sgemm\n\
-             test latency 16 views        {:.2} s/image ({:.2} s of it the flow)\n\
-             test latency 64 views        {:.2} s/image ({:.2} s of it the flow)\n\
+             test latency 16 views        {:.2} s/image ({:.2} s of it the flow; best of {LATENCY_REPEATS})\n\
+             test latency 64 views        {:.2} s/image ({:.2} s of it the flow; best of {LATENCY_REPEATS})\n\
              peak RSS flow training       {}\n\
              peak RSS testing             {}\n",
             self.threads, self.sgemm_gflops, self.sgemm_backend, self.sgemm_rust_gflops, self.backbone, self.backbone_views_per_s, self.backbone_gflops, self.conv_to_sgemm_ratio,

@@ -1089,117 +1089,106 @@ impl CustomOp3 for FrozenLinear {
 /// views) costs more than the products; here each weight row is read once, straight from memory.
 const FEW_ROWS: usize = 16;
 
-/// `x·wᵀ + b` for a few rows of x [rows, in], w [out, in], b [out]: tiles of up to 4 rows × 3
-/// outputs of dot products over the whole input, groups of outputs split over the threads.
+/// `x·wᵀ + b` for a few rows (≤ 16) of x [rows, in], w [out, in], b [out]. x is transposed
+/// once into columns of 8 or 16 lanes (rows padded with zeros), so that one AVX register holds
+/// 8 rows' sums: a tile of J outputs keeps their sums for all rows in registers over the whole
+/// input while each weight is broadcast once, and x's columns stay in cache for all tiles.
 fn linear_few_rows(x: &[f32], rows: usize, w: &[f32], b: &[f32]) -> Vec<f32> {
-    const OUTPUTS_PER_JOB: usize = 12;
+    const OUTPUTS_PER_JOB: usize = 24;
     let (output, input) = (b.len(), w.len() / b.len().max(1));
-    assert!(x.len() == rows * input && w.len() == output * input);
+    assert!(rows <= FEW_ROWS && x.len() == rows * input && w.len() == output * input);
     if rows == 0 {
         return vec![];
     }
-    // the result transposed, [out, rows], so that each job owns one contiguous part
-    let mut yt = vec![0f32; output * rows];
-    yt.par_chunks_mut(OUTPUTS_PER_JOB * rows).enumerate().for_each(|(job, part)| {
-        let (j0, outs) = (job * OUTPUTS_PER_JOB, part.len() / rows);
-        for j in (0..outs).step_by(3) {
-            let dst = &mut part[j * rows..];
-            for r in (0..rows).step_by(4) {
-                let t = DotTile { x, w, input, r0: r, j0: j0 + j };
-                match ((rows - r).min(4), (outs - j).min(3)) {
-                    (4, 3) => t.store::<4, 3>(dst, rows),
-                    (3, 3) => t.store::<3, 3>(dst, rows),
-                    (2, 3) => t.store::<2, 3>(dst, rows),
-                    (1, 3) => t.store::<1, 3>(dst, rows),
-                    (4, 2) => t.store::<4, 2>(dst, rows),
-                    (3, 2) => t.store::<3, 2>(dst, rows),
-                    (2, 2) => t.store::<2, 2>(dst, rows),
-                    (1, 2) => t.store::<1, 2>(dst, rows),
-                    (4, _) => t.store::<4, 1>(dst, rows),
-                    (3, _) => t.store::<3, 1>(dst, rows),
-                    (2, _) => t.store::<2, 1>(dst, rows),
-                    (_, _) => t.store::<1, 1>(dst, rows),
-                }
+    let lanes = rows.next_multiple_of(8);
+    let mut xt = vec![0f32; input * lanes];
+    for (r, row) in x.chunks_exact(input).enumerate() {
+        for (k, v) in row.iter().enumerate() {
+            xt[k * lanes + r] = *v;
+        }
+    }
+    // the result transposed, [out, lanes], so that each job owns one contiguous part
+    let mut yt = vec![0f32; output * lanes];
+    yt.par_chunks_mut(OUTPUTS_PER_JOB * lanes).enumerate().for_each(|(job, part)| {
+        let j0 = job * OUTPUTS_PER_JOB;
+        let w = &w[j0 * input..(j0 + part.len() / lanes) * input];
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: features detected; w holds part.len()/lanes rows of `input`, xt `input`
+            // columns of `lanes`.
+            return unsafe { few_rows_job_avx2(&xt, lanes, w, input, part) };
+        }
+        for (yj, wj) in part.chunks_exact_mut(lanes).zip(w.chunks_exact(input)) {
+            for (k, wv) in wj.iter().enumerate() {
+                yj.iter_mut().zip(&xt[k * lanes..(k + 1) * lanes]).for_each(|(y, xv)| *y += wv * xv);
             }
         }
     });
     let mut y = vec![0f32; rows * output];
-    for (o, (col, bias)) in yt.chunks(rows).zip(b).enumerate() {
-        for (r, v) in col.iter().enumerate() {
+    for (o, (col, bias)) in yt.chunks(lanes).zip(b).enumerate() {
+        for (r, v) in col[..rows].iter().enumerate() {
             y[r * output + o] = v + bias;
         }
     }
     y
 }
 
-/// Dot products of the rows of x from r0 with the rows of w from j0 (both `input` long).
-struct DotTile<'a> {
-    x: &'a [f32],
-    w: &'a [f32],
-    input: usize,
-    r0: usize,
-    j0: usize,
-}
-
-impl DotTile<'_> {
-    /// `dst[q·stride + r0 + i] = x_{r0+i} · w_{j0+q}` for i < R, q < J.
-    #[inline(always)]
-    fn store<const R: usize, const J: usize>(&self, dst: &mut [f32], stride: usize) {
-        let &DotTile { x, w, input, r0, j0 } = self;
-        assert!((r0 + R) * input <= x.len() && (j0 + J) * input <= w.len() && (J - 1) * stride + r0 + R <= dst.len());
-        let (xs, ws) = (&x[r0 * input..], &w[j0 * input..]);
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: features detected; the assert bounds R rows of x and J rows of w.
-            let sums = unsafe { dot_tile_avx2::<R, J>(xs.as_ptr(), ws.as_ptr(), input) };
-            for (q, s) in sums.iter().enumerate() {
-                dst[q * stride + r0..q * stride + r0 + R].copy_from_slice(s);
-            }
-            return;
-        }
-        for q in 0..J {
-            for i in 0..R {
-                let (a, c) = (&xs[i * input..(i + 1) * input], &ws[q * input..(q + 1) * input]);
-                dst[q * stride + r0 + i] = a.iter().zip(c).map(|(u, v)| u * v).sum();
-            }
-        }
-    }
-}
-
-/// [`DotTile`]'s sums with R·J AVX accumulators: per 8 inputs, J weight loads and R row loads
-/// feed R·J FMAs. Rows are `input` apart; returns sums[q][i] = x_i · w_q.
+/// One job of [`linear_few_rows`]: `part` [outs, lanes] = w [outs, input] · xt [input, lanes],
+/// in tiles of 6 outputs (16 lanes) or 12 outputs (8 lanes), the last outputs one at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_tile_avx2<const R: usize, const J: usize>(x: *const f32, w: *const f32, input: usize) -> [[f32; R]; J] {
+unsafe fn few_rows_job_avx2(xt: &[f32], lanes: usize, w: &[f32], input: usize, part: &mut [f32]) {
+    assert!(xt.len() >= input * lanes && w.len() * lanes == part.len() * input);
+    let outs = part.len() / lanes;
+    let (xt, w, y) = (xt.as_ptr(), w.as_ptr(), part.as_mut_ptr());
+    let mut j = 0;
+    match lanes {
+        16 => {
+            while j + 6 <= outs {
+                outer_tile::<6, 2>(xt, w.add(j * input), input, y.add(j * 16));
+                j += 6;
+            }
+            while j < outs {
+                outer_tile::<1, 2>(xt, w.add(j * input), input, y.add(j * 16));
+                j += 1;
+            }
+        }
+        _ => {
+            while j + 12 <= outs {
+                outer_tile::<12, 1>(xt, w.add(j * input), input, y.add(j * 8));
+                j += 12;
+            }
+            while j < outs {
+                outer_tile::<1, 1>(xt, w.add(j * input), input, y.add(j * 8));
+                j += 1;
+            }
+        }
+    }
+}
+
+/// J outputs × 8V lanes: `y[q·8V + l] = Σ_k w[q·input + k] · xt[k·8V + l]`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn outer_tile<const J: usize, const V: usize>(xt: *const f32, w: *const f32, input: usize, y: *mut f32) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); R]; J];
-    let mut k = 0;
-    while k + 8 <= input {
-        let mut wv = [_mm256_setzero_ps(); J];
-        for (q, v) in wv.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(w.add(q * input + k));
+    let mut acc = [[_mm256_setzero_ps(); V]; J];
+    for k in 0..input {
+        let mut xv = [_mm256_setzero_ps(); V];
+        for (v, xr) in xv.iter_mut().enumerate() {
+            *xr = _mm256_loadu_ps(xt.add(k * 8 * V + 8 * v));
         }
-        for i in 0..R {
-            let xv = _mm256_loadu_ps(x.add(i * input + k));
-            for q in 0..J {
-                acc[q][i] = _mm256_fmadd_ps(xv, wv[q], acc[q][i]);
+        for (q, row) in acc.iter_mut().enumerate() {
+            let wb = _mm256_broadcast_ss(&*w.add(q * input + k));
+            for v in 0..V {
+                row[v] = _mm256_fmadd_ps(wb, xv[v], row[v]);
             }
         }
-        k += 8;
     }
-    let mut sums = [[0f32; R]; J];
-    for q in 0..J {
-        for i in 0..R {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[q][i]);
-            let mut s = lanes.iter().sum::<f32>();
-            for t in k..input {
-                s += *x.add(i * input + t) * *w.add(q * input + t);
-            }
-            sums[q][i] = s;
+    for (q, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate() {
+            _mm256_storeu_ps(y.add(q * 8 * V + 8 * v), *a);
         }
     }
-    sums
 }
 
 /// `x·weightᵀ + bias` for x [B, in], weight [out, in], bias [out], without gradient tracking.
