@@ -4,7 +4,7 @@
 use super::{expect_shape, get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
 use crate::ops::{gemm_conv2d_relu, max_pool2d};
-use crate::winograd::{conv3x3_relu, Winograd3x3};
+use crate::winograd::{conv_relu, WinogradConv};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,8 +15,8 @@ struct Conv {
     /// The same weights as plain rows for the im2col + sgemm kernel.
     weight_rows: Vec<f32>,
     bias_values: Vec<f32>,
-    /// The 3×3 stride-1 layers' kernels transformed for Winograd F(2×2, 3×3).
-    winograd: Option<Winograd3x3>,
+    /// The stride-1 layers' (5×5 and 3×3) kernels transformed for Winograd F(2×2, 3×3).
+    winograd: Option<WinogradConv>,
     kernel: usize,
     stride: usize,
     padding: usize,
@@ -26,7 +26,7 @@ impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() && !x.track_op() {
             if let Some(wg) = &self.winograd {
-                return Ok(conv3x3_relu(x, wg)?);
+                return Ok(conv_relu(x, wg)?);
             }
             return Ok(gemm_conv2d_relu(x, &self.weight_rows, &self.bias_values, self.kernel, self.stride, self.padding)?);
         }
@@ -82,7 +82,7 @@ impl AlexNet {
             expect_shape(&weight, &[o, i, k, k], &wn, path)?;
             expect_shape(&bias, &[o], &bn, path)?;
             let (weight_rows, bias_values) = (weight.flatten_all()?.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
-            let winograd = (k == 3 && stride == 1 && padding == 1).then(|| Winograd3x3::new(&weight_rows, &bias_values));
+            let winograd = WinogradConv::supports(k, stride, padding).then(|| WinogradConv::new(&weight_rows, &bias_values, k));
             convs.push(Conv { weight, bias, weight_rows, bias_values, winograd, kernel: k, stride, padding });
         }
         Ok(AlexNet { convs })
