@@ -1141,28 +1141,24 @@ unsafe fn few_rows_job_avx2(xt: &[f32], lanes: usize, w: &[f32], input: usize, p
     assert!(xt.len() >= input * lanes && w.len() * lanes == part.len() * input);
     let outs = part.len() / lanes;
     let (xt, w, y) = (xt.as_ptr(), w.as_ptr(), part.as_mut_ptr());
-    let mut j = 0;
     match lanes {
-        16 => {
-            while j + 6 <= outs {
-                outer_tile::<6, 2>(xt, w.add(j * input), input, y.add(j * 16));
-                j += 6;
-            }
-            while j < outs {
-                outer_tile::<1, 2>(xt, w.add(j * input), input, y.add(j * 16));
-                j += 1;
-            }
-        }
-        _ => {
-            while j + 12 <= outs {
-                outer_tile::<12, 1>(xt, w.add(j * input), input, y.add(j * 8));
-                j += 12;
-            }
-            while j < outs {
-                outer_tile::<1, 1>(xt, w.add(j * input), input, y.add(j * 8));
-                j += 1;
-            }
-        }
+        16 => outer_tiles::<6, 2>(xt, w, input, y, outs),
+        _ => outer_tiles::<12, 1>(xt, w, input, y, outs),
+    }
+}
+
+/// `outs` outputs as tiles of J, the last ones one at a time (see [`outer_tile`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn outer_tiles<const J: usize, const V: usize>(xt: *const f32, w: *const f32, input: usize, y: *mut f32, outs: usize) {
+    let mut j = 0;
+    while j + J <= outs {
+        outer_tile::<J, V>(xt, w.add(j * input), input, y.add(j * 8 * V));
+        j += J;
+    }
+    while j < outs {
+        outer_tile::<1, V>(xt, w.add(j * input), input, y.add(j * 8 * V));
+        j += 1;
     }
 }
 
