@@ -1076,7 +1076,7 @@ impl CustomOp3 for FrozenLinear {
             candle_core::bail!("frozen_linear: x {:?}, weight {:?}, bias {:?} do not fit", l1.shape(), l2.shape(), l3.shape())
         }
         if rows <= FEW_ROWS {
-            return Ok((CpuStorage::F32(linear_few_rows(x, rows, w, b)), Shape::from((rows, output))));
+            return Ok((CpuStorage::F32(linear_few_rows(x, rows, input, w, b)), Shape::from((rows, output))));
         }
         let mut y: Vec<f32> = b.iter().copied().cycle().take(rows * output).collect();
         sgemm(rows, output, input, &mut y, true, (x, input, 1), (w, 1, input));
@@ -1093,12 +1093,12 @@ const FEW_ROWS: usize = 16;
 /// once into columns of 8 or 16 lanes (rows padded with zeros), so that one AVX register holds
 /// 8 rows' sums: a tile of J outputs keeps their sums for all rows in registers over the whole
 /// input while each weight is broadcast once, and x's columns stay in cache for all tiles.
-fn linear_few_rows(x: &[f32], rows: usize, w: &[f32], b: &[f32]) -> Vec<f32> {
+fn linear_few_rows(x: &[f32], rows: usize, input: usize, w: &[f32], b: &[f32]) -> Vec<f32> {
     const OUTPUTS_PER_JOB: usize = 24;
-    let (output, input) = (b.len(), w.len() / b.len().max(1));
+    let output = b.len();
     assert!(rows <= FEW_ROWS && x.len() == rows * input && w.len() == output * input);
-    if rows == 0 {
-        return vec![];
+    if rows == 0 || output == 0 || input == 0 {
+        return b.iter().copied().cycle().take(rows * output).collect();
     }
     let lanes = rows.next_multiple_of(8);
     let mut xt = vec![0f32; input * lanes];
