@@ -1286,8 +1286,8 @@ mod tests {
 
     #[test]
     fn frozen_linear_matches_the_definition_for_few_and_many_rows() -> Result<()> {
-        // few rows take `linear_few_rows` (every tile shape: 1-4 rows × 1-3 outputs, an input
-        // length with a tail after the 8-wide steps), more rows take `sgemm`
+        // up to 16 rows take `linear_few_rows` (8 lanes for 1-8 rows, 16 for 9-16; 13 outputs =
+        // whole tiles of 12 or 6 and then single outputs), more rows take `sgemm`
         let (input, output) = (27, 13);
         let w: Vec<f32> = (0..output * input).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let b: Vec<f32> = (0..output).map(|i| i as f32 * 0.25 - 1.0).collect();
