@@ -517,6 +517,113 @@ impl TapTile<'_> {
     }
 }
 
+/// Output channels the dense-taps tiles compute together.
+const STEM_OUTPUTS: usize = 4;
+/// Output rows per job of the dense taps: the input rows they read stay in L2.
+const STEM_BAND_ROWS: usize = 8;
+
+/// A dense convolution with few input channels (EfficientNet's stem) as taps over the
+/// phase-split padded planes of all input channels, [`STEM_OUTPUTS`] output channels per tile,
+/// so every input vector loaded serves four sums. Each sum adds the bias, then the taps in the
+/// order (input channel, ky, kx) by fused multiply-adds: the same values as one
+/// [`accumulate_taps`] pass per input channel.
+#[cfg(target_arch = "x86_64")]
+struct DenseTaps<'a> {
+    /// Where tap (ic, ky, kx) reads, from the start of an output row's input rows in the image's phases.
+    offsets: Vec<usize>,
+    /// Weights regrouped [O / 4][tap][4].
+    weights: Vec<[f32; STEM_OUTPUTS]>,
+    bias: &'a [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> DenseTaps<'a> {
+    /// `offsets` of one plane's taps, `plane_len` floats per input channel's phases, `c` input
+    /// channels, weight [O, c, k, k].
+    fn new(offsets: &[usize], plane_len: usize, c: usize, weight: &[f32], bias: &'a [f32]) -> Self {
+        let kk = offsets.len();
+        let offsets = (0..c).flat_map(|ic| offsets.iter().map(move |&t| ic * plane_len + t)).collect();
+        let weights = (0..bias.len() / STEM_OUTPUTS)
+            .flat_map(|g| (0..c * kk).map(move |tap| std::array::from_fn(|j| weight[(g * STEM_OUTPUTS + j) * c * kk + tap])))
+            .collect();
+        DenseTaps { offsets, weights, bias }
+    }
+
+    /// Output rows `rows` of all output planes of one image (`dst`: its [O, oh, ow] output)
+    /// from `phases` (its input channels' phase-split planes).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn band_avx2(&self, phases: &[f32], dst: *mut f32, g: &PlaneGeometry, rows: std::ops::Range<usize>, relu6: bool) {
+        use std::arch::x86_64::*;
+        let PlaneGeometry { s, pw, oh, ow, .. } = *g;
+        let (lo, hi) = if relu6 { (0.0, 6.0) } else { (f32::NEG_INFINITY, f32::INFINITY) };
+        let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        let lanes: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mask = _mm256_loadu_si256(lanes.as_ptr().add(8 - ow % 8) as *const __m256i);
+        let taps = self.offsets.len();
+        for (group, weights) in self.weights.chunks(taps).enumerate() {
+            let bias: [f32; STEM_OUTPUTS] = std::array::from_fn(|j| self.bias[group * STEM_OUTPUTS + j]);
+            for oy in rows.clone() {
+                let src = phases.as_ptr().add(oy * s * pw);
+                let out = dst.add(group * STEM_OUTPUTS * oh * ow + oy * ow);
+                let tile = StemTile { offsets: &self.offsets, weights, bias, lo, hi, plane: oh * ow };
+                let mut x = 0;
+                while x + 24 <= ow {
+                    tile.run::<3, false>(src.add(x), out.add(x), mask);
+                    x += 24;
+                }
+                while x + 8 <= ow {
+                    tile.run::<1, false>(src.add(x), out.add(x), mask);
+                    x += 8;
+                }
+                if x < ow {
+                    tile.run::<1, true>(src.add(x), out.add(x), mask);
+                }
+            }
+        }
+    }
+}
+
+/// One tile of [`DenseTaps`]: 4 output channels × V vectors of 8 columns of one output row.
+#[cfg(target_arch = "x86_64")]
+struct StemTile<'a> {
+    offsets: &'a [usize],
+    weights: &'a [[f32; STEM_OUTPUTS]],
+    bias: [f32; STEM_OUTPUTS],
+    lo: std::arch::x86_64::__m256,
+    hi: std::arch::x86_64::__m256,
+    /// Floats between the output planes of consecutive channels.
+    plane: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl StemTile<'_> {
+    #[inline(always)]
+    unsafe fn run<const V: usize, const MASKED: bool>(&self, src: *const f32, dst: *mut f32, mask: std::arch::x86_64::__m256i) {
+        use std::arch::x86_64::*;
+        let mut acc: [[__m256; V]; STEM_OUTPUTS] = std::array::from_fn(|j| [_mm256_set1_ps(self.bias[j]); V]);
+        for (&off, w) in self.offsets.iter().zip(self.weights) {
+            let xs: [__m256; V] = std::array::from_fn(|v| load8::<MASKED>(src.add(off + 8 * v), mask));
+            for (acc, &w) in acc.iter_mut().zip(w) {
+                let wv = _mm256_set1_ps(w);
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    *a = _mm256_fmadd_ps(x, wv, *a);
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            for (v, a) in acc.iter().enumerate() {
+                let c = _mm256_min_ps(_mm256_max_ps(*a, self.lo), self.hi);
+                let p = dst.add(j * self.plane + 8 * v);
+                if MASKED {
+                    _mm256_maskstore_ps(p, mask, c)
+                } else {
+                    _mm256_storeu_ps(p, c)
+                }
+            }
+        }
+    }
+}
+
 fn clamp_relu6(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x = x.clamp(0.0, 6.0));
 }
@@ -530,6 +637,51 @@ struct DirectConv {
     bias: Vec<f32>,
     relu6: bool,
     depthwise: bool,
+}
+
+impl DirectConv {
+    /// The dense case (few input channels: the stem), [n, o, oh, ow]: every input plane is
+    /// padded once, then shared by all output channels.
+    fn dense(&self, x: &[f32], wt: &[f32], (n, c, o): (usize, usize, usize), geo: &PlaneGeometry, offsets: &[usize]) -> Vec<f32> {
+        let PlaneGeometry { h, w, k, s, pw, oh, ow, .. } = *geo;
+        let plane_len = geo.phases_len();
+        let mut phases = vec![0f32; n * c * plane_len];
+        phases.par_chunks_mut(plane_len).enumerate().for_each(|(p, ph)| geo.fill_phases_into(&x[p * h * w..(p + 1) * h * w], ph, OnCopy::Identity));
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() && o % STEM_OUTPUTS == 0 {
+            let taps = DenseTaps::new(offsets, plane_len, c, wt, &self.bias);
+            assert!(taps.offsets.iter().all(|&t| t + (oh - 1) * s * pw + ow <= c * plane_len));
+            let bands = oh.div_ceil(STEM_BAND_ROWS);
+            let len = n * o * oh * ow;
+            // not zeroed first: the jobs below write every value (all rows of all planes)
+            let mut out: Vec<f32> = Vec::with_capacity(len);
+            let dst = SharedMut(out.as_mut_ptr());
+            (0..n * bands).into_par_iter().for_each(|job| {
+                let (b, band) = (job / bands, job % bands);
+                let rows = band * STEM_BAND_ROWS..((band + 1) * STEM_BAND_ROWS).min(oh);
+                let image = &phases[b * c * plane_len..(b + 1) * c * plane_len];
+                // SAFETY: AVX2 was detected; the assert above bounds every read, and each job
+                // writes only rows `rows` of its image's output planes.
+                unsafe { taps.band_avx2(image, dst.get().add(b * o * oh * ow), geo, rows, self.relu6) };
+            });
+            // SAFETY: the capacity is len and the jobs above wrote all len values.
+            unsafe { out.set_len(len) };
+            return out;
+        }
+        let mut out = vec![0f32; n * o * oh * ow];
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out_plane)| {
+            let (b, oc) = (p / o, p % o);
+            for ic in 0..c {
+                let ph = &phases[(b * c + ic) * plane_len..(b * c + ic + 1) * plane_len];
+                let init = (ic == 0).then_some(self.bias[oc]);
+                accumulate_taps(out_plane, ph, &wt[(oc * c + ic) * k * k..(oc * c + ic + 1) * k * k], offsets, geo, init, false);
+            }
+            if self.relu6 {
+                clamp_relu6(out_plane);
+            }
+        });
+        out
+    }
 }
 
 impl CustomOp2 for DirectConv {
@@ -551,31 +703,18 @@ impl CustomOp2 for DirectConv {
         let (oh, ow) = ((hp - k) / s + 1, (wp - k) / s + 1);
         let geo = PlaneGeometry { h, w, k, s, pt, pl, hp, pw: wp.div_ceil(s), oh, ow };
         let offsets = geo.tap_offsets();
-        let mut out = vec![0f32; n * o * oh * ow];
-        if self.depthwise {
+        let out = if self.depthwise {
             // one plane per job: its padded copy lives in the job's scratch buffer, in cache
+            let mut out = vec![0f32; n * o * oh * ow];
             out.par_chunks_mut(oh * ow).enumerate().for_each_init(Vec::new, |scratch, (p, out_plane)| {
                 let oc = p % o;
                 geo.fill_phases(&x[p * h * w..(p + 1) * h * w], scratch, OnCopy::Identity);
                 accumulate_taps(out_plane, scratch, &wt[oc * k * k..(oc + 1) * k * k], &offsets, &geo, Some(self.bias[oc]), self.relu6);
             });
+            out
         } else {
-            // few input channels (the stem): every input plane is padded once, then shared
-            let plane_len = geo.phases_len();
-            let mut phases = vec![0f32; n * c * plane_len];
-            phases.par_chunks_mut(plane_len).enumerate().for_each(|(p, ph)| geo.fill_phases_into(&x[p * h * w..(p + 1) * h * w], ph, OnCopy::Identity));
-            out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out_plane)| {
-                let (b, oc) = (p / o, p % o);
-                for ic in 0..c {
-                    let ph = &phases[(b * c + ic) * plane_len..(b * c + ic + 1) * plane_len];
-                    let init = (ic == 0).then_some(self.bias[oc]);
-                    accumulate_taps(out_plane, ph, &wt[(oc * c + ic) * k * k..(oc * c + ic + 1) * k * k], &offsets, &geo, init, false);
-                }
-                if self.relu6 {
-                    clamp_relu6(out_plane);
-                }
-            });
-        }
+            self.dense(x, wt, (n, c, o), &geo, &offsets)
+        };
         Ok((CpuStorage::F32(out), Shape::from((n, o, oh, ow))))
     }
 
@@ -977,49 +1116,42 @@ struct GemmConv<'a> {
 }
 
 impl GemmConv<'_> {
-    /// Row r = (ci, ky, kx) of the unrolled patches of one image `x` [C, H, W].
-    fn im2col_row(&self, x: &[f32], (h, w, oh, ow): (usize, usize, usize, usize), r: usize, row: &mut [f32]) {
-        let (ci, ky, kx) = (r / (self.k * self.k), r / self.k % self.k, r % self.k);
-        let plane = &x[ci * h * w..(ci + 1) * h * w];
-        for oy in 0..oh {
-            let dst = &mut row[oy * ow..(oy + 1) * ow];
-            let Some(y) = (oy * self.stride + ky).checked_sub(self.pad).filter(|&y| y < h) else {
-                dst.fill(0.0);
-                continue;
-            };
-            let src = &plane[y * w..(y + 1) * w];
-            // output columns whose input column ox·s + kx − pad lies inside the row
-            let lo = self.pad.saturating_sub(kx).div_ceil(self.stride).min(ow);
-            let hi = ((w + self.pad).saturating_sub(kx).div_ceil(self.stride)).clamp(lo, ow);
-            dst[..lo].fill(0.0);
-            dst[hi..].fill(0.0);
-            let first = lo * self.stride + kx - self.pad;
-            if self.stride == 1 {
-                dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
-            } else {
-                for (d, v) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(self.stride)) {
-                    *d = *v;
-                }
+    /// relu(W · im2col(x) + b) of one image `x` [C, H, W] into `out` [O, OH·OW], which holds the
+    /// bias on entry; `parallel` spreads the unrolling. The image's planes are first copied
+    /// zero-padded and split into `stride` column phases (see [`PlaneGeometry`]), so that every
+    /// row (ci, ky, kx) of the unrolled patches is a run of contiguous copies, whatever the stride.
+    fn image(&self, x: &[f32], geo: &PlaneGeometry, offsets: &[usize], scratch: &mut Im2col, out: &mut [f32], parallel: bool) {
+        let PlaneGeometry { h, w, s, pw, oh, ow, .. } = *geo;
+        let (c, kk, n, plane_len) = (x.len() / (h * w), self.k * self.k, oh * ow, geo.phases_len());
+        let Im2col { phases, cols } = scratch;
+        phases.resize(c * plane_len, 0.0);
+        for (ci, ph) in phases.chunks_mut(plane_len).enumerate() {
+            geo.fill_phases_into(&x[ci * h * w..(ci + 1) * h * w], ph, OnCopy::Identity);
+        }
+        let phases = &phases[..];
+        let unroll = |r: usize, row: &mut [f32]| {
+            let src = &phases[(r / kk) * plane_len + offsets[r % kk]..];
+            for (oy, dst) in row.chunks_mut(ow).enumerate() {
+                dst.copy_from_slice(&src[oy * s * pw..oy * s * pw + ow]);
             }
-        }
-    }
-
-    /// relu(W · im2col(x) + b) of one image into `out` [O, OH·OW]; `parallel` spreads the unrolling.
-    fn image(&self, x: &[f32], dims: (usize, usize, usize, usize), cols: &mut Vec<f32>, out: &mut [f32], parallel: bool) {
-        let (_, _, oh, ow) = dims;
-        let (o, ckk, n) = (self.bias.len(), self.weight.len() / self.bias.len(), oh * ow);
-        cols.resize(ckk * n, 0.0);
+        };
+        cols.resize(c * kk * n, 0.0);
         if parallel {
-            cols.par_chunks_mut(n).enumerate().for_each(|(r, row)| self.im2col_row(x, dims, r, row));
+            cols.par_chunks_mut(n).enumerate().for_each(|(r, row)| unroll(r, row));
         } else {
-            cols.chunks_mut(n).enumerate().for_each(|(r, row)| self.im2col_row(x, dims, r, row));
+            cols.chunks_mut(n).enumerate().for_each(|(r, row)| unroll(r, row));
         }
-        for (row, &b) in out.chunks_mut(n).zip(self.bias) {
-            row.fill(b);
-        }
-        sgemm(o, n, ckk, out, true, (self.weight, ckk, 1), (cols, n, 1));
+        sgemm(self.bias.len(), n, c * kk, out, true, (self.weight, c * kk, 1), (cols, n, 1));
         out.iter_mut().for_each(|v| *v = v.max(0.0));
     }
+}
+
+/// Per-thread buffers of [`GemmConv`]: the phase-split padded planes and the unrolled patches
+/// (up to ~20 MB), kept so that they are not allocated and faulted in anew for every image.
+#[derive(Default)]
+struct Im2col {
+    phases: Vec<f32>,
+    cols: Vec<f32>,
 }
 
 impl CustomOp1 for GemmConv<'_> {
@@ -1036,19 +1168,25 @@ impl CustomOp1 for GemmConv<'_> {
         if h + 2 * self.pad < self.k || w + 2 * self.pad < self.k {
             candle_core::bail!("gemm_conv2d: input {h}x{w} smaller than the {}x{} kernel", self.k, self.k)
         }
-        let (oh, ow) = ((h + 2 * self.pad - self.k) / self.stride + 1, (w + 2 * self.pad - self.k) / self.stride + 1);
-        let dims = (h, w, oh, ow);
-        let mut out = vec![0f32; n * o * oh * ow];
+        let (k, s, p) = (self.k, self.stride, self.pad);
+        let (hp, wp) = (h + 2 * p, w + 2 * p);
+        let (oh, ow) = ((hp - k) / s + 1, (wp - k) / s + 1);
+        let geo = PlaneGeometry { h, w, k, s, pt: p, pl: p, hp, pw: wp.div_ceil(s), oh, ow };
+        let offsets = geo.tap_offsets();
+        // every output starts as its channel's bias (the products are added to it)
+        let mut out = Vec::with_capacity(n * o * oh * ow);
+        for _ in 0..n {
+            self.bias.iter().for_each(|&b| out.extend(std::iter::repeat_n(b, oh * ow)));
+        }
         let images = x.chunks(c * h * w).zip(out.chunks_mut(o * oh * ow));
         thread_local! {
-            // the unrolled patches (up to ~20 MB), kept per thread so pages are not faulted in anew
-            static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            static SCRATCH: std::cell::RefCell<Im2col> = std::cell::RefCell::default();
         }
         if n >= rayon::current_num_threads() || rayon::current_thread_index().is_some() {
             // one image per job, each product on its job's thread
-            images.collect::<Vec<_>>().into_par_iter().for_each(|(xi, oi)| COLS.with_borrow_mut(|cols| self.image(xi, dims, cols, oi, false)));
+            images.collect::<Vec<_>>().into_par_iter().for_each(|(xi, oi)| SCRATCH.with_borrow_mut(|sc| self.image(xi, &geo, &offsets, sc, oi, false)));
         } else {
-            COLS.with_borrow_mut(|cols| images.for_each(|(xi, oi)| self.image(xi, dims, cols, oi, true)));
+            SCRATCH.with_borrow_mut(|sc| images.for_each(|(xi, oi)| self.image(xi, &geo, &offsets, sc, oi, true)));
         }
         Ok((CpuStorage::F32(out), Shape::from((n, o, oh, ow))))
     }
@@ -1280,6 +1418,26 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let diff = max_diff(&got, &want)?;
             assert!(diff < 1e-5, "k{k} s{stride} {h}×{w}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn dense_taps_match_conv2d_on_every_tile() -> Result<()> {
+        // the stem's kernel: 4 output channels per tile (8 outputs: two groups; 6: the per-plane
+        // path), 24/8/masked columns, several bands of rows, TF-SAME padding, bias and ReLU6
+        let dev = Device::Cpu;
+        for (o, stride, h, w) in [(8, 2, 38, 77), (8, 1, 19, 33), (4, 2, 8, 16), (6, 2, 21, 50)] {
+            let x = Tensor::randn(0f32, 1., (2, 3, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 0.5, (o, 3, 3, 3), &dev)?;
+            let bias: Vec<f32> = (0..o).map(|i| i as f32 * 0.3 - 1.0).collect();
+            let (t, b) = (if stride == 2 { 0 } else { 1 }, 1);
+            let want = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, t, b)?.conv2d(&wt, 0, stride, 1, 1)?;
+            let want = want.broadcast_add(&Tensor::new(bias.as_slice(), &dev)?.reshape((1, o, 1, 1))?)?.clamp(0f32, 6f32)?;
+            let got = dense_conv2d(&x, &wt, &bias, stride, (t, b, t, b), true)?;
+            assert_eq!(got.dims(), want.dims());
+            let diff = max_diff(&got, &want)?;
+            assert!(diff < 1e-5, "{o} outputs, s{stride} {h}×{w}: {diff}");
         }
         Ok(())
     }
