@@ -31,3 +31,18 @@ pub mod weights;
 pub mod winograd;
 
 pub use error::{Error, Result};
+
+/// Makes glibc keep freed buffers (up to 1 GiB each) in the process's heap for reuse instead of
+/// handing them back to the system. Every backbone layer allocates and frees outputs of tens of
+/// MB; by default glibc maps each anew and the kernel zero-fills it page by page, ~10% of the
+/// feature extraction time (measured: 380 k page faults for 6 × 16 views, 72 k with this).
+/// The binary calls it once at start; returns false where it is unsupported or refused.
+pub fn keep_freed_buffers() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's thresholds; it has no preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}

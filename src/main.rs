@@ -479,6 +479,8 @@ struct DemoArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // freed layer outputs are reused from the heap instead of being mapped and zeroed anew
+    differnet::keep_freed_buffers();
     let level = if cli.quiet { "error" } else { ["warn", "info", "debug"][cli.verbose.min(2) as usize] };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
