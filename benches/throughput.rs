@@ -11,6 +11,8 @@ fn main() -> differnet::Result<()> {
     // `cargo bench -- --quick` (or `DIFFERNET_BENCH_QUICK=1`) for a short smoke run
     let quick = std::env::args().any(|a| a == "--quick") || std::env::var_os("DIFFERNET_BENCH_QUICK").is_some();
     let (views, flow_steps) = if quick { (4, 1) } else { (32, 5) };
+    // as the binary does: freed layer outputs are reused from the heap
+    differnet::keep_freed_buffers();
     println!("sgemm backend: {}", differnet::sgemm::backend().name());
     for kind in [BackboneKind::EfficientnetLite0, BackboneKind::Alexnet] {
         let ex = match bench::extractor(kind, &Device::Cpu) {
