@@ -438,6 +438,18 @@ unsafe fn load8<const MASKED: bool>(p: *const f32, mask: std::arch::x86_64::__m2
     }
 }
 
+/// Stores 8 floats at `p`, or with `MASKED` only the lanes of `mask` (see [`load8`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store8<const MASKED: bool>(p: *mut f32, mask: std::arch::x86_64::__m256i, v: std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    if MASKED {
+        _mm256_maskstore_ps(p, mask, v)
+    } else {
+        _mm256_storeu_ps(p, v)
+    }
+}
+
 /// The taps of one k×k kernel: where each reads (from [`PlaneGeometry::tap_offsets`]) and its weight.
 #[derive(Clone, Copy)]
 struct Taps<'a> {
@@ -505,13 +517,7 @@ impl TapTile<'_> {
         }
         for (r, acc) in acc.iter().enumerate() {
             for (v, a) in acc.iter().enumerate() {
-                let c = _mm256_min_ps(_mm256_max_ps(*a, self.lo), self.hi);
-                let p = dst.add(r * self.dst_row + 8 * v);
-                if MASKED {
-                    _mm256_maskstore_ps(p, mask, c)
-                } else {
-                    _mm256_storeu_ps(p, c)
-                }
+                store8::<MASKED>(dst.add(r * self.dst_row + 8 * v), mask, _mm256_min_ps(_mm256_max_ps(*a, self.lo), self.hi));
             }
         }
     }
@@ -612,13 +618,7 @@ impl StemTile<'_> {
         }
         for (j, acc) in acc.iter().enumerate() {
             for (v, a) in acc.iter().enumerate() {
-                let c = _mm256_min_ps(_mm256_max_ps(*a, self.lo), self.hi);
-                let p = dst.add(j * self.plane + 8 * v);
-                if MASKED {
-                    _mm256_maskstore_ps(p, mask, c)
-                } else {
-                    _mm256_storeu_ps(p, c)
-                }
+                store8::<MASKED>(dst.add(j * self.plane + 8 * v), mask, _mm256_min_ps(_mm256_max_ps(*a, self.lo), self.hi));
             }
         }
     }
