@@ -9,14 +9,18 @@ use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// How a layer runs when no gradient is needed.
+enum FastKernel {
+    /// Winograd F(2×2, 3×3): the stride-1 layers (5×5 and 3×3), kernels transformed once.
+    Winograd(WinogradConv),
+    /// im2col + sgemm (conv1): the weights as plain rows [O, C·k·k], and the bias.
+    Im2col { weight_rows: Vec<f32>, bias_values: Vec<f32> },
+}
+
 struct Conv {
     weight: Tensor,
     bias: Tensor,
-    /// The same weights as plain rows for the im2col + sgemm kernel.
-    weight_rows: Vec<f32>,
-    bias_values: Vec<f32>,
-    /// The stride-1 layers' (5×5 and 3×3) kernels transformed for Winograd F(2×2, 3×3).
-    winograd: Option<WinogradConv>,
+    fast: FastKernel,
     kernel: usize,
     stride: usize,
     padding: usize,
@@ -25,10 +29,10 @@ struct Conv {
 impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() && !x.track_op() {
-            if let Some(wg) = &self.winograd {
-                return Ok(conv_relu(x, wg)?);
-            }
-            return Ok(gemm_conv2d_relu(x, &self.weight_rows, &self.bias_values, self.kernel, self.stride, self.padding)?);
+            return Ok(match &self.fast {
+                FastKernel::Winograd(wg) => conv_relu(x, wg)?,
+                FastKernel::Im2col { weight_rows, bias_values } => gemm_conv2d_relu(x, weight_rows, bias_values, self.kernel, self.stride, self.padding)?,
+            });
         }
         // candle's conv2d where the input gradient is needed (localization) or on CUDA
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
@@ -82,8 +86,12 @@ impl AlexNet {
             expect_shape(&weight, &[o, i, k, k], &wn, path)?;
             expect_shape(&bias, &[o], &bn, path)?;
             let (weight_rows, bias_values) = (weight.flatten_all()?.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
-            let winograd = WinogradConv::supports(k, stride, padding).then(|| WinogradConv::new(&weight_rows, &bias_values, k));
-            convs.push(Conv { weight, bias, weight_rows, bias_values, winograd, kernel: k, stride, padding });
+            let fast = if WinogradConv::supports(k, stride, padding) {
+                FastKernel::Winograd(WinogradConv::new(&weight_rows, &bias_values, k))
+            } else {
+                FastKernel::Im2col { weight_rows, bias_values }
+            };
+            convs.push(Conv { weight, bias, fast, kernel: k, stride, padding });
         }
         Ok(AlexNet { convs })
     }
