@@ -5,7 +5,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use crate::sgemm::{sgemm, sgemm_with, Backend::Rust};
 use rayon::prelude::*;
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The f32 values of a contiguous CPU tensor, or an error naming `op`.
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{op}: only f32 tensors are supported")
     };
@@ -409,8 +410,7 @@ unsafe fn accumulate_taps_avx2(out: &mut [f32], phases: &[f32], taps: Taps, g: &
     let PlaneGeometry { s, pw, oh, ow, .. } = *g;
     let (lo, hi) = if relu6 { (0.0, 6.0) } else { (f32::NEG_INFINITY, f32::INFINITY) };
     let t = TapTile { taps, init, lo: _mm256_set1_ps(lo), hi: _mm256_set1_ps(hi), src_row: s * pw, dst_row: ow };
-    let lanes: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
-    let mask = _mm256_loadu_si256(lanes.as_ptr().add(8 - ow % 8) as *const __m256i);
+    let mask = tail_mask(ow);
     let (src, dst) = (phases.as_ptr(), out.as_mut_ptr());
     let mut oy = 0;
     while oy < oh {
@@ -423,6 +423,15 @@ unsafe fn accumulate_taps_avx2(out: &mut [f32], phases: &[f32], taps: Taps, g: &
             oy += 1;
         }
     }
+}
+
+/// The lanes of the last `ow % 8` columns of a row (for [`load8`] and [`store8`] with `MASKED`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tail_mask(ow: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let lanes: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+    _mm256_loadu_si256(lanes.as_ptr().add(8 - ow % 8) as *const __m256i)
 }
 
 /// 8 floats from `p`, or with `MASKED` only the lanes of `mask` (the others read as 0). A
@@ -563,8 +572,7 @@ impl<'a> DenseTaps<'a> {
         let PlaneGeometry { s, pw, oh, ow, .. } = *g;
         let (lo, hi) = if relu6 { (0.0, 6.0) } else { (f32::NEG_INFINITY, f32::INFINITY) };
         let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
-        let lanes: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
-        let mask = _mm256_loadu_si256(lanes.as_ptr().add(8 - ow % 8) as *const __m256i);
+        let mask = tail_mask(ow);
         let taps = self.offsets.len();
         for (group, weights) in self.weights.chunks(taps).enumerate() {
             let bias: [f32; STEM_OUTPUTS] = std::array::from_fn(|j| self.bias[group * STEM_OUTPUTS + j]);
@@ -1412,14 +1420,19 @@ mod tests {
             let wt = Tensor::randn(0f32, 1., (2, 1, k, k), &dev)?;
             let bias = [0.5f32, -0.25];
             let p = k / 2;
-            let want = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?.conv2d(&wt, 0, stride, 1, 2)?;
-            let want = want.broadcast_add(&Tensor::new(&bias, &dev)?.reshape((1, 2, 1, 1))?)?.clamp(0f32, 6f32)?;
+            let want = conv_bias_relu6(&x, &wt, &bias, (p, p), stride, 2)?;
             let got = depthwise_conv2d(&x, &wt, &bias, stride, (p, p, p, p), true)?;
             assert_eq!(got.dims(), want.dims());
             let diff = max_diff(&got, &want)?;
             assert!(diff < 1e-5, "k{k} s{stride} {h}×{w}: {diff}");
         }
         Ok(())
+    }
+
+    /// The reference: candle's conv2d after zero padding (before, after) on both axes, + bias, ReLU6.
+    fn conv_bias_relu6(x: &Tensor, w: &Tensor, bias: &[f32], (before, after): (usize, usize), stride: usize, groups: usize) -> Result<Tensor> {
+        let y = x.pad_with_zeros(2, before, after)?.pad_with_zeros(3, before, after)?.conv2d(w, 0, stride, 1, groups)?;
+        y.broadcast_add(&Tensor::from_slice(bias, (1, bias.len(), 1, 1), x.device())?)?.clamp(0f32, 6f32)
     }
 
     #[test]
@@ -1432,8 +1445,7 @@ mod tests {
             let wt = Tensor::randn(0f32, 0.5, (o, 3, 3, 3), &dev)?;
             let bias: Vec<f32> = (0..o).map(|i| i as f32 * 0.3 - 1.0).collect();
             let (t, b) = (if stride == 2 { 0 } else { 1 }, 1);
-            let want = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, t, b)?.conv2d(&wt, 0, stride, 1, 1)?;
-            let want = want.broadcast_add(&Tensor::new(bias.as_slice(), &dev)?.reshape((1, o, 1, 1))?)?.clamp(0f32, 6f32)?;
+            let want = conv_bias_relu6(&x, &wt, &bias, (t, b), stride, 1)?;
             let got = dense_conv2d(&x, &wt, &bias, stride, (t, b, t, b), true)?;
             assert_eq!(got.dims(), want.dims());
             let diff = max_diff(&got, &want)?;

@@ -279,13 +279,12 @@ impl CustomOp1 for WinogradConv {
         "winograd_conv"
     }
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = st else { candle_core::bail!("winograd_conv: only f32 tensors are supported") };
-        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("winograd_conv: input must be contiguous") };
+        let x = crate::ops::contiguous_f32(st, l, "winograd_conv")?;
         let (n, c, h, w) = l.shape().dims4()?;
         if c != self.inputs {
             candle_core::bail!("winograd_conv: input has {c} channels, the weights {}", self.inputs)
         }
-        let (x, o) = (&data[a..b], self.outputs());
+        let o = self.outputs();
         let mut out = vec![0f32; n * o * h * w];
         if out.is_empty() {
             return Ok((CpuStorage::F32(out), Shape::from((n, o, h, w))));
