@@ -1,28 +1,62 @@
-//! Winograd F(2×2, 3×3) convolution (Lavin & Gray, CVPR 2016) for AlexNet's stride-1 layers:
-//! per 2×2 outputs, 16 products of a 4×4 input tile instead of 36 (3×3) or 100 (5×5, as four 3×3).
+//! Winograd minimal filtering (Lavin & Gray, CVPR 2016) for AlexNet's stride-1 layers, on 6×6
+//! input tiles: F(4×4, 3×3) for conv3-5 and F(2×2, 5×5) for conv2, 36 products per tile.
 //!
-//! y = Aᵀ·[(G·g·Gᵀ) ⊙ (Bᵀ·d·B)]·A for each 4×4 input tile d (stride 2) and 3×3 kernel g. The
-//! kernels' transforms are computed once; per call the input tiles are transformed, the 16
-//! element positions ξ of the tiles become 16 products M_ξ[O, tiles] = U_ξ[O, C]·V_ξ[C, tiles]
-//! (`sgemm`), and each tile's 2×2 outputs are taken back. A 5×5 kernel is split into four 3×3
-//! kernels at offsets (2a, 2b), a, b ∈ {0, 1} (taps assigned once, the rest zero): the part of
-//! (a, b) is the 3×3 result at tile (ty + a, tx + b), so M_ξ = Σ_ab U_abξ·V_ξ shifted by that
-//! many tiles, on a grid one tile larger than the output's. The result equals direct
-//! convolution up to float rounding (the transforms use only ±1 and ½).
+//! y = Aᵀ·[(G·g·Gᵀ) ⊙ (Bᵀ·d·B)]·A for each 6×6 input tile d (stride m, the outputs per tile
+//! side; m + k − 1 = 6) and k×k kernel g. The matrices come from the interpolation points
+//! {0, 1, −1, 2, −2, ∞} (Toom-Cook: G evaluates the kernel there, Bᵀ is the transposed
+//! interpolation, Aᵀ the transposed evaluation of the output; see [`BT`]). The kernels' transforms
+//! are computed once (in f64); per call the input tiles are transformed, the 36 element positions
+//! ξ of the tiles become 36 products M_ξ[O, tiles] = U_ξ[O, C]·V_ξ[C, tiles] (`sgemm`), and each
+//! tile's m×m outputs are taken back. Both transforms run over whole planes, not tile by tile:
+//! the padded plane is split into its m×m polyphase sub-planes (rows and columns by their residue
+//! mod m), where element (r, j) of every tile is one run shifted by (r / m, j / m), so every step
+//! is a long vectorizable run. The result equals direct convolution up to float rounding.
 
 use crate::sgemm::sgemm;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// Input tile side: m + k − 1 for both F(4×4, 3×3) and F(2×2, 5×5).
+const ALPHA: usize = 6;
+/// Element positions ξ = 6·row + column of a tile: one matrix product each.
+const XI: usize = ALPHA * ALPHA;
+/// The finite interpolation points (the sixth is ∞).
+const POINTS: [f64; ALPHA - 1] = [0.0, 1.0, -1.0, 2.0, -2.0];
+
+/// Bᵀ of both variants (the same six points): row j < 5 holds the coefficients (ascending) of
+/// Π_{l≠j} (x − p_l), row 5 those of Π_l (x − p_l): the Lagrange interpolation, transposed, each
+/// row scaled by its denominator Π_{l≠j} (p_j − p_l), which G divides out (so Bᵀ stays in small
+/// integers). Written out so the kernels see constants; `matrices_follow_from_the_points` derives them.
+const BT: [[f32; ALPHA]; ALPHA] = [
+    [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+    [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+    [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+    [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+    [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+    [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+];
+/// Aᵀ of F(4×4, 3×3): p_jⁱ for i < 4, and 1 in the last row's ∞ column.
+const AT_4: [[f32; ALPHA]; 4] =
+    [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 2.0, -2.0, 0.0], [0.0, 1.0, 1.0, 4.0, 4.0, 0.0], [0.0, 1.0, -1.0, 8.0, -8.0, 1.0]];
+/// Aᵀ of F(2×2, 5×5).
+const AT_2: [[f32; ALPHA]; 2] = [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 2.0, -2.0, 1.0]];
+
+/// G (6×k) of F(m, k) on [`POINTS`] and ∞: p_jᵗ / Π_{l≠j} (p_j − p_l), and 1 at the last tap of
+/// the ∞ row (the kernel evaluated at the points, with the interpolation's denominators).
+fn kernel_transform(k: usize) -> Vec<Vec<f64>> {
+    let denominator = |j: usize| -> f64 { POINTS.iter().enumerate().filter(|(l, _)| *l != j).map(|(_, &p)| POINTS[j] - p).product() };
+    (0..ALPHA)
+        .map(|j| (0..k).map(|t| if j < ALPHA - 1 { POINTS[j].powi(t as i32) / denominator(j) } else if t == k - 1 { 1.0 } else { 0.0 }).collect())
+        .collect()
+}
+
 /// One k×k convolution (k = 3 or 5, stride 1, padding (k − 1)/2) in the Winograd domain.
 pub struct WinogradConv {
-    /// U = G·g·Gᵀ of each 3×3 part of every (out, in) kernel, as [part][ξ] matrices [O, C]
-    /// (ξ = 4·row + column; parts (a, b) in row-major order).
+    /// U = G·g·Gᵀ of every (out, in) kernel, as 36 matrices [O, C] (ξ = 6·row + column).
     u: Vec<f32>,
     bias: Vec<f32>,
     inputs: usize,
-    /// 3×3 parts per axis: 1 for k = 3, 2 for k = 5.
-    parts: usize,
+    kernel: usize,
 }
 
 impl WinogradConv {
@@ -36,32 +70,19 @@ impl WinogradConv {
         assert!(k == 3 || k == 5, "WinogradConv: kernels of 3 or 5, not {k}");
         let (o, c) = (bias.len(), weight.len() / (k * k) / bias.len().max(1));
         assert_eq!(weight.len(), o * c * k * k, "WinogradConv: weight is not [O, C, {k}, {k}]");
-        let parts = (k - 1) / 2;
-        // tap ky belongs to part a = min(ky / 2, parts − 1), at row ky − 2a of its 3×3 kernel
-        let part_of = |t: usize| (t / 2).min(parts - 1);
-        let mut u = vec![0f32; parts * parts * 16 * o * c];
-        // G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]] applied to a 3-vector
-        let g_times = |a: f32, b: f32, c: f32| [a, (a + b + c) * 0.5, (a - b + c) * 0.5, c];
+        let g = kernel_transform(k);
+        let mut u = vec![0f32; XI * o * c];
         for (oc, kernel) in weight.chunks_exact(k * k).enumerate() {
-            for (pa, pb) in (0..parts).flat_map(|a| (0..parts).map(move |b| (a, b))) {
-                let mut g = [0f32; 9];
-                for (i, j) in (0..3).flat_map(|i| (0..3).map(move |j| (i, j))) {
-                    let (ky, kx) = (2 * pa + i, 2 * pb + j);
-                    if ky < k && kx < k && part_of(ky) == pa && part_of(kx) == pb {
-                        g[i * 3 + j] = kernel[ky * k + kx];
-                    }
-                }
-                // G·g (4×3), column by column, then (G·g)·Gᵀ (4×4), row by row
-                let cols: [[f32; 4]; 3] = [g_times(g[0], g[3], g[6]), g_times(g[1], g[4], g[7]), g_times(g[2], g[5], g[8])];
-                let part = (pa * parts + pb) * 16;
-                for i in 0..4 {
-                    for (j, v) in g_times(cols[0][i], cols[1][i], cols[2][i]).into_iter().enumerate() {
-                        u[(part + i * 4 + j) * o * c + oc] = v;
-                    }
-                }
+            // G·g (6×k), then (G·g)·Gᵀ (6×6), in f64
+            let gk: Vec<f64> = (0..ALPHA * k)
+                .map(|at| (0..k).map(|s| g[at / k][s] * kernel[s * k + at % k] as f64).sum())
+                .collect();
+            for (a, b) in (0..ALPHA).flat_map(|a| (0..ALPHA).map(move |b| (a, b))) {
+                let v: f64 = (0..k).map(|t| gk[a * k + t] * g[b][t]).sum();
+                u[(a * ALPHA + b) * o * c + oc] = v as f32;
             }
         }
-        WinogradConv { u, bias: bias.to_vec(), inputs: c, parts }
+        WinogradConv { u, bias: bias.to_vec(), inputs: c, kernel: k }
     }
 
     fn outputs(&self) -> usize {
@@ -69,67 +90,69 @@ impl WinogradConv {
     }
 
     /// relu(conv(x) + b) of a batch x [n, C, h, w] into `out` [n, O, h, w]; `parallel`
-    /// spreads the transforms and the 16 products over the threads.
-    fn forward(&self, x: &[f32], (n, h, w): (usize, usize, usize), out: &mut [f32], sc: &mut Scratch, parallel: bool) {
+    /// spreads the transforms and the 36 products over the threads.
+    fn forward(&self, x: &[f32], dims: (usize, usize, usize), out: &mut [f32], sc: &mut Scratch, parallel: bool) {
+        match self.kernel {
+            3 => self.forward_tiles(&AT_4, x, dims, out, sc, parallel),
+            _ => self.forward_tiles(&AT_2, x, dims, out, sc, parallel),
+        }
+    }
+
+    /// [`Self::forward`] with tiles of M×M outputs and their Aᵀ.
+    fn forward_tiles<const M: usize>(&self, at: &[[f32; ALPHA]; M], x: &[f32], (n, h, w): (usize, usize, usize), out: &mut [f32], sc: &mut Scratch, parallel: bool) {
         let (c, o) = (self.inputs, self.outputs());
-        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-        // input tiles: the output's grid and parts − 1 more in each direction
-        let (gh, gw) = (th + self.parts - 1, tw + self.parts - 1);
-        let cols = n * gh * gw;
-        let tiles = Tiles { h, w, th, tw, gh, gw, pad: self.parts, cols };
-        // the products' columns: all tiles but the last ones no output tile reaches
-        let last_shift = (self.parts - 1) * (gw + 1);
-        let product_cols = cols - last_shift;
-        let Scratch { v, m, split } = sc;
-        // V: [C][16][cols]: each channel's 16 transformed rows (every value written below)
-        v.resize(c * 16 * cols, 0.0);
-        let input_job = |(ci, rows): (usize, &mut [f32]), split: &mut Vec<f32>| {
+        let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
+        // a tile reaches (6 − 1) / M sub-plane rows and columns beyond its own
+        let reach = (ALPHA - 1) / M;
+        let tiles = Tiles { pad: (self.kernel - 1) / 2, h, w, th, tw, hq: th + reach, wq: tw + reach, cols: n * th * tw };
+        let cols = tiles.cols;
+        let Scratch { v, m: products, planes } = sc;
+        // V: [C][36][cols]: each channel's 36 transformed rows (every value written below)
+        let v = grown(v, c * XI * cols);
+        let input_job = |(ci, rows): (usize, &mut [f32]), planes: &mut Vec<f32>| {
             for b in 0..n {
                 let plane = &x[(b * c + ci) * h * w..(b * c + ci + 1) * h * w];
                 #[cfg(target_arch = "x86_64")]
                 if crate::ops::has_avx2_fma() {
                     // SAFETY: the features were detected on this processor.
-                    unsafe { tiles.input_transform_avx2(plane, split, rows, b) };
+                    unsafe { tiles.input_transform_avx2::<M>(plane, planes, rows, b) };
                     continue;
                 }
-                tiles.input_transform(plane, split, rows, b);
+                tiles.input_transform::<M>(plane, planes, rows, b);
             }
         };
         if parallel {
-            v.par_chunks_mut(16 * cols).enumerate().for_each_init(Vec::new, |split, job| input_job(job, split));
+            v.par_chunks_mut(XI * cols).enumerate().for_each_init(Vec::new, |planes, job| input_job(job, planes));
         } else {
-            v.chunks_mut(16 * cols).enumerate().for_each(|job| input_job(job, split));
+            v.chunks_mut(XI * cols).enumerate().for_each(|job| input_job(job, planes));
         }
-        // M_ξ = Σ_ab U_abξ · V_ξ shifted by (a, b) tiles: [16][O][product_cols]
-        m.resize(16 * o * product_cols, 0.0);
+        // M_ξ = U_ξ · V_ξ: [36][O][cols]
+        let products = grown(products, XI * o * cols);
         let v = &*v;
         let product = |(xi, prod): (usize, &mut [f32])| {
-            for (part, (a, b)) in (0..self.parts).flat_map(|a| (0..self.parts).map(move |b| (a, b))).enumerate() {
-                let u = &self.u[(part * 16 + xi) * o * c..];
-                sgemm(o, product_cols, c, prod, part > 0, (u, c, 1), (&v[xi * cols + a * gw + b..], 16 * cols, 1));
-            }
+            sgemm(o, cols, c, prod, false, (&self.u[xi * o * c..], c, 1), (&v[xi * cols..], XI * cols, 1));
         };
         if parallel {
-            m.par_chunks_mut(o * product_cols).enumerate().for_each(product);
+            products.par_chunks_mut(o * cols).enumerate().for_each(product);
         } else {
-            m.chunks_mut(o * product_cols).enumerate().for_each(product);
+            products.chunks_mut(o * cols).enumerate().for_each(product);
         }
         // outputs: Aᵀ·M·A per tile, + bias, ReLU
-        let m = &*m;
-        let output_job = |(bo, plane): (usize, &mut [f32]), rows: &mut Vec<f32>| {
+        let products = &*products;
+        let output_job = |(bo, plane): (usize, &mut [f32]), planes: &mut Vec<f32>| {
             let (b, oi) = (bo / o, bo % o);
-            let first = oi * product_cols + b * gh * gw;
+            let first = oi * cols + b * th * tw;
             #[cfg(target_arch = "x86_64")]
             if crate::ops::has_avx2_fma() {
                 // SAFETY: the features were detected on this processor.
-                return unsafe { tiles.output_transform_avx2(m, o * product_cols, first, self.bias[oi], plane, rows) };
+                return unsafe { tiles.output_transform_avx2(at, products, o * cols, first, self.bias[oi], plane, planes) };
             }
-            tiles.output_transform(m, o * product_cols, first, self.bias[oi], plane, rows);
+            tiles.output_transform(at, products, o * cols, first, self.bias[oi], plane, planes);
         };
         if parallel {
-            out.par_chunks_mut(h * w).enumerate().for_each_init(Vec::new, |rows, job| output_job(job, rows));
+            out.par_chunks_mut(h * w).enumerate().for_each_init(Vec::new, |planes, job| output_job(job, planes));
         } else {
-            out.chunks_mut(h * w).enumerate().for_each(|job| output_job(job, split));
+            out.chunks_mut(h * w).enumerate().for_each(|job| output_job(job, planes));
         }
     }
 }
@@ -139,139 +162,143 @@ impl WinogradConv {
 struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
-    split: Vec<f32>,
+    planes: Vec<f32>,
 }
 
-/// Tile geometry of one call: h×w maps, th×tw tiles of 2×2 outputs each; the input tiles on a
-/// gh×gw grid over the plane padded by `pad`, `cols` of them in the batch.
+/// The first `len` values of `buffer`, grown to hold them if needed. Never shrunk, so that the
+/// next call with a larger layer does not fill the buffer anew (the callers overwrite every value).
+fn grown(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
+/// Tile geometry of one call: h×w maps padded by `pad`, th×tw tiles of M×M outputs each, the
+/// padded plane's M×M sub-planes hq×wq each, `cols` tiles in the batch.
 #[derive(Clone, Copy)]
 struct Tiles {
+    pad: usize,
     h: usize,
     w: usize,
     th: usize,
     tw: usize,
-    gh: usize,
-    gw: usize,
-    pad: usize,
+    hq: usize,
+    wq: usize,
     cols: usize,
 }
 
+/// dst[i][q] = Σ_j coef[i][j]·src[j][q] for q < len, in one pass over the six source runs. The
+/// coefficients are constants where this is inlined, so the zero terms compile away.
+#[inline(always)]
+fn transform_runs<const N: usize>(coef: &[[f32; ALPHA]; N], src: [&[f32]; ALPHA], dst: [&mut [f32]; N], len: usize) {
+    let src = src.map(|s| &s[..len]);
+    let mut dst = dst.map(|d| &mut d[..len]);
+    for q in 0..len {
+        let d: [f32; ALPHA] = std::array::from_fn(|j| src[j][q]);
+        for (row, out) in coef.iter().zip(dst.iter_mut()) {
+            // −0 + x = x for every x, so the first term needs no special case
+            let mut acc = -0.0f32;
+            for (&c, &v) in row.iter().zip(&d) {
+                if c != 0.0 {
+                    acc += c * v;
+                }
+            }
+            out[q] = acc;
+        }
+    }
+}
+
 impl Tiles {
-    /// [`Self::input_transform`] compiled for AVX2 (its loops over the tiles of a row vectorize).
+    /// [`Self::input_transform`] compiled for AVX2 (its runs vectorize).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn input_transform_avx2(&self, plane: &[f32], split: &mut Vec<f32>, rows: &mut [f32], b: usize) {
-        self.input_transform(plane, split, rows, b)
+    unsafe fn input_transform_avx2<const M: usize>(&self, plane: &[f32], scratch: &mut Vec<f32>, rows: &mut [f32], b: usize) {
+        self.input_transform::<M>(plane, scratch, rows, b)
     }
 
     /// [`Self::output_transform`] compiled for AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn output_transform_avx2(&self, m: &[f32], stride: usize, first: usize, bias: f32, plane: &mut [f32], pairs: &mut Vec<f32>) {
-        self.output_transform(m, stride, first, bias, plane, pairs)
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn output_transform_avx2<const M: usize>(&self, at: &[[f32; ALPHA]; M], m: &[f32], stride: usize, first: usize, bias: f32, plane: &mut [f32], scratch: &mut Vec<f32>) {
+        self.output_transform(at, m, stride, first, bias, plane, scratch)
     }
 
-    /// Bᵀ·d·B of every 4×4 tile of one image's channel plane into the 16 rows `rows[ξ·cols ..]`
-    /// at image b's columns. `split` is scratch for the zero-padded plane with its even and odd
-    /// columns apart, so that the tiles of a row of tiles are read as contiguous runs (tile tx
-    /// reads padded columns 2tx..2tx+3 = even[tx], odd[tx], even[tx+1], odd[tx+1]).
+    /// Bᵀ·d·B of every 6×6 tile of one image's channel plane into the 36 rows `rows[ξ·cols ..]`
+    /// at image b's columns. The zero-padded plane is laid out as its M×M sub-planes (padded
+    /// (Y, X) at sub-plane (Y mod M, X mod M), place (Y / M, X / M)); tile (ty, tx)'s element
+    /// (r, j) is then sub-plane (r mod M, j mod M) at (ty + r / M, tx + j / M), so each
+    /// transform step is one run over all tiles (the last `reach` columns of each sub-plane row
+    /// start no tile and compute values nobody reads).
     #[inline(always)]
-    fn input_transform(&self, plane: &[f32], split: &mut Vec<f32>, rows: &mut [f32], b: usize) {
-        let Tiles { h, w, gh, gw, pad, cols, .. } = *self;
-        let half = gw + 1; // (2gw + 2) padded columns, half of them even
-        split.clear();
-        split.resize(2 * (2 * gh + 2) * half, 0.0);
-        for y in 0..h {
-            let at = 2 * (y + pad) * half;
-            let (even, odd) = split[at..at + 2 * half].split_at_mut(half);
-            // padded column x + pad holds input column x
-            for (x, &v) in plane[y * w..(y + 1) * w].iter().enumerate() {
-                let px = x + pad;
-                if px % 2 == 0 { even[px / 2] = v } else { odd[px / 2] = v }
-            }
-        }
-        for ty in 0..gh {
-            let row = |r: usize| {
-                let at = 2 * (2 * ty + r) * half;
-                (&split[at..at + half], &split[at + half..at + 2 * half])
-            };
-            let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
-            let col = b * gh * gw + ty * gw;
-            let out: [&mut [f32]; 16] = split_rows(rows, cols, col, gw);
-            for tx in 0..gw {
-                // d·B on each of the 4 rows: columns a − c, b + c, c − b, b − d
-                let db = |(e, o): (&[f32], &[f32])| {
-                    let (a, b, c, d) = (e[tx], o[tx], e[tx + 1], o[tx + 1]);
-                    [a - c, b + c, c - b, b - d]
-                };
-                let (p0, p1, p2, p3) = (db(r0), db(r1), db(r2), db(r3));
-                // Bᵀ·(d·B): rows p0 − p2, p1 + p2, p2 − p1, p1 − p3
-                for j in 0..4 {
-                    out[j][tx] = p0[j] - p2[j];
-                    out[4 + j][tx] = p1[j] + p2[j];
-                    out[8 + j][tx] = p2[j] - p1[j];
-                    out[12 + j][tx] = p1[j] - p3[j];
+    fn input_transform<const M: usize>(&self, plane: &[f32], scratch: &mut Vec<f32>, rows: &mut [f32], b: usize) {
+        let Tiles { pad, h, w, th, tw, hq, wq, cols } = *self;
+        let (sub, reach) = (hq * wq, wq - tw);
+        let scratch = grown(scratch, (M * M + ALPHA * M) * sub);
+        let (subplanes, row_pass) = scratch.split_at_mut(M * M * sub);
+        subplanes.fill(0.0);
+        for (y, src) in plane.chunks_exact(w).enumerate().take(h) {
+            let yy = y + pad;
+            for pj in 0..M {
+                // the input columns x with (x + pad) mod M = pj
+                let x0 = (pj + M - pad % M) % M;
+                let dst = &mut subplanes[((yy % M) * M + pj) * sub + (yy / M) * wq + (x0 + pad) / M..];
+                for (d, &v) in dst.iter_mut().zip(src.iter().skip(x0).step_by(M)) {
+                    *d = v;
                 }
             }
         }
+        // d·B along the rows: row_pass[c][pi] = Σ_j Bᵀ[c][j]·subplane(pi, j mod M) shifted by j / M
+        let len = sub - reach;
+        for pi in 0..M {
+            let src = std::array::from_fn(|j| &subplanes[(pi * M + j % M) * sub + j / M..]);
+            let mut dst = row_pass.chunks_exact_mut(M * sub).map(|c| &mut c[pi * sub..]);
+            transform_runs(&BT, src, std::array::from_fn(|_| dst.next().unwrap()), len);
+        }
+        // Bᵀ·(d·B) along the columns for each column c of the tiles, one row of tiles at a time
+        // (straight into V's rows ξ = (r, c), whose columns hold no `reach` gap)
+        let first = b * th * tw;
+        for (c, ty) in (0..ALPHA).flat_map(|c| (0..th).map(move |ty| (c, ty))) {
+            let src = std::array::from_fn(|i| &row_pass[(c * M + i % M) * sub + (i / M + ty) * wq..]);
+            let mut dst = rows.chunks_exact_mut(ALPHA * cols).map(|r| &mut r[c * cols + first + ty * tw..]);
+            transform_runs(&BT, src, std::array::from_fn(|_| dst.next().unwrap()), tw);
+        }
     }
 
-    /// Aᵀ·M·A of every tile of one output channel (tile (ty, tx)'s products at
-    /// `m[ξ·stride + first + ty·gw + tx]`), plus `bias`, through ReLU, into the h×w `plane`
-    /// (tiles cut at odd edges). Each step runs over a whole row of tiles (contiguous, so it
-    /// vectorizes); `scratch` holds 12 such rows.
+    /// Aᵀ·M·A of every tile of one output channel (tile t's products at `m[ξ·stride + first + t]`,
+    /// t = ty·tw + tx), plus `bias`, through ReLU, into the h×w `plane` (tiles cut at the edges).
     #[inline(always)]
-    fn output_transform(&self, m: &[f32], stride: usize, first: usize, bias: f32, plane: &mut [f32], scratch: &mut Vec<f32>) {
-        let Tiles { h, w, th, tw, gw, .. } = *self;
-        scratch.clear();
-        scratch.resize(12 * tw, 0.0);
-        for ty in 0..th {
-            let run = |xi: usize| &m[xi * stride + first + ty * gw..xi * stride + first + ty * gw + tw];
-            // Aᵀ·M: rows m0 + m1 + m2 and m1 − m2 − m3, for each of the 4 columns c
-            let (s, out) = scratch.split_at_mut(8 * tw);
-            for (c, (s0, s1)) in s.chunks_exact_mut(2 * tw).map(|p| p.split_at_mut(tw)).enumerate() {
-                let (m0, m1, m2, m3) = (run(c), run(4 + c), run(8 + c), run(12 + c));
-                for tx in 0..tw {
-                    s0[tx] = m0[tx] + m1[tx] + m2[tx];
-                    s1[tx] = m1[tx] - m2[tx] - m3[tx];
-                }
-            }
-            // (Aᵀ·M)·A: columns s0 + s1 + s2 and s1 − s2 − s3, for both rows r
-            let col = |c: usize, r: usize| &s[(2 * c + r) * tw..(2 * c + r + 1) * tw];
-            for (r, lr) in out.chunks_exact_mut(2 * tw).enumerate() {
-                let y = 2 * ty + r;
+    #[allow(clippy::too_many_arguments)]
+    fn output_transform<const M: usize>(&self, at: &[[f32; ALPHA]; M], m: &[f32], stride: usize, first: usize, bias: f32, plane: &mut [f32], scratch: &mut Vec<f32>) {
+        let Tiles { h, w, th, tw, .. } = *self;
+        let t = th * tw;
+        let (left, out) = grown(scratch, (ALPHA + 1) * M * t).split_at_mut(ALPHA * M * t);
+        // Aᵀ·M: left[c][p] = Σ_i Aᵀ[p][i]·M_(i, c)
+        for (c, left) in left.chunks_exact_mut(M * t).enumerate() {
+            let src = std::array::from_fn(|i| &m[(i * ALPHA + c) * stride + first..]);
+            let mut dst = left.chunks_exact_mut(t);
+            transform_runs(at, src, std::array::from_fn(|_| dst.next().unwrap()), t);
+        }
+        // (Aᵀ·M)·A: output (p, q) of every tile = Σ_c Aᵀ[q][c]·left[c][p], + bias, ReLU
+        for p in 0..M {
+            let src = std::array::from_fn(|c| &left[(c * M + p) * t..]);
+            let mut dst = out.chunks_exact_mut(t);
+            transform_runs(at, src, std::array::from_fn(|_| dst.next().unwrap()), t);
+            for ty in 0..th {
+                let y = M * ty + p;
                 if y >= h {
                     break;
                 }
-                let (left, right) = lr.split_at_mut(tw);
-                let (c0, c1, c2, c3) = (col(0, r), col(1, r), col(2, r), col(3, r));
-                for tx in 0..tw {
-                    left[tx] = (c0[tx] + c1[tx] + c2[tx] + bias).max(0.0);
-                    right[tx] = (c1[tx] - c2[tx] - c3[tx] + bias).max(0.0);
-                }
                 let row = &mut plane[y * w..(y + 1) * w];
-                for (pair, (l, r)) in row.chunks_mut(2).zip(left.iter().zip(right.iter())) {
-                    pair[0] = *l;
-                    if let Some(v) = pair.get_mut(1) {
-                        *v = *r;
+                for (tx, outputs) in row.chunks_mut(M).enumerate() {
+                    for (q, v) in outputs.iter_mut().enumerate() {
+                        *v = (out[q * t + ty * tw + tx] + bias).max(0.0);
                     }
                 }
             }
         }
     }
-}
-
-/// The 16 runs `rows[ξ·cols + col .. + len]` as separate mutable slices.
-fn split_rows(rows: &mut [f32], cols: usize, col: usize, len: usize) -> [&mut [f32]; 16] {
-    let mut rest = rows;
-    let mut runs: [&mut [f32]; 16] = Default::default();
-    for run in runs.iter_mut() {
-        let taken = std::mem::take(&mut rest);
-        let (this, next) = taken.split_at_mut(cols.min(taken.len()));
-        *run = &mut this[col..col + len];
-        rest = next;
-    }
-    runs
 }
 
 impl CustomOp1 for WinogradConv {
@@ -294,7 +321,7 @@ impl CustomOp1 for WinogradConv {
             // are not faulted in anew for every call
             static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
         }
-        // the whole batch at once (the 16 products as wide as possible), spread over the threads
+        // the whole batch at once (the 36 products as wide as possible), spread over the threads
         // unless called from a job that already has its own
         let parallel = rayon::current_thread_index().is_none();
         SCRATCH.with_borrow_mut(|sc| self.forward(x, (n, h, w), &mut out, sc, parallel));
@@ -312,12 +339,60 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Toom-Cook on the points, independently of the written-out matrices: Bᵀ's rows are the
+    /// coefficients of the products Π (x − p_l) over all points but one (and over all), Aᵀ's
+    /// columns the powers of each point.
     #[test]
-    fn matches_direct_convolution_for_3x3_and_5x5_on_even_odd_and_tiny_maps() -> Result<()> {
+    fn matrices_follow_from_the_points() {
+        let product_poly = |skip: Option<usize>| {
+            let mut c = vec![1f64];
+            for (_, &p) in POINTS.iter().enumerate().filter(|(l, _)| Some(*l) != skip) {
+                let mut next = vec![0f64; c.len() + 1];
+                for (i, &ci) in c.iter().enumerate() {
+                    next[i + 1] += ci;
+                    next[i] -= p * ci;
+                }
+                c = next;
+            }
+            c
+        };
+        for (j, row) in BT.iter().enumerate() {
+            let mut want = product_poly((j < ALPHA - 1).then_some(j));
+            want.resize(ALPHA, 0.0);
+            assert_eq!(row.map(f64::from).to_vec(), want, "Bᵀ row {j}");
+        }
+        let at = |m: usize| -> Vec<Vec<f64>> {
+            (0..m).map(|i| (0..ALPHA).map(|j| if j < ALPHA - 1 { POINTS[j].powi(i as i32) } else if i == m - 1 { 1.0 } else { 0.0 }).collect()).collect()
+        };
+        assert_eq!(AT_4.iter().map(|r| r.map(f64::from).to_vec()).collect::<Vec<_>>(), at(4));
+        assert_eq!(AT_2.iter().map(|r| r.map(f64::from).to_vec()).collect::<Vec<_>>(), at(2));
+    }
+
+    /// The 1-D identity behind the 2-D one: Aᵀ·[(G·g) ⊙ (Bᵀ·d)] is the correlation of d with g.
+    #[test]
+    fn transforms_compute_the_1d_correlation_exactly() {
+        let check = |at: &[[f32; ALPHA]], k: usize| {
+            let gt = kernel_transform(k);
+            let d: Vec<f64> = (0..ALPHA).map(|i| (i * i) as f64 * 0.5 - 3.0 + i as f64).collect();
+            let g: Vec<f64> = (0..k).map(|t| 1.5 - t as f64 * 0.75 + (t * t) as f64 * 0.25).collect();
+            let gg: Vec<f64> = gt.iter().map(|row| row.iter().zip(&g).map(|(a, b)| a * b).sum()).collect();
+            let bd: Vec<f64> = BT.iter().map(|row| row.iter().zip(&d).map(|(a, b)| *a as f64 * b).sum()).collect();
+            for (i, row) in at.iter().enumerate() {
+                let got: f64 = (0..ALPHA).map(|j| row[j] as f64 * gg[j] * bd[j]).sum();
+                let want: f64 = (0..k).map(|t| g[t] * d[i + t]).sum();
+                assert!((got - want).abs() < 1e-9 * want.abs().max(1.0), "F({}, {k}) output {i}: {got} vs {want}", at.len());
+            }
+        };
+        check(&AT_4, 3);
+        check(&AT_2, 5);
+    }
+
+    #[test]
+    fn matches_direct_convolution_for_3x3_and_5x5_on_every_edge_remainder_and_tiny_maps() -> Result<()> {
         let dev = &Device::Cpu;
         let (o, c) = (5, 7);
         let bias: Vec<f32> = (0..o).map(|i| i as f32 * 0.3 - 0.6).collect();
-        let sizes = [(2, 6, 6), (1, 13, 13), (3, 27, 27), (1, 5, 8), (2, 1, 1), (1, 2, 3)];
+        let sizes = [(2, 6, 6), (1, 13, 13), (3, 27, 27), (1, 5, 8), (2, 1, 1), (1, 2, 3), (1, 7, 10), (1, 4, 9), (1, 55, 11)];
         for (k, (n, h, w)) in [3, 5].into_iter().flat_map(|k| sizes.map(|s| (k, s))) {
             let g: Vec<f32> = (0..o * c * k * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 80.0).collect();
             let xv: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0).collect();
