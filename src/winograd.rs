@@ -13,7 +13,7 @@
 //! is a long vectorizable run. The result equals direct convolution up to float rounding.
 
 use crate::sgemm::sgemm;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Input tile side: m + k − 1 for both F(4×4, 3×3) and F(2×2, 5×5).
@@ -89,36 +89,50 @@ impl WinogradConv {
         self.bias.len()
     }
 
-    /// relu(conv(x) + b) of a batch x [n, C, h, w] into `out` [n, O, h, w]; `parallel`
-    /// spreads the transforms and the 36 products over the threads.
-    fn forward(&self, x: &[f32], dims: (usize, usize, usize), out: &mut [f32], sc: &mut Scratch, parallel: bool) {
+    /// relu(conv(x) + b) of each input batch x [n, C, h, w] into its `out` [n, O, h, w], the
+    /// tiles of all inputs side by side in one set of 36 products; `parallel` spreads the
+    /// transforms and the products over the threads.
+    fn forward(&self, inputs: &[(&[f32], (usize, usize, usize))], outs: &mut [Vec<f32>], sc: &mut Scratch, parallel: bool) {
         match self.kernel {
-            3 => self.forward_tiles(&AT_4, x, dims, out, sc, parallel),
-            _ => self.forward_tiles(&AT_2, x, dims, out, sc, parallel),
+            3 => self.forward_tiles(&AT_4, inputs, outs, sc, parallel),
+            _ => self.forward_tiles(&AT_2, inputs, outs, sc, parallel),
         }
     }
 
     /// [`Self::forward`] with tiles of M×M outputs and their Aᵀ.
-    fn forward_tiles<const M: usize>(&self, at: &[[f32; ALPHA]; M], x: &[f32], (n, h, w): (usize, usize, usize), out: &mut [f32], sc: &mut Scratch, parallel: bool) {
+    fn forward_tiles<const M: usize>(&self, at: &[[f32; ALPHA]; M], inputs: &[(&[f32], (usize, usize, usize))], outs: &mut [Vec<f32>], sc: &mut Scratch, parallel: bool) {
         let (c, o) = (self.inputs, self.outputs());
-        let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
         // a tile reaches (6 − 1) / M sub-plane rows and columns beyond its own
         let reach = (ALPHA - 1) / M;
-        let tiles = Tiles { pad: (self.kernel - 1) / 2, h, w, th, tw, hq: th + reach, wq: tw + reach, cols: n * th * tw };
-        let cols = tiles.cols;
+        // each input's geometry and its first column among all tiles
+        let mut cols = 0;
+        let mut groups: Vec<(Tiles, usize, usize)> = inputs
+            .iter()
+            .map(|&(_, (n, h, w))| {
+                let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
+                let first = cols;
+                cols += n * th * tw;
+                (Tiles { pad: (self.kernel - 1) / 2, h, w, th, tw, hq: th + reach, wq: tw + reach, cols: 0 }, first, n)
+            })
+            .collect();
+        groups.iter_mut().for_each(|(tiles, _, _)| tiles.cols = cols);
         let Scratch { v, m: products, planes } = sc;
         // V: [C][36][cols]: each channel's 36 transformed rows (every value written below)
         let v = grown(v, c * XI * cols);
         let input_job = |(ci, rows): (usize, &mut [f32]), planes: &mut Vec<f32>| {
-            for b in 0..n {
-                let plane = &x[(b * c + ci) * h * w..(b * c + ci + 1) * h * w];
-                #[cfg(target_arch = "x86_64")]
-                if crate::ops::has_avx2_fma() {
-                    // SAFETY: the features were detected on this processor.
-                    unsafe { tiles.input_transform_avx2::<M>(plane, planes, rows, b) };
-                    continue;
+            for (&(x, _), &(tiles, first, n)) in inputs.iter().zip(&groups) {
+                let hw = tiles.h * tiles.w;
+                for b in 0..n {
+                    let plane = &x[(b * c + ci) * hw..(b * c + ci + 1) * hw];
+                    let first = first + b * tiles.th * tiles.tw;
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::ops::has_avx2_fma() {
+                        // SAFETY: the features were detected on this processor.
+                        unsafe { tiles.input_transform_avx2::<M>(plane, planes, rows, first) };
+                        continue;
+                    }
+                    tiles.input_transform::<M>(plane, planes, rows, first);
                 }
-                tiles.input_transform::<M>(plane, planes, rows, b);
             }
         };
         if parallel {
@@ -139,20 +153,23 @@ impl WinogradConv {
         }
         // outputs: Aᵀ·M·A per tile, + bias, ReLU
         let products = &*products;
-        let output_job = |(bo, plane): (usize, &mut [f32]), planes: &mut Vec<f32>| {
-            let (b, oi) = (bo / o, bo % o);
-            let first = oi * cols + b * th * tw;
-            #[cfg(target_arch = "x86_64")]
-            if crate::ops::has_avx2_fma() {
-                // SAFETY: the features were detected on this processor.
-                return unsafe { tiles.output_transform_avx2(at, products, o * cols, first, self.bias[oi], plane, planes) };
+        for (out, &(tiles, first, _)) in outs.iter_mut().zip(&groups) {
+            let output_job = |(bo, plane): (usize, &mut [f32]), planes: &mut Vec<f32>| {
+                let (b, oi) = (bo / o, bo % o);
+                let first = oi * cols + first + b * tiles.th * tiles.tw;
+                #[cfg(target_arch = "x86_64")]
+                if crate::ops::has_avx2_fma() {
+                    // SAFETY: the features were detected on this processor.
+                    return unsafe { tiles.output_transform_avx2(at, products, o * cols, first, self.bias[oi], plane, planes) };
+                }
+                tiles.output_transform(at, products, o * cols, first, self.bias[oi], plane, planes);
+            };
+            let hw = tiles.h * tiles.w;
+            if parallel {
+                out.par_chunks_mut(hw).enumerate().for_each_init(Vec::new, |planes, job| output_job(job, planes));
+            } else {
+                out.chunks_mut(hw).enumerate().for_each(|job| output_job(job, planes));
             }
-            tiles.output_transform(at, products, o * cols, first, self.bias[oi], plane, planes);
-        };
-        if parallel {
-            out.par_chunks_mut(h * w).enumerate().for_each_init(Vec::new, |planes, job| output_job(job, planes));
-        } else {
-            out.chunks_mut(h * w).enumerate().for_each(|job| output_job(job, planes));
         }
     }
 }
@@ -213,8 +230,8 @@ impl Tiles {
     /// [`Self::input_transform`] compiled for AVX2 (its runs vectorize).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn input_transform_avx2<const M: usize>(&self, plane: &[f32], scratch: &mut Vec<f32>, rows: &mut [f32], b: usize) {
-        self.input_transform::<M>(plane, scratch, rows, b)
+    unsafe fn input_transform_avx2<const M: usize>(&self, plane: &[f32], scratch: &mut Vec<f32>, rows: &mut [f32], first: usize) {
+        self.input_transform::<M>(plane, scratch, rows, first)
     }
 
     /// [`Self::output_transform`] compiled for AVX2.
@@ -225,14 +242,14 @@ impl Tiles {
         self.output_transform(at, m, stride, first, bias, plane, scratch)
     }
 
-    /// Bᵀ·d·B of every 6×6 tile of one image's channel plane into the 36 rows `rows[ξ·cols ..]`
-    /// at image b's columns. The zero-padded plane is laid out as its M×M sub-planes (padded
+    /// Bᵀ·d·B of every 6×6 tile of one image's channel plane into the 36 rows `rows[ξ·cols ..]`,
+    /// from column `first` on. The zero-padded plane is laid out as its M×M sub-planes (padded
     /// (Y, X) at sub-plane (Y mod M, X mod M), place (Y / M, X / M)); tile (ty, tx)'s element
     /// (r, j) is then sub-plane (r mod M, j mod M) at (ty + r / M, tx + j / M), so each
     /// transform step is one run over all tiles (the last `reach` columns of each sub-plane row
     /// start no tile and compute values nobody reads).
     #[inline(always)]
-    fn input_transform<const M: usize>(&self, plane: &[f32], scratch: &mut Vec<f32>, rows: &mut [f32], b: usize) {
+    fn input_transform<const M: usize>(&self, plane: &[f32], scratch: &mut Vec<f32>, rows: &mut [f32], first: usize) {
         let Tiles { pad, h, w, th, tw, hq, wq, cols } = *self;
         let (sub, reach) = (hq * wq, wq - tw);
         let scratch = grown(scratch, (M * M + ALPHA * M) * sub);
@@ -258,7 +275,6 @@ impl Tiles {
         }
         // Bᵀ·(d·B) along the columns for each column c of the tiles, one row of tiles at a time
         // (straight into V's rows ξ = (r, c), whose columns hold no `reach` gap)
-        let first = b * th * tw;
         for (c, ty) in (0..ALPHA).flat_map(|c| (0..th).map(move |ty| (c, ty))) {
             let src = std::array::from_fn(|i| &row_pass[(c * M + i % M) * sub + (i / M + ty) * wq..]);
             let mut dst = rows.chunks_exact_mut(ALPHA * cols).map(|r| &mut r[c * cols + first + ty * tw..]);
@@ -301,37 +317,49 @@ impl Tiles {
     }
 }
 
-impl CustomOp1 for WinogradConv {
-    fn name(&self) -> &'static str {
-        "winograd_conv"
+/// relu(conv2d(x, g, padding (k − 1)/2) + bias) of each input in the Winograd domain, the tiles
+/// of all inputs in one set of 36 products (so the small maps of the lower scales share the
+/// products, and the packing of the transformed kernels, with the large ones). No gradient.
+pub fn conv_relu_each(xs: &[Tensor], weights: &WinogradConv) -> Result<Vec<Tensor>> {
+    let xs: Vec<Tensor> = xs.iter().map(|x| x.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = xs.iter().map(|x| x.storage_and_layout()).collect();
+    let mut inputs = Vec::with_capacity(xs.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else { candle_core::bail!("winograd_conv: CPU tensors only") };
+        let (n, c, h, w) = layout.shape().dims4()?;
+        if c != weights.inputs {
+            candle_core::bail!("winograd_conv: input has {c} channels, the weights {}", weights.inputs)
+        }
+        inputs.push((crate::ops::contiguous_f32(cpu, layout, "winograd_conv")?, (n, h, w)));
     }
-    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = crate::ops::contiguous_f32(st, l, "winograd_conv")?;
-        let (n, c, h, w) = l.shape().dims4()?;
-        if c != self.inputs {
-            candle_core::bail!("winograd_conv: input has {c} channels, the weights {}", self.inputs)
-        }
-        let o = self.outputs();
-        let mut out = vec![0f32; n * o * h * w];
-        if out.is_empty() {
-            return Ok((CpuStorage::F32(out), Shape::from((n, o, h, w))));
-        }
+    let o = weights.outputs();
+    // empty maps (no tiles) give empty outputs and take no part
+    inputs.retain(|(_, (n, h, w))| n * h * w > 0);
+    let mut outs: Vec<Vec<f32>> = inputs.iter().map(|(_, (n, h, w))| vec![0f32; n * o * h * w]).collect();
+    if !inputs.is_empty() {
         thread_local! {
             // the transformed tiles and products (tens of MB), kept per thread so their pages
             // are not faulted in anew for every call
             static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
         }
-        // the whole batch at once (the 36 products as wide as possible), spread over the threads
-        // unless called from a job that already has its own
+        // spread over the threads unless called from a job that already has its own
         let parallel = rayon::current_thread_index().is_none();
-        SCRATCH.with_borrow_mut(|sc| self.forward(x, (n, h, w), &mut out, sc, parallel));
-        Ok((CpuStorage::F32(out), Shape::from((n, o, h, w))))
+        SCRATCH.with_borrow_mut(|sc| weights.forward(&inputs, &mut outs, sc, parallel));
     }
+    drop(guards);
+    let mut outs = outs.into_iter();
+    xs.iter()
+        .map(|x| {
+            let (n, _, h, w) = x.dims4()?;
+            let out = if n * h * w == 0 { vec![] } else { outs.next().unwrap_or_default() };
+            Tensor::from_vec(out, (n, o, h, w), x.device())
+        })
+        .collect()
 }
 
 /// relu(conv2d(x, g, padding (k − 1)/2) + bias) in the Winograd domain. No gradient.
 pub fn conv_relu(x: &Tensor, weights: &WinogradConv) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(weights)
+    Ok(conv_relu_each(std::slice::from_ref(x), weights)?.remove(0))
 }
 
 #[cfg(test)]
@@ -385,6 +413,37 @@ mod tests {
         };
         check(&AT_4, 3);
         check(&AT_2, 5);
+    }
+
+    /// Maps of three sizes (and an empty one) in one call: each as its own direct convolution.
+    #[test]
+    fn several_inputs_in_one_call_match_their_direct_convolutions() -> Result<()> {
+        let dev = &Device::Cpu;
+        let (o, c) = (6, 4);
+        let bias: Vec<f32> = (0..o).map(|i| 0.2 - i as f32 * 0.1).collect();
+        for k in [3, 5] {
+            let g: Vec<f32> = (0..o * c * k * k).map(|i| ((i * 29 % 89) as f32 - 44.0) / 70.0).collect();
+            let weights = WinogradConv::new(&g, &bias, k);
+            let xs: Vec<Tensor> = [(2, 27, 27), (2, 13, 13), (0, 6, 6), (2, 6, 6)]
+                .into_iter()
+                .map(|(n, h, w)| Tensor::from_vec((0..n * c * h * w).map(|i| ((i * 41 % 83) as f32 - 40.0) / 25.0).collect(), (n, c, h, w), dev))
+                .collect::<Result<_>>()?;
+            let got = conv_relu_each(&xs, &weights)?;
+            assert_eq!(got.len(), xs.len());
+            for (x, y) in xs.iter().zip(&got) {
+                let want = x
+                    .conv2d(&Tensor::from_slice(&g, (o, c, k, k), dev)?, (k - 1) / 2, 1, 1, 1)?
+                    .broadcast_add(&Tensor::from_slice(&bias, (1, o, 1, 1), dev)?)?
+                    .relu()?;
+                assert_eq!(y.dims(), want.dims());
+                if want.elem_count() > 0 {
+                    let err = (y - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    assert!(err < 1e-4, "k {k}, {:?}: max error {err}", x.dims());
+                    assert!(want.flatten_all()?.max(0)?.to_scalar::<f32>()? > 0.5, "the check sees real values");
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

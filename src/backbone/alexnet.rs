@@ -4,14 +4,14 @@
 use super::{expect_shape, get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
 use crate::ops::{gemm_conv2d_relu, max_pool2d};
-use crate::winograd::{conv_relu, WinogradConv};
+use crate::winograd::{conv_relu, conv_relu_each, WinogradConv};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
 /// How a layer runs when no gradient is needed.
 enum FastKernel {
-    /// Winograd F(2×2, 3×3): the stride-1 layers (5×5 and 3×3), kernels transformed once.
+    /// Winograd F(2×2, 5×5) and F(4×4, 3×3): the stride-1 layers, kernels transformed once.
     Winograd(WinogradConv),
     /// im2col + sgemm (conv1): the weights as plain rows [O, C·k·k], and the bias.
     Im2col { weight_rows: Vec<f32>, bias_values: Vec<f32> },
@@ -37,6 +37,14 @@ impl Conv {
         // candle's conv2d where the input gradient is needed (localization) or on CUDA
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?.relu()?)
+    }
+
+    /// [`Self::forward`] of each input; a Winograd layer takes them all in one call.
+    fn forward_each(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        match &self.fast {
+            FastKernel::Winograd(wg) if xs.iter().all(|x| x.device().is_cpu() && !x.track_op()) => Ok(conv_relu_each(xs, wg)?),
+            _ => xs.iter().map(|x| self.forward(x)).collect(),
+        }
     }
 }
 
@@ -106,10 +114,19 @@ impl Backbone for AlexNet {
         if stages != [0] {
             return Err(Error::Config(format!("AlexNet has one feature stage (0), not {stages:?}")));
         }
+        Ok(self.stage_maps_of_each(std::slice::from_ref(x), stages)?.remove(0))
+    }
+    /// The scales run through each layer together, so that the Winograd layers do one set of
+    /// products for all of them.
+    fn stage_maps_of_each(&self, xs: &[Tensor], stages: &[usize]) -> Result<Vec<Vec<Tensor>>> {
+        if stages != [0] {
+            return Err(Error::Config(format!("AlexNet has one feature stage (0), not {stages:?}")));
+        }
         let c = &self.convs;
-        let x = max_pool2d(&c[0].forward(x)?, 3, 2)?;
-        let x = max_pool2d(&c[1].forward(&x)?, 3, 2)?;
-        let x = c[4].forward(&c[3].forward(&c[2].forward(&x)?)?)?;
-        Ok(vec![max_pool2d(&x, 3, 2)?])
+        let pool_each = |xs: Vec<Tensor>| -> Result<Vec<Tensor>> { xs.iter().map(|x| Ok(max_pool2d(x, 3, 2)?)).collect() };
+        let xs = pool_each(xs.iter().map(|x| c[0].forward(x)).collect::<Result<_>>()?)?;
+        let xs = pool_each(c[1].forward_each(&xs)?)?;
+        let xs = c[4].forward_each(&c[3].forward_each(&c[2].forward_each(&xs)?)?)?;
+        Ok(pool_each(xs)?.into_iter().map(|x| vec![x]).collect())
     }
 }

@@ -92,6 +92,11 @@ impl BackboneKind {
 pub trait Backbone: Send + Sync {
     fn kind(&self) -> BackboneKind;
     fn stage_maps(&self, x: &Tensor, stages: &[usize]) -> Result<Vec<Tensor>>;
+    /// [`Self::stage_maps`] of several inputs (the scales of one batch). A backbone whose layers
+    /// run faster on all of them at once (AlexNet's Winograd products) overrides it.
+    fn stage_maps_of_each(&self, xs: &[Tensor], stages: &[usize]) -> Result<Vec<Vec<Tensor>>> {
+        xs.iter().map(|x| self.stage_maps(x, stages)).collect()
+    }
 }
 
 /// Loads a backbone from a safetensors weights file.
@@ -139,10 +144,10 @@ pub fn downsample_nearest(x: &Tensor, factor: usize) -> Result<Tensor> {
 /// Multi-scale features f_ex(x) (paper fig. 2): [N, 3, 448, 448] -> [N, 3·C], C the channels of
 /// `stages` together; ordered by scale, then stage.
 pub fn multiscale_features(backbone: &dyn Backbone, stages: &[usize], x: &Tensor) -> Result<Tensor> {
+    let scales: Vec<Tensor> = (0..N_SCALES).map(|s| downsample_nearest(x, 1 << s)).collect::<Result<_>>()?;
     let mut pooled = Vec::with_capacity(N_SCALES * stages.len());
-    for s in 0..N_SCALES {
-        let xs = downsample_nearest(x, 1 << s)?;
-        for map in backbone.stage_maps(&xs, stages)? {
+    for maps in backbone.stage_maps_of_each(&scales, stages)? {
+        for map in maps {
             pooled.push(map.mean((2, 3))?);
         }
     }
