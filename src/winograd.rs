@@ -92,7 +92,7 @@ impl WinogradConv {
     /// relu(conv(x) + b) of each input batch x [n, C, h, w] into its `out` [n, O, h, w], the
     /// tiles of all inputs side by side in one set of 36 products; `parallel` spreads the
     /// transforms and the products over the threads.
-    fn forward(&self, inputs: &[(&[f32], (usize, usize, usize))], outs: &mut [Vec<f32>], sc: &mut Scratch, parallel: bool) {
+    fn forward(&self, inputs: &[InputMaps], outs: &mut [Vec<f32>], sc: &mut Scratch, parallel: bool) {
         match self.kernel {
             3 => self.forward_tiles(&AT_4, inputs, outs, sc, parallel),
             _ => self.forward_tiles(&AT_2, inputs, outs, sc, parallel),
@@ -100,7 +100,7 @@ impl WinogradConv {
     }
 
     /// [`Self::forward`] with tiles of M×M outputs and their Aᵀ.
-    fn forward_tiles<const M: usize>(&self, at: &[[f32; ALPHA]; M], inputs: &[(&[f32], (usize, usize, usize))], outs: &mut [Vec<f32>], sc: &mut Scratch, parallel: bool) {
+    fn forward_tiles<const M: usize>(&self, at: &[[f32; ALPHA]; M], inputs: &[InputMaps], outs: &mut [Vec<f32>], sc: &mut Scratch, parallel: bool) {
         let (c, o) = (self.inputs, self.outputs());
         // a tile reaches (6 − 1) / M sub-plane rows and columns beyond its own
         let reach = (ALPHA - 1) / M;
@@ -116,7 +116,7 @@ impl WinogradConv {
             })
             .collect();
         groups.iter_mut().for_each(|(tiles, _, _)| tiles.cols = cols);
-        let Scratch { v, m: products, planes } = sc;
+        let Scratch { v, m: products, products_zero, planes } = sc;
         // V: [C][36][cols]: each channel's 36 transformed rows (every value written below)
         let v = grown(v, c * XI * cols);
         let input_job = |(ci, rows): (usize, &mut [f32]), planes: &mut Vec<f32>| {
@@ -140,45 +140,61 @@ impl WinogradConv {
         } else {
             v.chunks_mut(XI * cols).enumerate().for_each(|job| input_job(job, planes));
         }
-        // M_ξ = U_ξ · V_ξ: [36][O][cols]
+        // M_ξ = U_ξ · V_ξ: [36][O][cols], added to zeros: with β = 0, OpenBLAS would first
+        // write zeros over all of M in a pass of its own (tens of MB); the output pass below
+        // zeroes each row instead right after reading it, while it is in cache
+        if !*products_zero {
+            products.fill(0.0);
+        }
+        *products_zero = false;
         let products = grown(products, XI * o * cols);
         let v = &*v;
         let product = |(xi, prod): (usize, &mut [f32])| {
-            sgemm(o, cols, c, prod, false, (&self.u[xi * o * c..], c, 1), (&v[xi * cols..], XI * cols, 1));
+            sgemm(o, cols, c, prod, true, (&self.u[xi * o * c..], c, 1), (&v[xi * cols..], XI * cols, 1));
         };
         if parallel {
             products.par_chunks_mut(o * cols).enumerate().for_each(product);
         } else {
             products.chunks_mut(o * cols).enumerate().for_each(product);
         }
-        // outputs: Aᵀ·M·A per tile, + bias, ReLU
-        let products = &*products;
+        // outputs: one job per output channel, Aᵀ·M·A of all its tiles at once (its 36 rows
+        // M_ξ[o] are runs over every column), + bias, ReLU, into its plane of each image
+        let mut channels: Vec<(Vec<&mut [f32]>, Vec<OutputPlane>)> = (0..o).map(|_| (Vec::with_capacity(XI), Vec::new())).collect();
+        for (row, values) in products.chunks_mut(cols).enumerate() {
+            channels[row % o].0.push(values);
+        }
         for (out, &(tiles, first, _)) in outs.iter_mut().zip(&groups) {
-            let output_job = |(bo, plane): (usize, &mut [f32]), planes: &mut Vec<f32>| {
-                let (b, oi) = (bo / o, bo % o);
-                let first = oi * cols + first + b * tiles.th * tiles.tw;
-                #[cfg(target_arch = "x86_64")]
-                if crate::ops::has_avx2_fma() {
-                    // SAFETY: the features were detected on this processor.
-                    return unsafe { tiles.output_transform_avx2(at, products, o * cols, first, self.bias[oi], plane, planes) };
-                }
-                tiles.output_transform(at, products, o * cols, first, self.bias[oi], plane, planes);
-            };
-            let hw = tiles.h * tiles.w;
-            if parallel {
-                out.par_chunks_mut(hw).enumerate().for_each_init(Vec::new, |planes, job| output_job(job, planes));
-            } else {
-                out.chunks_mut(hw).enumerate().for_each(|job| output_job(job, planes));
+            for (bo, plane) in out.chunks_mut(tiles.h * tiles.w).enumerate() {
+                channels[bo % o].1.push((tiles, first + bo / o * tiles.th * tiles.tw, plane));
             }
         }
+        let output_job = |(oi, (mut rows, mut planes)): (usize, (Vec<&mut [f32]>, Vec<OutputPlane>)), scratch: &mut Vec<f32>| {
+            #[cfg(target_arch = "x86_64")]
+            if crate::ops::has_avx2_fma() {
+                // SAFETY: the features were detected on this processor.
+                return unsafe { output_channel_avx2(at, &mut rows, self.bias[oi], &mut planes, scratch) };
+            }
+            output_channel(at, &mut rows, self.bias[oi], &mut planes, scratch);
+        };
+        if parallel {
+            channels.into_par_iter().enumerate().for_each_init(Vec::new, |scratch, job| output_job(job, scratch));
+        } else {
+            channels.into_iter().enumerate().for_each(|job| output_job(job, planes));
+        }
+        *products_zero = true;
     }
 }
+
+/// One input batch of a [`WinogradConv::forward`] call: its values [n, C, h, w] and (n, h, w).
+type InputMaps<'a> = (&'a [f32], (usize, usize, usize));
 
 /// Buffers of one [`WinogradConv::forward`] call, kept per thread between calls.
 #[derive(Default)]
 struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
+    /// Every value of `m` is 0 (false while a call is under way, or after one was cut short).
+    products_zero: bool,
     planes: Vec<f32>,
 }
 
@@ -206,23 +222,47 @@ struct Tiles {
 }
 
 /// dst[i][q] = Σ_j coef[i][j]·src[j][q] for q < len, in one pass over the six source runs. The
-/// coefficients are constants where this is inlined, so the zero terms compile away.
+/// coefficients are constants where this is inlined, so the zero terms compile away. The runs go
+/// in blocks of 8, then 4, then 1 values through local arrays, which the compiler turns into
+/// vector registers (working on the slices directly, it would have to check that no destination
+/// overlaps a source, and gives up beyond a few such checks).
 #[inline(always)]
 fn transform_runs<const N: usize>(coef: &[[f32; ALPHA]; N], src: [&[f32]; ALPHA], dst: [&mut [f32]; N], len: usize) {
     let src = src.map(|s| &s[..len]);
     let mut dst = dst.map(|d| &mut d[..len]);
-    for q in 0..len {
-        let d: [f32; ALPHA] = std::array::from_fn(|j| src[j][q]);
-        for (row, out) in coef.iter().zip(dst.iter_mut()) {
-            // −0 + x = x for every x, so the first term needs no special case
-            let mut acc = -0.0f32;
-            for (&c, &v) in row.iter().zip(&d) {
-                if c != 0.0 {
-                    acc += c * v;
+    let mut q = 0;
+    while q + 8 <= len {
+        transform_block::<N, 8>(coef, &src, &mut dst, q);
+        q += 8;
+    }
+    if q + 4 <= len {
+        transform_block::<N, 4>(coef, &src, &mut dst, q);
+        q += 4;
+    }
+    while q < len {
+        transform_block::<N, 1>(coef, &src, &mut dst, q);
+        q += 1;
+    }
+}
+
+/// [`transform_runs`] of the L values from q on.
+#[inline(always)]
+fn transform_block<const N: usize, const L: usize>(coef: &[[f32; ALPHA]; N], src: &[&[f32]; ALPHA], dst: &mut [&mut [f32]; N], q: usize) {
+    let mut d = [[0f32; L]; ALPHA];
+    for (d, s) in d.iter_mut().zip(src) {
+        d.copy_from_slice(&s[q..q + L]);
+    }
+    for (row, out) in coef.iter().zip(dst.iter_mut()) {
+        // −0 + x = x for every x, so the first term needs no special case
+        let mut acc = [-0.0f32; L];
+        for (&c, v) in row.iter().zip(&d) {
+            if c != 0.0 {
+                for (a, v) in acc.iter_mut().zip(v) {
+                    *a += c * v;
                 }
             }
-            out[q] = acc;
         }
+        out[q..q + L].copy_from_slice(&acc);
     }
 }
 
@@ -232,14 +272,6 @@ impl Tiles {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn input_transform_avx2<const M: usize>(&self, plane: &[f32], scratch: &mut Vec<f32>, rows: &mut [f32], first: usize) {
         self.input_transform::<M>(plane, scratch, rows, first)
-    }
-
-    /// [`Self::output_transform`] compiled for AVX2.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn output_transform_avx2<const M: usize>(&self, at: &[[f32; ALPHA]; M], m: &[f32], stride: usize, first: usize, bias: f32, plane: &mut [f32], scratch: &mut Vec<f32>) {
-        self.output_transform(at, m, stride, first, bias, plane, scratch)
     }
 
     /// Bᵀ·d·B of every 6×6 tile of one image's channel plane into the 36 rows `rows[ξ·cols ..]`,
@@ -282,35 +314,50 @@ impl Tiles {
         }
     }
 
-    /// Aᵀ·M·A of every tile of one output channel (tile t's products at `m[ξ·stride + first + t]`,
-    /// t = ty·tw + tx), plus `bias`, through ReLU, into the h×w `plane` (tiles cut at the edges).
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn output_transform<const M: usize>(&self, at: &[[f32; ALPHA]; M], m: &[f32], stride: usize, first: usize, bias: f32, plane: &mut [f32], scratch: &mut Vec<f32>) {
-        let Tiles { h, w, th, tw, .. } = *self;
-        let t = th * tw;
-        let (left, out) = grown(scratch, (ALPHA + 1) * M * t).split_at_mut(ALPHA * M * t);
-        // Aᵀ·M: left[c][p] = Σ_i Aᵀ[p][i]·M_(i, c)
-        for (c, left) in left.chunks_exact_mut(M * t).enumerate() {
-            let src = std::array::from_fn(|i| &m[(i * ALPHA + c) * stride + first..]);
-            let mut dst = left.chunks_exact_mut(t);
-            transform_runs(at, src, std::array::from_fn(|_| dst.next().unwrap()), t);
-        }
-        // (Aᵀ·M)·A: output (p, q) of every tile = Σ_c Aᵀ[q][c]·left[c][p], + bias, ReLU
-        for p in 0..M {
-            let src = std::array::from_fn(|c| &left[(c * M + p) * t..]);
-            let mut dst = out.chunks_exact_mut(t);
-            transform_runs(at, src, std::array::from_fn(|_| dst.next().unwrap()), t);
-            for ty in 0..th {
+}
+
+/// One image's plane of an output channel: its tile geometry, its first column among all
+/// tiles, its values.
+type OutputPlane<'a> = (Tiles, usize, &'a mut [f32]);
+
+/// [`output_channel`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_channel_avx2<const M: usize>(at: &[[f32; ALPHA]; M], rows: &mut [&mut [f32]], bias: f32, planes: &mut [OutputPlane], scratch: &mut Vec<f32>) {
+    output_channel(at, rows, bias, planes, scratch)
+}
+
+/// Aᵀ·M·A of every tile of one output channel (`rows[ξ]`: its products M_ξ over all columns,
+/// left zero once read), plus `bias`, through ReLU, into the planes it covers (tiles cut at the
+/// edges). Both passes run over all columns at once; each output row then takes its M values per
+/// tile interleaved.
+#[inline(always)]
+fn output_channel<const M: usize>(at: &[[f32; ALPHA]; M], rows: &mut [&mut [f32]], bias: f32, planes: &mut [OutputPlane], scratch: &mut Vec<f32>) {
+    let cols = rows[0].len();
+    let (left, out) = grown(scratch, (ALPHA + 1) * M * cols).split_at_mut(ALPHA * M * cols);
+    // Aᵀ·M: left[c][p] = Σ_i Aᵀ[p][i]·M_(i, c)
+    for (c, left) in left.chunks_exact_mut(M * cols).enumerate() {
+        let mut dst = left.chunks_exact_mut(cols);
+        transform_runs(at, std::array::from_fn(|i| &*rows[i * ALPHA + c]), std::array::from_fn(|_| dst.next().unwrap()), cols);
+    }
+    rows.iter_mut().for_each(|row| row.fill(0.0));
+    // (Aᵀ·M)·A: output (p, q) of every tile = Σ_c Aᵀ[q][c]·left[c][p], + bias, ReLU
+    for p in 0..M {
+        let mut dst = out.chunks_exact_mut(cols);
+        transform_runs(at, std::array::from_fn(|c| &left[(c * M + p) * cols..]), std::array::from_fn(|_| dst.next().unwrap()), cols);
+        for (tiles, first, plane) in planes.iter_mut() {
+            let Tiles { h, w, th, tw, .. } = *tiles;
+            for ty in (0..th).take_while(|ty| M * ty + p < h) {
+                let src: [&[f32]; M] = std::array::from_fn(|q| &out[q * cols + *first + ty * tw..][..tw]);
                 let y = M * ty + p;
-                if y >= h {
-                    break;
-                }
-                let row = &mut plane[y * w..(y + 1) * w];
-                for (tx, outputs) in row.chunks_mut(M).enumerate() {
-                    for (q, v) in outputs.iter_mut().enumerate() {
-                        *v = (out[q * t + ty * tw + tx] + bias).max(0.0);
+                let mut outputs = plane[y * w..(y + 1) * w].chunks_exact_mut(M);
+                for (tx, dst) in (&mut outputs).enumerate() {
+                    for (q, v) in dst.iter_mut().enumerate() {
+                        *v = (src[q][tx] + bias).max(0.0);
                     }
+                }
+                for (q, v) in outputs.into_remainder().iter_mut().enumerate() {
+                    *v = (src[q][w / M] + bias).max(0.0);
                 }
             }
         }
@@ -416,6 +463,7 @@ mod tests {
     }
 
     /// Maps of three sizes (and an empty one) in one call: each as its own direct convolution.
+    /// Both paths: spread over the pool (as every other test) and sequential inside a pool job.
     #[test]
     fn several_inputs_in_one_call_match_their_direct_convolutions() -> Result<()> {
         let dev = &Device::Cpu;
@@ -428,9 +476,11 @@ mod tests {
                 .into_iter()
                 .map(|(n, h, w)| Tensor::from_vec((0..n * c * h * w).map(|i| ((i * 41 % 83) as f32 - 40.0) / 25.0).collect(), (n, c, h, w), dev))
                 .collect::<Result<_>>()?;
-            let got = conv_relu_each(&xs, &weights)?;
-            assert_eq!(got.len(), xs.len());
-            for (x, y) in xs.iter().zip(&got) {
+            // from this thread (spread over the pool) and from inside a pool job (sequential)
+            let spread = conv_relu_each(&xs, &weights)?;
+            let sequential = rayon::join(|| conv_relu_each(&xs, &weights), || ()).0?;
+            assert_eq!((spread.len(), sequential.len()), (xs.len(), xs.len()));
+            for (x, y) in xs.iter().zip(&spread).chain(xs.iter().zip(&sequential)) {
                 let want = x
                     .conv2d(&Tensor::from_slice(&g, (o, c, k, k), dev)?, (k - 1) / 2, 1, 1, 1)?
                     .broadcast_add(&Tensor::from_slice(&bias, (1, o, 1, 1), dev)?)?
