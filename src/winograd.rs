@@ -198,8 +198,9 @@ struct Scratch {
     planes: Vec<f32>,
 }
 
-/// The first `len` values of `buffer`, grown to hold them if needed. Never shrunk, so that the
-/// next call with a larger layer does not fill the buffer anew (the callers overwrite every value).
+/// The first `len` values of `buffer`, grown (with zeros) to hold them if needed. Never shrunk, so
+/// that the next call with a larger layer does not fill the buffer anew (the callers overwrite
+/// every value they read, except the products, which rely on `Scratch::products_zero`).
 fn grown(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buffer.len() < len {
         buffer.resize(len, 0.0);

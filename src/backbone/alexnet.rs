@@ -111,9 +111,6 @@ impl Backbone for AlexNet {
     }
     /// AlexNet has one feature stage (0): the output of `features`.
     fn stage_maps(&self, x: &Tensor, stages: &[usize]) -> Result<Vec<Tensor>> {
-        if stages != [0] {
-            return Err(Error::Config(format!("AlexNet has one feature stage (0), not {stages:?}")));
-        }
         Ok(self.stage_maps_of_each(std::slice::from_ref(x), stages)?.remove(0))
     }
     /// The scales run through each layer together, so that the Winograd layers do one set of
