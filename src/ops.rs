@@ -1112,100 +1112,6 @@ pub fn mbconv_fused(x: &Tensor, weights: &MbConvWeights, pad: (usize, usize, usi
     x.contiguous()?.apply_op1_no_bwd(&FusedMbConv { w: weights, pad, band_floats: BAND_FLOATS })
 }
 
-/// Dense convolution with bias and ReLU lowered to one matrix product per image: the k×k
-/// patches are unrolled into a [C·k·k, OH·OW] matrix (im2col) and multiplied by the weight
-/// [O, C·k·k] with `sgemm` (OpenBLAS when present). AlexNet's convolutions; no gradient.
-struct GemmConv<'a> {
-    weight: &'a [f32],
-    bias: &'a [f32],
-    k: usize,
-    stride: usize,
-    pad: usize,
-}
-
-impl GemmConv<'_> {
-    /// relu(W · im2col(x) + b) of one image `x` [C, H, W] into `out` [O, OH·OW], which holds the
-    /// bias on entry; `parallel` spreads the unrolling. The image's planes are first copied
-    /// zero-padded and split into `stride` column phases (see [`PlaneGeometry`]), so that every
-    /// row (ci, ky, kx) of the unrolled patches is a run of contiguous copies, whatever the stride.
-    fn image(&self, x: &[f32], geo: &PlaneGeometry, offsets: &[usize], scratch: &mut Im2col, out: &mut [f32], parallel: bool) {
-        let PlaneGeometry { h, w, s, pw, oh, ow, .. } = *geo;
-        let (c, kk, n, plane_len) = (x.len() / (h * w), self.k * self.k, oh * ow, geo.phases_len());
-        let Im2col { phases, cols } = scratch;
-        phases.resize(c * plane_len, 0.0);
-        for (ci, ph) in phases.chunks_mut(plane_len).enumerate() {
-            geo.fill_phases_into(&x[ci * h * w..(ci + 1) * h * w], ph, OnCopy::Identity);
-        }
-        let phases = &phases[..];
-        let unroll = |r: usize, row: &mut [f32]| {
-            let src = &phases[(r / kk) * plane_len + offsets[r % kk]..];
-            for (oy, dst) in row.chunks_mut(ow).enumerate() {
-                dst.copy_from_slice(&src[oy * s * pw..oy * s * pw + ow]);
-            }
-        };
-        cols.resize(c * kk * n, 0.0);
-        if parallel {
-            cols.par_chunks_mut(n).enumerate().for_each(|(r, row)| unroll(r, row));
-        } else {
-            cols.chunks_mut(n).enumerate().for_each(|(r, row)| unroll(r, row));
-        }
-        sgemm(self.bias.len(), n, c * kk, out, true, (self.weight, c * kk, 1), (cols, n, 1));
-        out.iter_mut().for_each(|v| *v = v.max(0.0));
-    }
-}
-
-/// Per-thread buffers of [`GemmConv`]: the phase-split padded planes and the unrolled patches
-/// (up to ~20 MB), kept so that they are not allocated and faulted in anew for every image.
-#[derive(Default)]
-struct Im2col {
-    phases: Vec<f32>,
-    cols: Vec<f32>,
-}
-
-impl CustomOp1 for GemmConv<'_> {
-    fn name(&self) -> &'static str {
-        "gemm_conv2d"
-    }
-    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(st, l, "gemm_conv2d")?;
-        let (n, c, h, w) = l.shape().dims4()?;
-        let o = self.bias.len();
-        if self.weight.len() != o * c * self.k * self.k {
-            candle_core::bail!("gemm_conv2d: weight has {} values, expected {o}x{c}x{}x{}", self.weight.len(), self.k, self.k)
-        }
-        if h + 2 * self.pad < self.k || w + 2 * self.pad < self.k {
-            candle_core::bail!("gemm_conv2d: input {h}x{w} smaller than the {}x{} kernel", self.k, self.k)
-        }
-        let (k, s, p) = (self.k, self.stride, self.pad);
-        let (hp, wp) = (h + 2 * p, w + 2 * p);
-        let (oh, ow) = ((hp - k) / s + 1, (wp - k) / s + 1);
-        let geo = PlaneGeometry { h, w, k, s, pt: p, pl: p, hp, pw: wp.div_ceil(s), oh, ow };
-        let offsets = geo.tap_offsets();
-        // every output starts as its channel's bias (the products are added to it)
-        let mut out = Vec::with_capacity(n * o * oh * ow);
-        for _ in 0..n {
-            self.bias.iter().for_each(|&b| out.extend(std::iter::repeat_n(b, oh * ow)));
-        }
-        let images = x.chunks(c * h * w).zip(out.chunks_mut(o * oh * ow));
-        thread_local! {
-            static SCRATCH: std::cell::RefCell<Im2col> = std::cell::RefCell::default();
-        }
-        if n >= rayon::current_num_threads() || rayon::current_thread_index().is_some() {
-            // one image per job, each product on its job's thread
-            images.collect::<Vec<_>>().into_par_iter().for_each(|(xi, oi)| SCRATCH.with_borrow_mut(|sc| self.image(xi, &geo, &offsets, sc, oi, false)));
-        } else {
-            SCRATCH.with_borrow_mut(|sc| images.for_each(|(xi, oi)| self.image(xi, &geo, &offsets, sc, oi, true)));
-        }
-        Ok((CpuStorage::F32(out), Shape::from((n, o, oh, ow))))
-    }
-}
-
-/// relu(conv2d(x, weight) + bias) with square kernel `k`, `stride` and zero padding `pad`, by
-/// im2col + sgemm; `weight` is [O, C, k, k] row-major. No gradient (use candle's conv2d for that).
-pub fn gemm_conv2d_relu(x: &Tensor, weight: &[f32], bias: &[f32], k: usize, stride: usize, pad: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&GemmConv { weight, bias, k, stride, pad })
-}
-
 /// A fully connected layer with frozen parameters, `x·Wᵀ + b` by `sgemm` (OpenBLAS when present):
 /// scoring runs the flow's subnets with it. No gradient.
 struct FrozenLinear;
@@ -1355,23 +1261,6 @@ mod tests {
         let gx = g.get(&x).unwrap().to_vec1::<f32>()?;
         for (a, b) in gx.iter().zip(xs) {
             assert!((a - 1.0 / (1.0 + b * b)).abs() < 1e-7);
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn gemm_conv_equals_candle_conv2d_plus_bias_and_relu() -> Result<()> {
-        let dev = Device::Cpu;
-        // AlexNet's kernel/stride/padding kinds, on one image (split product) and on three (per-image jobs)
-        for (n, c, o, k, stride, pad, side) in [(1, 3, 8, 11, 4, 2, 45), (3, 5, 7, 5, 1, 2, 13), (2, 6, 4, 3, 1, 1, 9), (1, 2, 3, 3, 2, 0, 10)] {
-            let x = Tensor::randn(0f32, 1.0, (n, c, side, side + 3), &dev)?;
-            let w = Tensor::randn(0f32, 0.3, (o, c, k, k), &dev)?;
-            let b = Tensor::randn(0f32, 0.3, o, &dev)?;
-            let want = x.conv2d(&w, pad, stride, 1, 1)?.broadcast_add(&b.reshape((1, o, 1, 1))?)?.relu()?;
-            let got = gemm_conv2d_relu(&x, &w.flatten_all()?.to_vec1::<f32>()?, &b.to_vec1::<f32>()?, k, stride, pad)?;
-            assert_eq!(got.dims(), want.dims());
-            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(err < 1e-4, "k{k} s{stride} p{pad}: max error {err}");
         }
         Ok(())
     }

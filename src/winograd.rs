@@ -57,6 +57,8 @@ pub struct WinogradConv {
     bias: Vec<f32>,
     inputs: usize,
     kernel: usize,
+    /// Zero padding on each side: (k − 1)/2 keeps the map's size, 0 is a "valid" convolution.
+    pad: usize,
 }
 
 impl WinogradConv {
@@ -65,9 +67,16 @@ impl WinogradConv {
         (k == 3 || k == 5) && stride == 1 && 2 * pad + 1 == k
     }
 
-    /// From torch-layout weights [O, C, k, k] (row-major) and bias [O].
+    /// From torch-layout weights [O, C, k, k] (row-major) and bias [O], padding (k − 1)/2.
     pub fn new(weight: &[f32], bias: &[f32], k: usize) -> Self {
+        Self::with_padding(weight, bias, k, (k - 1) / 2)
+    }
+
+    /// [`Self::new`] with `pad` ≤ (k − 1)/2 zeros on each side: maps of h×w give
+    /// (h + 2·pad − k + 1)×(w + 2·pad − k + 1).
+    pub fn with_padding(weight: &[f32], bias: &[f32], k: usize, pad: usize) -> Self {
         assert!(k == 3 || k == 5, "WinogradConv: kernels of 3 or 5, not {k}");
+        assert!(2 * pad < k, "WinogradConv: padding {pad} of a {k}x{k} kernel");
         let (o, c) = (bias.len(), weight.len() / (k * k) / bias.len().max(1));
         assert_eq!(weight.len(), o * c * k * k, "WinogradConv: weight is not [O, C, {k}, {k}]");
         let g = kernel_transform(k);
@@ -82,14 +91,19 @@ impl WinogradConv {
                 u[(a * ALPHA + b) * o * c + oc] = v as f32;
             }
         }
-        WinogradConv { u, bias: bias.to_vec(), inputs: c, kernel: k }
+        WinogradConv { u, bias: bias.to_vec(), inputs: c, kernel: k, pad }
     }
 
     fn outputs(&self) -> usize {
         self.bias.len()
     }
 
-    /// relu(conv(x) + b) of each input batch x [n, C, h, w] into its `out` [n, O, h, w], the
+    /// Output side of an input side (0 where the map is smaller than the kernel).
+    fn output_side(&self, side: usize) -> usize {
+        (side + 2 * self.pad + 1).saturating_sub(self.kernel)
+    }
+
+    /// relu(conv(x) + b) of each input batch x [n, C, h, w] into its `out` [n, O, oh, ow], the
     /// tiles of all inputs side by side in one set of 36 products; `parallel` spreads the
     /// transforms and the products over the threads.
     fn forward(&self, inputs: &[InputMaps], outs: &mut [Vec<f32>], sc: &mut Scratch, parallel: bool) {
@@ -109,10 +123,11 @@ impl WinogradConv {
         let mut groups: Vec<(Tiles, usize, usize)> = inputs
             .iter()
             .map(|&(_, (n, h, w))| {
-                let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
+                let (oh, ow) = (self.output_side(h), self.output_side(w));
+                let (th, tw) = (oh.div_ceil(M), ow.div_ceil(M));
                 let first = cols;
                 cols += n * th * tw;
-                (Tiles { pad: (self.kernel - 1) / 2, h, w, th, tw, hq: th + reach, wq: tw + reach, cols: 0 }, first, n)
+                (Tiles { pad: self.pad, h, w, oh, ow, th, tw, hq: th + reach, wq: tw + reach, cols: 0 }, first, n)
             })
             .collect();
         groups.iter_mut().for_each(|(tiles, _, _)| tiles.cols = cols);
@@ -164,7 +179,7 @@ impl WinogradConv {
             channels[row % o].0.push(values);
         }
         for (out, &(tiles, first, _)) in outs.iter_mut().zip(&groups) {
-            for (bo, plane) in out.chunks_mut(tiles.h * tiles.w).enumerate() {
+            for (bo, plane) in out.chunks_mut(tiles.oh * tiles.ow).enumerate() {
                 channels[bo % o].1.push((tiles, first + bo / o * tiles.th * tiles.tw, plane));
             }
         }
@@ -208,13 +223,15 @@ fn grown(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buffer[..len]
 }
 
-/// Tile geometry of one call: h×w maps padded by `pad`, th×tw tiles of M×M outputs each, the
-/// padded plane's M×M sub-planes hq×wq each, `cols` tiles in the batch.
+/// Tile geometry of one call: h×w maps padded by `pad`, oh×ow outputs in th×tw tiles of M×M
+/// each, the padded plane's M×M sub-planes hq×wq each, `cols` tiles in the batch.
 #[derive(Clone, Copy)]
 struct Tiles {
     pad: usize,
     h: usize,
     w: usize,
+    oh: usize,
+    ow: usize,
     th: usize,
     tw: usize,
     hq: usize,
@@ -283,7 +300,7 @@ impl Tiles {
     /// start no tile and compute values nobody reads).
     #[inline(always)]
     fn input_transform<const M: usize>(&self, plane: &[f32], scratch: &mut Vec<f32>, rows: &mut [f32], first: usize) {
-        let Tiles { pad, h, w, th, tw, hq, wq, cols } = *self;
+        let Tiles { pad, h, w, th, tw, hq, wq, cols, .. } = *self;
         let (sub, reach) = (hq * wq, wq - tw);
         let scratch = grown(scratch, (M * M + ALPHA * M) * sub);
         let (subplanes, row_pass) = scratch.split_at_mut(M * M * sub);
@@ -347,7 +364,7 @@ fn output_channel<const M: usize>(at: &[[f32; ALPHA]; M], rows: &mut [&mut [f32]
         let mut dst = out.chunks_exact_mut(cols);
         transform_runs(at, std::array::from_fn(|c| &left[(c * M + p) * cols..]), std::array::from_fn(|_| dst.next().unwrap()), cols);
         for (tiles, first, plane) in planes.iter_mut() {
-            let Tiles { h, w, th, tw, .. } = *tiles;
+            let Tiles { oh: h, ow: w, th, tw, .. } = *tiles;
             for ty in (0..th).take_while(|ty| M * ty + p < h) {
                 let src: [&[f32]; M] = std::array::from_fn(|q| &out[q * cols + *first + ty * tw..][..tw]);
                 let y = M * ty + p;
@@ -382,8 +399,9 @@ pub fn conv_relu_each(xs: &[Tensor], weights: &WinogradConv) -> Result<Vec<Tenso
     }
     let o = weights.outputs();
     // empty maps (no tiles) give empty outputs and take no part
-    inputs.retain(|(_, (n, h, w))| n * h * w > 0);
-    let mut outs: Vec<Vec<f32>> = inputs.iter().map(|(_, (n, h, w))| vec![0f32; n * o * h * w]).collect();
+    let out_len = |&(n, h, w): &(usize, usize, usize)| n * o * weights.output_side(h) * weights.output_side(w);
+    inputs.retain(|(_, dims)| out_len(dims) > 0);
+    let mut outs: Vec<Vec<f32>> = inputs.iter().map(|(_, dims)| vec![0f32; out_len(dims)]).collect();
     if !inputs.is_empty() {
         thread_local! {
             // the transformed tiles and products (tens of MB), kept per thread so their pages
@@ -399,8 +417,8 @@ pub fn conv_relu_each(xs: &[Tensor], weights: &WinogradConv) -> Result<Vec<Tenso
     xs.iter()
         .map(|x| {
             let (n, _, h, w) = x.dims4()?;
-            let out = if n * h * w == 0 { vec![] } else { outs.next().unwrap_or_default() };
-            Tensor::from_vec(out, (n, o, h, w), x.device())
+            let out = if out_len(&(n, h, w)) == 0 { vec![] } else { outs.next().unwrap_or_default() };
+            Tensor::from_vec(out, (n, o, weights.output_side(h), weights.output_side(w)), x.device())
         })
         .collect()
 }
@@ -408,6 +426,83 @@ pub fn conv_relu_each(xs: &[Tensor], weights: &WinogradConv) -> Result<Vec<Tenso
 /// relu(conv2d(x, g, padding (k − 1)/2) + bias) in the Winograd domain. No gradient.
 pub fn conv_relu(x: &Tensor, weights: &WinogradConv) -> Result<Tensor> {
     Ok(conv_relu_each(std::slice::from_ref(x), weights)?.remove(0))
+}
+
+/// A strided k×k convolution as a stride-1 one that [`WinogradConv`] takes (AlexNet's conv1:
+/// 11×11, stride 4 → 3×3 over 3·16 channels, no padding): the zero-padded input split into its
+/// s×s phase planes, plane c·s² + s·py + px holding padded pixels (s·i + py, s·j + px) of channel
+/// c, and tap (s·a + py, s·b + px) of the kernel at (a, b) of that plane's kernel (zero beyond k),
+/// so that y(i, j) = Σ over planes and (a, b) of tap · plane(i + a, j + b).
+pub struct PhaseSplitConv {
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    inner: WinogradConv,
+}
+
+impl PhaseSplitConv {
+    /// Strides and kernel sizes this lowering takes: 3 taps per phase, as F(4×4, 3×3).
+    pub fn supports(k: usize, stride: usize, pad: usize) -> bool {
+        stride > 1 && k.div_ceil(stride) == 3 && pad < k
+    }
+
+    /// From torch-layout weights [O, C, k, k] (row-major) and bias [O].
+    pub fn new(weight: &[f32], bias: &[f32], k: usize, stride: usize, pad: usize) -> Self {
+        assert!(Self::supports(k, stride, pad), "PhaseSplitConv: {k}x{k}, stride {stride}, padding {pad}");
+        let (o, s, taps) = (bias.len(), stride, k.div_ceil(stride));
+        let c = weight.len() / (k * k) / o.max(1);
+        assert_eq!(weight.len(), o * c * k * k, "PhaseSplitConv: weight is not [O, C, {k}, {k}]");
+        let planes = c * s * s;
+        let mut phase_weight = vec![0f32; o * planes * taps * taps];
+        for (i, &v) in weight.iter().enumerate() {
+            let (oc, ky, kx) = (i / (k * k), i / k % k, i % k);
+            let plane = (oc % c) * s * s + (ky % s) * s + kx % s;
+            phase_weight[(((oc / c) * planes + plane) * taps + ky / s) * taps + kx / s] = v;
+        }
+        PhaseSplitConv { kernel: k, stride, pad, inner: WinogradConv::with_padding(&phase_weight, bias, taps, 0) }
+    }
+
+    /// The phase planes of x [n, C, h, w]: [n, C·s², oh + 2, ow + 2], oh×ow the output's size.
+    fn phase_planes(&self, x: &Tensor) -> Result<Tensor> {
+        let (s, p, k) = (self.stride, self.pad, self.kernel);
+        let x = x.contiguous()?;
+        let (n, c, h, w) = x.dims4()?;
+        let out_side = |side: usize| if side + 2 * p >= k { (side + 2 * p - k) / s + 1 } else { 0 };
+        let (hs, ws) = (out_side(h) + 2, out_side(w) + 2);
+        let mut out = vec![0f32; n * c * s * s * hs * ws];
+        if h * w > 0 {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("phase planes: CPU tensors only") };
+            let src = crate::ops::contiguous_f32(cpu, layout, "phase planes")?;
+            out.par_chunks_mut(s * s * hs * ws).zip(src.par_chunks(h * w)).for_each(|(dst, plane)| {
+                for (phase, dst) in dst.chunks_mut(hs * ws).enumerate() {
+                    let (py, px) = (phase / s, phase % s);
+                    // plane columns j read input column s·j + px − p, where it lies inside
+                    let j0 = p.saturating_sub(px).div_ceil(s);
+                    let j1 = ws.min((w + p).saturating_sub(px).div_ceil(s));
+                    for (i, row) in dst.chunks_mut(ws).enumerate() {
+                        let Some(y) = (s * i + py).checked_sub(p).filter(|&y| y < h) else { continue };
+                        if j0 < j1 {
+                            let src = plane[y * w..(y + 1) * w].iter().skip(s * j0 + px - p).step_by(s);
+                            row[j0..j1].iter_mut().zip(src).for_each(|(d, v)| *d = *v);
+                        }
+                    }
+                }
+            });
+        }
+        Tensor::from_vec(out, (n, c * s * s, hs, ws), x.device())
+    }
+
+    /// relu(conv2d(x, g, padding, stride) + bias) of each input, all in one Winograd call. No gradient.
+    pub fn conv_relu_each(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let planes: Vec<Tensor> = xs.iter().map(|x| self.phase_planes(x)).collect::<Result<_>>()?;
+        conv_relu_each(&planes, &self.inner)
+    }
+
+    /// [`Self::conv_relu_each`] of one input.
+    pub fn conv_relu(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.conv_relu_each(std::slice::from_ref(x))?.remove(0))
+    }
 }
 
 #[cfg(test)]
@@ -498,24 +593,58 @@ mod tests {
     }
 
     #[test]
-    fn matches_direct_convolution_for_3x3_and_5x5_on_every_edge_remainder_and_tiny_maps() -> Result<()> {
+    fn matches_direct_convolution_for_3x3_and_5x5_every_padding_edge_remainder_and_tiny_maps() -> Result<()> {
         let dev = &Device::Cpu;
         let (o, c) = (5, 7);
         let bias: Vec<f32> = (0..o).map(|i| i as f32 * 0.3 - 0.6).collect();
         let sizes = [(2, 6, 6), (1, 13, 13), (3, 27, 27), (1, 5, 8), (2, 1, 1), (1, 2, 3), (1, 7, 10), (1, 4, 9), (1, 55, 11)];
-        for (k, (n, h, w)) in [3, 5].into_iter().flat_map(|k| sizes.map(|s| (k, s))) {
+        let cases = [(3, 1), (3, 0), (5, 2), (5, 1), (5, 0)];
+        for ((k, pad), (n, h, w)) in cases.into_iter().flat_map(|case| sizes.map(|s| (case, s))) {
             let g: Vec<f32> = (0..o * c * k * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 80.0).collect();
             let xv: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0).collect();
             let x = Tensor::from_vec(xv, (n, c, h, w), dev)?;
+            let got = conv_relu(&x, &WinogradConv::with_padding(&g, &bias, k, pad))?;
+            if h.min(w) + 2 * pad < k {
+                // no output: an empty map of the right shape
+                assert_eq!(got.dims(), [n, o, (h + 2 * pad + 1).saturating_sub(k), (w + 2 * pad + 1).saturating_sub(k)]);
+                assert_eq!(got.elem_count(), 0);
+                continue;
+            }
             let want = x
-                .conv2d(&Tensor::from_slice(&g, (o, c, k, k), dev)?, (k - 1) / 2, 1, 1, 1)?
+                .conv2d(&Tensor::from_slice(&g, (o, c, k, k), dev)?, pad, 1, 1, 1)?
                 .broadcast_add(&Tensor::from_slice(&bias, (1, o, 1, 1), dev)?)?
                 .relu()?;
-            let got = conv_relu(&x, &WinogradConv::new(&g, &bias, k))?;
             assert_eq!(got.dims(), want.dims());
             let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(err < 1e-4, "k {k}, {n}x{c}x{h}x{w}: max error {err}");
+            assert!(err < 1e-4, "k {k}, pad {pad}, {n}x{c}x{h}x{w}: max error {err}");
             assert!(want.flatten_all()?.max(0)?.to_scalar::<f32>()? > 0.5, "the check sees real values");
+        }
+        Ok(())
+    }
+
+    /// conv1's lowering (and two other strides) against candle's strided conv2d.
+    #[test]
+    fn phase_split_matches_strided_convolution() -> Result<()> {
+        let dev = &Device::Cpu;
+        let (o, c) = (6, 3);
+        let bias: Vec<f32> = (0..o).map(|i| 0.1 * i as f32 - 0.2).collect();
+        let sizes = [(2, 32, 32), (1, 27, 30), (1, 11, 11), (1, 12, 15), (1, 5, 6), (1, 60, 61)];
+        for ((k, stride, pad), (n, h, w)) in [(11, 4, 2), (9, 3, 1), (7, 3, 3)].into_iter().flat_map(|case| sizes.map(|s| (case, s))) {
+            let g: Vec<f32> = (0..o * c * k * k).map(|i| ((i * 31 % 103) as f32 - 51.0) / 400.0).collect();
+            let x = Tensor::from_vec((0..n * c * h * w).map(|i| ((i * 43 % 89) as f32 - 44.0) / 30.0).collect(), (n, c, h, w), dev)?;
+            let got = PhaseSplitConv::new(&g, &bias, k, stride, pad).conv_relu(&x)?;
+            if h.min(w) + 2 * pad < k {
+                assert_eq!(got.elem_count(), 0, "{k}x{k}/{stride} on {h}x{w}");
+                continue;
+            }
+            let want = x
+                .conv2d(&Tensor::from_slice(&g, (o, c, k, k), dev)?, pad, stride, 1, 1)?
+                .broadcast_add(&Tensor::from_slice(&bias, (1, o, 1, 1), dev)?)?
+                .relu()?;
+            assert_eq!(got.dims(), want.dims(), "{k}x{k}/{stride} on {h}x{w}");
+            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(err < 1e-4, "{k}x{k}/{stride}, pad {pad}, {n}x{c}x{h}x{w}: max error {err}");
+            assert!(want.flatten_all()?.max(0)?.to_scalar::<f32>()? > 0.3, "the check sees real values");
         }
         Ok(())
     }

@@ -3,8 +3,8 @@
 
 use super::{expect_shape, get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
-use crate::ops::{gemm_conv2d_relu, max_pool2d};
-use crate::winograd::{conv_relu, conv_relu_each, WinogradConv};
+use crate::ops::max_pool2d;
+use crate::winograd::{conv_relu, conv_relu_each, PhaseSplitConv, WinogradConv};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,15 +13,14 @@ use std::path::Path;
 enum FastKernel {
     /// Winograd F(2×2, 5×5) and F(4×4, 3×3): the stride-1 layers, kernels transformed once.
     Winograd(WinogradConv),
-    /// im2col + sgemm (conv1): the weights as plain rows [O, C·k·k], and the bias.
-    Im2col { weight_rows: Vec<f32>, bias_values: Vec<f32> },
+    /// conv1 (11×11, stride 4): its 4×4 phase planes through a 3×3 F(4×4, 3×3).
+    PhaseSplit(PhaseSplitConv),
 }
 
 struct Conv {
     weight: Tensor,
     bias: Tensor,
     fast: FastKernel,
-    kernel: usize,
     stride: usize,
     padding: usize,
 }
@@ -31,7 +30,7 @@ impl Conv {
         if x.device().is_cpu() && !x.track_op() {
             return Ok(match &self.fast {
                 FastKernel::Winograd(wg) => conv_relu(x, wg)?,
-                FastKernel::Im2col { weight_rows, bias_values } => gemm_conv2d_relu(x, weight_rows, bias_values, self.kernel, self.stride, self.padding)?,
+                FastKernel::PhaseSplit(ps) => ps.conv_relu(x)?,
             });
         }
         // candle's conv2d where the input gradient is needed (localization) or on CUDA
@@ -39,12 +38,15 @@ impl Conv {
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?.relu()?)
     }
 
-    /// [`Self::forward`] of each input; a Winograd layer takes them all in one call.
+    /// [`Self::forward`] of each input, in one Winograd call where no gradient is needed.
     fn forward_each(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
-        match &self.fast {
-            FastKernel::Winograd(wg) if xs.iter().all(|x| x.device().is_cpu() && !x.track_op()) => Ok(conv_relu_each(xs, wg)?),
-            _ => xs.iter().map(|x| self.forward(x)).collect(),
+        if !xs.iter().all(|x| x.device().is_cpu() && !x.track_op()) {
+            return xs.iter().map(|x| self.forward(x)).collect();
         }
+        Ok(match &self.fast {
+            FastKernel::Winograd(wg) => conv_relu_each(xs, wg)?,
+            FastKernel::PhaseSplit(ps) => ps.conv_relu_each(xs)?,
+        })
     }
 }
 
@@ -97,9 +99,9 @@ impl AlexNet {
             let fast = if WinogradConv::supports(k, stride, padding) {
                 FastKernel::Winograd(WinogradConv::new(&weight_rows, &bias_values, k))
             } else {
-                FastKernel::Im2col { weight_rows, bias_values }
+                FastKernel::PhaseSplit(PhaseSplitConv::new(&weight_rows, &bias_values, k, stride, padding))
             };
-            convs.push(Conv { weight, bias, fast, kernel: k, stride, padding });
+            convs.push(Conv { weight, bias, fast, stride, padding });
         }
         Ok(AlexNet { convs })
     }
@@ -121,7 +123,7 @@ impl Backbone for AlexNet {
         }
         let c = &self.convs;
         let pool_each = |xs: Vec<Tensor>| -> Result<Vec<Tensor>> { xs.iter().map(|x| Ok(max_pool2d(x, 3, 2)?)).collect() };
-        let xs = pool_each(xs.iter().map(|x| c[0].forward(x)).collect::<Result<_>>()?)?;
+        let xs = pool_each(c[0].forward_each(xs)?)?;
         let xs = pool_each(c[1].forward_each(&xs)?)?;
         let xs = c[4].forward_each(&c[3].forward_each(&c[2].forward_each(&xs)?)?)?;
         Ok(pool_each(xs)?.into_iter().map(|x| vec![x]).collect())
