@@ -1,5 +1,6 @@
-//! Winograd minimal filtering (Lavin & Gray, CVPR 2016) for AlexNet's stride-1 layers, on 6×6
-//! input tiles: F(4×4, 3×3) for conv3-5 and F(2×2, 5×5) for conv2, 36 products per tile.
+//! Winograd minimal filtering (Lavin & Gray, CVPR 2016) for AlexNet's layers, on 6×6 input tiles:
+//! F(4×4, 3×3) for conv3-5 and F(2×2, 5×5) for conv2, 36 products per tile; conv1 (11×11, stride
+//! 4) as a 3×3 F(4×4, 3×3) over its 4×4 phase planes ([`PhaseSplitConv`]).
 //!
 //! y = Aᵀ·[(G·g·Gᵀ) ⊙ (Bᵀ·d·B)]·A for each 6×6 input tile d (stride m, the outputs per tile
 //! side; m + k − 1 = 6) and k×k kernel g. The matrices come from the interpolation points
