@@ -51,7 +51,7 @@ fn kernel_transform(k: usize) -> Vec<Vec<f64>> {
         .collect()
 }
 
-/// One k×k convolution (k = 3 or 5, stride 1, padding (k − 1)/2) in the Winograd domain.
+/// One k×k convolution (k = 3 or 5, stride 1, padding up to (k − 1)/2) in the Winograd domain.
 pub struct WinogradConv {
     /// U = G·g·Gᵀ of every (out, in) kernel, as 36 matrices [O, C] (ξ = 6·row + column).
     u: Vec<f32>,
@@ -332,7 +332,6 @@ impl Tiles {
             transform_runs(&BT, src, std::array::from_fn(|_| dst.next().unwrap()), tw);
         }
     }
-
 }
 
 /// One image's plane of an output channel: its tile geometry, its first column among all
@@ -383,7 +382,7 @@ fn output_channel<const M: usize>(at: &[[f32; ALPHA]; M], rows: &mut [&mut [f32]
     }
 }
 
-/// relu(conv2d(x, g, padding (k − 1)/2) + bias) of each input in the Winograd domain, the tiles
+/// relu(conv2d(x, g, the weights' padding) + bias) of each input in the Winograd domain, the tiles
 /// of all inputs in one set of 36 products (so the small maps of the lower scales share the
 /// products, and the packing of the transformed kernels, with the large ones). No gradient.
 pub fn conv_relu_each(xs: &[Tensor], weights: &WinogradConv) -> Result<Vec<Tensor>> {
@@ -424,7 +423,7 @@ pub fn conv_relu_each(xs: &[Tensor], weights: &WinogradConv) -> Result<Vec<Tenso
         .collect()
 }
 
-/// relu(conv2d(x, g, padding (k − 1)/2) + bias) in the Winograd domain. No gradient.
+/// [`conv_relu_each`] of one input.
 pub fn conv_relu(x: &Tensor, weights: &WinogradConv) -> Result<Tensor> {
     Ok(conv_relu_each(std::slice::from_ref(x), weights)?.remove(0))
 }
