@@ -510,6 +510,20 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// relu(conv2d(x, g) + bias) by candle: the reference.
+    fn direct(x: &Tensor, g: &[f32], bias: &[f32], k: usize, pad: usize, stride: usize) -> Result<Tensor> {
+        let (o, c, dev) = (bias.len(), x.dim(1)?, x.device());
+        x.conv2d(&Tensor::from_slice(g, (o, c, k, k), dev)?, pad, stride, 1, 1)?.broadcast_add(&Tensor::from_slice(bias, (1, o, 1, 1), dev)?)?.relu()
+    }
+
+    /// max |got − want| after checking that the shapes agree and that `want` has a value above
+    /// `floor` (so that the comparison sees real values, not a map of zeros after ReLU).
+    fn max_error(got: &Tensor, want: &Tensor, floor: f32, case: &str) -> Result<f32> {
+        assert_eq!(got.dims(), want.dims(), "{case}");
+        assert!(want.flatten_all()?.max(0)?.to_scalar::<f32>()? > floor, "{case}: the check sees real values");
+        (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
     /// Toom-Cook on the points, independently of the written-out matrices: Bᵀ's rows are the
     /// coefficients of the products Π (x − p_l) over all points but one (and over all), Aᵀ's
     /// columns the powers of each point.
@@ -577,15 +591,11 @@ mod tests {
             let sequential = rayon::join(|| conv_relu_each(&xs, &weights), || ()).0?;
             assert_eq!((spread.len(), sequential.len()), (xs.len(), xs.len()));
             for (x, y) in xs.iter().zip(&spread).chain(xs.iter().zip(&sequential)) {
-                let want = x
-                    .conv2d(&Tensor::from_slice(&g, (o, c, k, k), dev)?, (k - 1) / 2, 1, 1, 1)?
-                    .broadcast_add(&Tensor::from_slice(&bias, (1, o, 1, 1), dev)?)?
-                    .relu()?;
+                let want = direct(x, &g, &bias, k, (k - 1) / 2, 1)?;
                 assert_eq!(y.dims(), want.dims());
                 if want.elem_count() > 0 {
-                    let err = (y - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    let err = max_error(y, &want, 0.5, &format!("k {k}, {:?}", x.dims()))?;
                     assert!(err < 1e-4, "k {k}, {:?}: max error {err}", x.dims());
-                    assert!(want.flatten_all()?.max(0)?.to_scalar::<f32>()? > 0.5, "the check sees real values");
                 }
             }
         }
@@ -610,14 +620,9 @@ mod tests {
                 assert_eq!(got.elem_count(), 0);
                 continue;
             }
-            let want = x
-                .conv2d(&Tensor::from_slice(&g, (o, c, k, k), dev)?, pad, 1, 1, 1)?
-                .broadcast_add(&Tensor::from_slice(&bias, (1, o, 1, 1), dev)?)?
-                .relu()?;
-            assert_eq!(got.dims(), want.dims());
-            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(err < 1e-4, "k {k}, pad {pad}, {n}x{c}x{h}x{w}: max error {err}");
-            assert!(want.flatten_all()?.max(0)?.to_scalar::<f32>()? > 0.5, "the check sees real values");
+            let case = format!("k {k}, pad {pad}, {n}x{c}x{h}x{w}");
+            let err = max_error(&got, &direct(&x, &g, &bias, k, pad, 1)?, 0.5, &case)?;
+            assert!(err < 1e-4, "{case}: max error {err}");
         }
         Ok(())
     }
@@ -637,14 +642,9 @@ mod tests {
                 assert_eq!(got.elem_count(), 0, "{k}x{k}/{stride} on {h}x{w}");
                 continue;
             }
-            let want = x
-                .conv2d(&Tensor::from_slice(&g, (o, c, k, k), dev)?, pad, stride, 1, 1)?
-                .broadcast_add(&Tensor::from_slice(&bias, (1, o, 1, 1), dev)?)?
-                .relu()?;
-            assert_eq!(got.dims(), want.dims(), "{k}x{k}/{stride} on {h}x{w}");
-            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(err < 1e-4, "{k}x{k}/{stride}, pad {pad}, {n}x{c}x{h}x{w}: max error {err}");
-            assert!(want.flatten_all()?.max(0)?.to_scalar::<f32>()? > 0.3, "the check sees real values");
+            let case = format!("{k}x{k}/{stride}, pad {pad}, {n}x{c}x{h}x{w}");
+            let err = max_error(&got, &direct(&x, &g, &bias, k, pad, stride)?, 0.3, &case)?;
+            assert!(err < 1e-4, "{case}: max error {err}");
         }
         Ok(())
     }

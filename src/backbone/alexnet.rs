@@ -4,7 +4,7 @@
 use super::{expect_shape, get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
 use crate::ops::max_pool2d;
-use crate::winograd::{conv_relu, conv_relu_each, PhaseSplitConv, WinogradConv};
+use crate::winograd::{conv_relu_each, PhaseSplitConv, WinogradConv};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,27 +26,17 @@ struct Conv {
 }
 
 impl Conv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() && !x.track_op() {
+    /// relu(conv(x) + b) of each input: one Winograd call for all of them where no gradient is
+    /// needed, candle's conv2d where one is (localization) or on CUDA.
+    fn forward_each(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        if xs.iter().all(|x| x.device().is_cpu() && !x.track_op()) {
             return Ok(match &self.fast {
-                FastKernel::Winograd(wg) => conv_relu(x, wg)?,
-                FastKernel::PhaseSplit(ps) => ps.conv_relu(x)?,
+                FastKernel::Winograd(wg) => conv_relu_each(xs, wg)?,
+                FastKernel::PhaseSplit(ps) => ps.conv_relu_each(xs)?,
             });
         }
-        // candle's conv2d where the input gradient is needed (localization) or on CUDA
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?.relu()?)
-    }
-
-    /// [`Self::forward`] of each input, in one Winograd call where no gradient is needed.
-    fn forward_each(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
-        if !xs.iter().all(|x| x.device().is_cpu() && !x.track_op()) {
-            return xs.iter().map(|x| self.forward(x)).collect();
-        }
-        Ok(match &self.fast {
-            FastKernel::Winograd(wg) => conv_relu_each(xs, wg)?,
-            FastKernel::PhaseSplit(ps) => ps.conv_relu_each(xs)?,
-        })
+        let bias = self.bias.reshape((1, (), 1, 1))?;
+        xs.iter().map(|x| Ok(x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?.broadcast_add(&bias)?.relu()?)).collect()
     }
 }
 
