@@ -71,7 +71,7 @@ pub struct BenchReport {
     pub e2e_settings: Option<String>,
 }
 
-/// The extractor to time: installed weights, or random AlexNet weights when none are installed
+/// The extractor to time: installed weights, or random AlexNet / VGG16 weights when none are installed
 /// (weights do not change the speed); EfficientNet-Lite0 needs its weights (its BN is folded).
 pub fn extractor(kind: BackboneKind, device: &Device) -> Result<Extractor> {
     let path = crate::weights::weights_path(kind);
@@ -79,6 +79,8 @@ pub fn extractor(kind: BackboneKind, device: &Device) -> Result<Extractor> {
         Extractor::load(kind, &path, device)
     } else if kind == BackboneKind::Alexnet {
         Ok(Extractor::from_backbone(Box::new(crate::backbone::AlexNet::random(device)?), "random".into(), device))
+    } else if kind == BackboneKind::Vgg16 {
+        Ok(Extractor::from_backbone(Box::new(crate::backbone::Vgg16::random(device)?), "random".into(), device))
     } else {
         Err(crate::Error::Config(format!("no {} weights: run `differnet weights fetch`", kind.id())))
     }

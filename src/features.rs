@@ -3,7 +3,7 @@
 
 use crate::backbone::{self, multiscale_features, Backbone, BackboneKind, INPUT_SIZE};
 use crate::error::{write_atomic, Error, Result};
-use crate::transforms::{normalize_lut, resize_bilinear, to_normalized_chw, to_normalized_chw_into, Rgb8, View};
+use crate::transforms::{resize_bilinear, to_normalized_chw, to_normalized_chw_into, InputNormalization, Rgb8, View};
 use crate::weights::sha256_hex;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ pub struct Extractor {
     pub device: Device,
     /// Views per forward pass.
     pub batch: usize,
+    normalization: InputNormalization,
     lut: [[f32; 256]; 3],
 }
 
@@ -30,7 +31,19 @@ impl Extractor {
     /// default stages.
     pub fn from_backbone(backbone: Box<dyn Backbone>, weights_sha256: String, device: &Device) -> Self {
         let stages = backbone.kind().default_stages();
-        Extractor { backbone, weights_sha256, stages, device: device.clone(), batch: 4, lut: normalize_lut() }
+        let normalization = backbone.kind().input_normalization();
+        Extractor { backbone, weights_sha256, stages, device: device.clone(), batch: 4, normalization, lut: normalization.lut() }
+    }
+
+    /// Normalizes the input with `n` instead of the backbone's default.
+    pub fn with_normalization(mut self, n: InputNormalization) -> Self {
+        self.normalization = n;
+        self.lut = n.lut();
+        self
+    }
+
+    pub fn normalization(&self) -> InputNormalization {
+        self.normalization
     }
 
     /// Pools `stages` instead (checked against the backbone).
@@ -97,11 +110,16 @@ impl FeatureCache {
         crate::weights::home().join("features")
     }
 
-    /// The cache key: image bytes, backbone, its weights, the pooled stages and the exact views.
+    /// The cache key: image bytes, backbone, its weights, the pooled stages, the exact views and
+    /// the input normalization (named only when it is not ImageNet's, so older keys stay valid).
     pub fn key(image_bytes: &[u8], ex: &Extractor, views: &[View]) -> String {
         let spec = serde_json::to_string(views).expect("views serialize");
         let image = sha256_hex(image_bytes);
-        sha256_hex(format!("{image}|{}|{}|{:?}|{spec}", ex.kind().id(), ex.weights_sha256, ex.stages).as_bytes())
+        let norm = match ex.normalization {
+            InputNormalization::Imagenet => String::new(),
+            other => format!("|{}", other.id()),
+        };
+        sha256_hex(format!("{image}|{}|{}|{:?}|{spec}{norm}", ex.kind().id(), ex.weights_sha256, ex.stages).as_bytes())
     }
 
     fn file(&self, key: &str) -> Option<PathBuf> {

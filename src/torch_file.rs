@@ -1,7 +1,8 @@
 //! Reader for PyTorch `torch.save` state dicts, both the zip format and the legacy (pre-1.6)
-//! stream format, with a small pickle interpreter; no PyTorch is needed at run time.
+//! stream format, through the restricted pickle interpreter; no PyTorch is needed at run time.
 
 use crate::error::{Error, Result};
+use crate::pickle::{Flavor, Pickle, Val};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
@@ -19,281 +20,7 @@ pub enum TensorData {
     I64(Vec<i64>),
 }
 
-#[derive(Debug, Clone)]
-enum Val {
-    None,
-    Bool(bool),
-    Int(i64),
-    /// Integers wider than 64 bits (the legacy format's magic number).
-    BigInt(i128),
-    Float,
-    Str(String),
-    Tuple(Vec<Val>),
-    List(Vec<Val>),
-    Dict(Vec<(Val, Val)>),
-    Global(String, String),
-    /// A persistent storage reference: (key, dtype name).
-    Storage(String, String),
-    Tensor { key: String, dtype: String, offset: usize, size: Vec<usize>, stride: Vec<usize> },
-    /// Any other object built by REDUCE/NEWOBJ; kept opaque.
-    Object,
-    Mark,
-}
-
 const LEGACY_MAGIC: u128 = 0x1950a86a20f9469cfc6c;
-
-struct Pickle<'a> {
-    data: &'a [u8],
-    pos: usize,
-    path: &'a Path,
-}
-
-impl<'a> Pickle<'a> {
-    fn err(&self, reason: impl std::fmt::Display) -> Error {
-        Error::format(self.path, format!("pickle at byte {}: {reason}", self.pos))
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.pos + n > self.data.len() {
-            return Err(self.err("unexpected end of file"));
-        }
-        let s = &self.data[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
-    }
-    fn line(&mut self) -> Result<String> {
-        let start = self.pos;
-        while self.pos < self.data.len() && self.data[self.pos] != b'\n' {
-            self.pos += 1;
-        }
-        let s = String::from_utf8_lossy(&self.data[start..self.pos]).into_owned();
-        self.pos += 1;
-        Ok(s)
-    }
-
-    /// Runs one pickle to its STOP opcode and returns the resulting object.
-    fn run(&mut self) -> Result<Val> {
-        let mut stack: Vec<Val> = Vec::new();
-        let mut memo: HashMap<u32, Val> = HashMap::new();
-        loop {
-            let op = self.u8()?;
-            match op {
-                0x80 => {
-                    self.u8()?;
-                }
-                0x95 => {
-                    self.take(8)?;
-                }
-                b'.' => return stack.pop().ok_or_else(|| self.err("empty stack at STOP")),
-                b'}' => stack.push(Val::Dict(vec![])),
-                b']' => stack.push(Val::List(vec![])),
-                b')' => stack.push(Val::Tuple(vec![])),
-                b'(' => stack.push(Val::Mark),
-                b'N' => stack.push(Val::None),
-                0x88 => stack.push(Val::Bool(true)),
-                0x89 => stack.push(Val::Bool(false)),
-                b'J' => stack.push(Val::Int(self.u32()? as i32 as i64)),
-                b'K' => stack.push(Val::Int(self.u8()? as i64)),
-                b'M' => {
-                    let b = self.take(2)?;
-                    stack.push(Val::Int(u16::from_le_bytes([b[0], b[1]]) as i64))
-                }
-                0x8a => {
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?;
-                    let mut v: i128 = 0;
-                    for (i, &x) in b.iter().enumerate().take(16) {
-                        v |= (x as i128) << (8 * i);
-                    }
-                    if n > 0 && n < 16 && b[n - 1] & 0x80 != 0 {
-                        v -= 1i128 << (8 * n);
-                    }
-                    stack.push(match i64::try_from(v) {
-                        Ok(i) => Val::Int(i),
-                        Err(_) => Val::BigInt(v),
-                    })
-                }
-                b'G' => {
-                    self.take(8)?;
-                    stack.push(Val::Float)
-                }
-                b'X' => {
-                    let n = self.u32()? as usize;
-                    stack.push(Val::Str(String::from_utf8_lossy(self.take(n)?).into_owned()))
-                }
-                0x8c => {
-                    let n = self.u8()? as usize;
-                    stack.push(Val::Str(String::from_utf8_lossy(self.take(n)?).into_owned()))
-                }
-                b'U' => {
-                    let n = self.u8()? as usize;
-                    stack.push(Val::Str(String::from_utf8_lossy(self.take(n)?).into_owned()))
-                }
-                b'T' => {
-                    let n = self.u32()? as usize;
-                    stack.push(Val::Str(String::from_utf8_lossy(self.take(n)?).into_owned()))
-                }
-                b'C' => {
-                    let n = self.u8()? as usize;
-                    self.take(n)?;
-                    stack.push(Val::Object)
-                }
-                b'q' => {
-                    let k = self.u8()? as u32;
-                    memo.insert(k, stack.last().cloned().ok_or_else(|| self.err("BINPUT on empty stack"))?);
-                }
-                b'r' => {
-                    let k = self.u32()?;
-                    memo.insert(k, stack.last().cloned().ok_or_else(|| self.err("LONG_BINPUT on empty stack"))?);
-                }
-                0x94 => {
-                    let k = memo.len() as u32;
-                    memo.insert(k, stack.last().cloned().ok_or_else(|| self.err("MEMOIZE on empty stack"))?);
-                }
-                b'h' => {
-                    let k = self.u8()? as u32;
-                    stack.push(memo.get(&k).cloned().ok_or_else(|| self.err(format!("memo {k} missing")))?)
-                }
-                b'j' => {
-                    let k = self.u32()?;
-                    stack.push(memo.get(&k).cloned().ok_or_else(|| self.err(format!("memo {k} missing")))?)
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    stack.push(Val::Global(module, name))
-                }
-                0x93 => {
-                    let name = self.pop(&mut stack)?;
-                    let module = self.pop(&mut stack)?;
-                    match (module, name) {
-                        (Val::Str(m), Val::Str(n)) => stack.push(Val::Global(m, n)),
-                        _ => return Err(self.err("STACK_GLOBAL needs two strings")),
-                    }
-                }
-                b't' => {
-                    let items = self.pop_mark(&mut stack)?;
-                    stack.push(Val::Tuple(items))
-                }
-                0x85 => {
-                    let a = self.pop(&mut stack)?;
-                    stack.push(Val::Tuple(vec![a]))
-                }
-                0x86 => {
-                    let b = self.pop(&mut stack)?;
-                    let a = self.pop(&mut stack)?;
-                    stack.push(Val::Tuple(vec![a, b]))
-                }
-                0x87 => {
-                    let c = self.pop(&mut stack)?;
-                    let b = self.pop(&mut stack)?;
-                    let a = self.pop(&mut stack)?;
-                    stack.push(Val::Tuple(vec![a, b, c]))
-                }
-                b'l' => {
-                    let items = self.pop_mark(&mut stack)?;
-                    stack.push(Val::List(items))
-                }
-                b'a' => {
-                    let v = self.pop(&mut stack)?;
-                    if let Some(Val::List(l)) = stack.last_mut() {
-                        l.push(v)
-                    }
-                }
-                b'e' => {
-                    let items = self.pop_mark(&mut stack)?;
-                    if let Some(Val::List(l)) = stack.last_mut() {
-                        l.extend(items)
-                    }
-                }
-                b's' => {
-                    let v = self.pop(&mut stack)?;
-                    let k = self.pop(&mut stack)?;
-                    if let Some(Val::Dict(d)) = stack.last_mut() {
-                        d.push((k, v))
-                    }
-                }
-                b'u' => {
-                    let items = self.pop_mark(&mut stack)?;
-                    if let Some(Val::Dict(d)) = stack.last_mut() {
-                        let mut it = items.into_iter();
-                        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                            d.push((k, v))
-                        }
-                    }
-                }
-                b'b' => {
-                    // BUILD: set state on an object; state dicts ignore it (`_metadata`).
-                    self.pop(&mut stack)?;
-                }
-                b'Q' => {
-                    let pid = self.pop(&mut stack)?;
-                    stack.push(self.persistent(pid)?)
-                }
-                b'R' | 0x81 => {
-                    let args = self.pop(&mut stack)?;
-                    let callable = self.pop(&mut stack)?;
-                    stack.push(self.reduce(callable, args)?)
-                }
-                _ => return Err(self.err(format!("unsupported pickle opcode 0x{op:02x}"))),
-            }
-        }
-    }
-
-    fn pop(&self, stack: &mut Vec<Val>) -> Result<Val> {
-        stack.pop().ok_or_else(|| self.err("stack underflow"))
-    }
-    fn pop_mark(&self, stack: &mut Vec<Val>) -> Result<Vec<Val>> {
-        let at = stack.iter().rposition(|v| matches!(v, Val::Mark)).ok_or_else(|| self.err("no MARK"))?;
-        let items = stack.split_off(at + 1);
-        stack.pop();
-        Ok(items)
-    }
-    fn persistent(&self, pid: Val) -> Result<Val> {
-        // ('storage', torch.XStorage, key, location, numel[, view_metadata])
-        if let Val::Tuple(t) = pid {
-            if let (Some(Val::Global(_, dtype)), Some(Val::Str(key))) = (t.get(1), t.get(2)) {
-                return Ok(Val::Storage(key.clone(), dtype.clone()));
-            }
-        }
-        Err(self.err("unsupported persistent id (expected a torch storage)"))
-    }
-    fn reduce(&self, callable: Val, args: Val) -> Result<Val> {
-        match (&callable, args) {
-            (Val::Global(m, n), _) if m == "collections" && n == "OrderedDict" => Ok(Val::Dict(vec![])),
-            (Val::Global(m, n), Val::Tuple(a)) if m == "torch._utils" && n == "_rebuild_tensor_v2" => {
-                let (key, dtype) = match a.first() {
-                    Some(Val::Storage(k, d)) => (k.clone(), d.clone()),
-                    _ => return Err(self.err("_rebuild_tensor_v2 without a storage")),
-                };
-                let offset = int(a.get(1)).ok_or_else(|| self.err("tensor offset"))? as usize;
-                let size = ints(a.get(2)).ok_or_else(|| self.err("tensor size"))?;
-                let stride = ints(a.get(3)).ok_or_else(|| self.err("tensor stride"))?;
-                Ok(Val::Tensor { key, dtype, offset, size, stride })
-            }
-            _ => Ok(Val::Object),
-        }
-    }
-}
-
-fn int(v: Option<&Val>) -> Option<i64> {
-    match v {
-        Some(Val::Int(i)) => Some(*i),
-        Some(Val::Bool(b)) => Some(*b as i64),
-        _ => None,
-    }
-}
-fn ints(v: Option<&Val>) -> Option<Vec<usize>> {
-    match v {
-        Some(Val::Tuple(t)) | Some(Val::List(t)) => t.iter().map(|x| int(Some(x)).map(|i| i as usize)).collect(),
-        _ => None,
-    }
-}
 
 fn dtype_size(dtype: &str) -> Option<usize> {
     Some(match dtype {
@@ -389,7 +116,7 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, RawTensor)>> {
 }
 
 fn read_legacy(path: &Path, bytes: &[u8]) -> Result<Vec<(String, RawTensor)>> {
-    let mut p = Pickle { data: bytes, pos: 0, path };
+    let mut p = Pickle::new(bytes, path, Flavor::Torch);
     match p.run()? {
         Val::BigInt(m) if m as u128 == LEGACY_MAGIC => {}
         _ => return Err(Error::format(path, "not a PyTorch file (no zip header, no legacy magic number)")),
@@ -436,7 +163,7 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<Vec<(String, RawTensor)>> {
         Ok(v)
     };
     let pkl_bytes = read(&mut archive, &pkl)?;
-    let root = Pickle { data: &pkl_bytes, pos: 0, path }.run()?;
+    let root = Pickle::new(&pkl_bytes, path, Flavor::Torch).run()?;
     let entries = state_dict_entries(path, root)?;
     let mut out = vec![];
     let mut cache: HashMap<String, Vec<u8>> = HashMap::new();

