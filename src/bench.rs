@@ -135,7 +135,7 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
         let resized = crate::transforms::resize_bilinear(&img, INPUT_SIZE, INPUT_SIZE);
         let f = ex.view_features(&resized, &test_views(n))?;
         let t_flow = Instant::now();
-        crate::score::anomaly_score(&flow, &f, flow_cfg.dim, crate::score::ScoreKind::MeanZ2, &Device::Cpu)?;
+        crate::score::anomaly_score(&flow, &f, flow_cfg.dim, crate::score::ScoreKind::MeanZ2, n, &Device::Cpu)?;
         Ok((t.elapsed().as_secs_f64(), t_flow.elapsed().as_secs_f64()))
     };
     // one untimed image first (a test process scores a stream of images; the backbone measure

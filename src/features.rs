@@ -3,7 +3,7 @@
 
 use crate::backbone::{self, multiscale_features, Backbone, BackboneKind, INPUT_SIZE};
 use crate::error::{write_atomic, Error, Result};
-use crate::transforms::{resize_bilinear, to_normalized_chw, to_normalized_chw_into, InputNormalization, Rgb8, View};
+use crate::transforms::{auto_tiles, image_size, resize_bilinear, square_tiles, to_normalized_chw, to_normalized_chw_into, InputNormalization, Rgb8, View};
 use crate::weights::sha256_hex;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,9 @@ pub struct Extractor {
     pub batch: usize,
     normalization: InputNormalization,
     lut: [[f32; 256]; 3],
+    /// Square tiles along the long side of each image (1: the whole image, squashed to a square;
+    /// 0: per image, see [`auto_tiles`]).
+    tiles: usize,
 }
 
 impl Extractor {
@@ -32,7 +35,7 @@ impl Extractor {
     pub fn from_backbone(backbone: Box<dyn Backbone>, weights_sha256: String, device: &Device) -> Self {
         let stages = backbone.kind().default_stages();
         let normalization = backbone.kind().input_normalization();
-        Extractor { backbone, weights_sha256, stages, device: device.clone(), batch: 4, normalization, lut: normalization.lut() }
+        Extractor { backbone, weights_sha256, stages, device: device.clone(), batch: 4, normalization, lut: normalization.lut(), tiles: 1 }
     }
 
     /// Normalizes the input with `n` instead of the backbone's default.
@@ -44,6 +47,34 @@ impl Extractor {
 
     pub fn normalization(&self) -> InputNormalization {
         self.normalization
+    }
+
+    /// Cuts every image into `n` square tiles along its long side (see [`square_tiles`]; 0: as
+    /// many as [`auto_tiles`] gives each image); each tile gets all views, and an image's score is
+    /// the largest of its tiles'.
+    pub fn with_tiles(mut self, n: usize) -> Self {
+        self.tiles = n;
+        self
+    }
+
+    pub fn tiles(&self) -> usize {
+        self.tiles
+    }
+
+    /// Tiles of an image of this size.
+    pub fn tiles_for(&self, width: usize, height: usize) -> usize {
+        if self.tiles == 0 { auto_tiles(width, height) } else { self.tiles }
+    }
+
+    /// Features of `views` of each tile of a decoded image: [tiles × views, dim] row-major,
+    /// tile by tile.
+    pub fn image_features(&self, img: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
+        let tiles = self.tiles_for(img.width, img.height);
+        let mut out = Vec::with_capacity(tiles * views.len() * self.feature_dim());
+        for tile in square_tiles(img, tiles) {
+            out.extend(self.view_features(&resize_bilinear(&tile, INPUT_SIZE, INPUT_SIZE), views)?);
+        }
+        Ok(out)
     }
 
     /// Pools `stages` instead (checked against the backbone).
@@ -110,8 +141,9 @@ impl FeatureCache {
         crate::weights::home().join("features")
     }
 
-    /// The cache key: image bytes, backbone, its weights, the pooled stages, the exact views and
-    /// the input normalization (named only when it is not ImageNet's, so older keys stay valid).
+    /// The cache key: image bytes, backbone, its weights, the pooled stages, the exact views, the
+    /// input normalization and the tiles (named only when not ImageNet's and not 1, so older keys
+    /// stay valid).
     pub fn key(image_bytes: &[u8], ex: &Extractor, views: &[View]) -> String {
         let spec = serde_json::to_string(views).expect("views serialize");
         let image = sha256_hex(image_bytes);
@@ -119,6 +151,7 @@ impl FeatureCache {
             InputNormalization::Imagenet => String::new(),
             other => format!("|{}", other.id()),
         };
+        let norm = if ex.tiles != 1 { format!("{norm}|tiles={}", ex.tiles) } else { norm };
         sha256_hex(format!("{image}|{}|{}|{:?}|{spec}{norm}", ex.kind().id(), ex.weights_sha256, ex.stages).as_bytes())
     }
 
@@ -138,27 +171,26 @@ impl FeatureCache {
         Some(bytes[16..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
     }
 
-    /// Features of `views` of the image at `path`: from the cache when present, else computed
-    /// (and stored atomically). Returns [views, dim] row-major.
+    /// Features of `views` of each tile of the image at `path`: from the cache when present, else
+    /// computed (and stored atomically). Returns [tiles × views, dim] row-major.
     pub fn features(&self, ex: &Extractor, path: &Path, views: &[View]) -> Result<Vec<f32>> {
         let dim = ex.feature_dim();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let file = self.file(&Self::key(&bytes, ex, views));
-        if let Some(f) = &file {
-            if let Some(v) = Self::read(f, views.len(), dim) {
+        if let (Some(f), Some((w, h))) = (&file, image_size(&bytes)) {
+            if let Some(v) = Self::read(f, ex.tiles_for(w, h) * views.len(), dim) {
                 return Ok(v);
             }
         }
         let img = crate::transforms::decode_rgb(&bytes).map_err(|reason| Error::Image { path: path.to_path_buf(), reason })?;
-        let resized = resize_bilinear(&img, INPUT_SIZE, INPUT_SIZE);
-        let feats = ex.view_features(&resized, views)?;
+        let feats = ex.image_features(&img, views)?;
         if feats.iter().any(|v| !v.is_finite()) {
             return Err(Error::Image { path: path.to_path_buf(), reason: "backbone produced non-finite features".into() });
         }
         if let Some(f) = file {
             let mut buf = Vec::with_capacity(16 + feats.len() * 4);
             buf.extend_from_slice(MAGIC);
-            buf.extend_from_slice(&(views.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&((feats.len() / dim) as u32).to_le_bytes());
             buf.extend_from_slice(&(dim as u32).to_le_bytes());
             feats.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
             write_atomic(&f, &buf)?;

@@ -195,6 +195,12 @@ struct BackboneArgs {
     /// what EfficientNet-Lite was trained on). Default: the backbone's own. A model keeps its own.
     #[arg(long, value_enum)]
     input_norm: Option<NormArg>,
+    /// Square tiles cut along each image's long side when training, each scored on its own, the
+    /// image's score the largest: `auto` (per image: the long side over the short, rounded up,
+    /// for images at least 1.5 times as long as wide, e.g. 3 for KolektorSDD's 500 x 1250; else
+    /// 1) or a number (1, the default: the whole image squashed to a square). A model keeps its own.
+    #[arg(long)]
+    tiles: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -643,9 +649,16 @@ fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
     if let Some(n) = a.max_images {
         images.truncate(n);
     }
+    let tiles = match a.backbone.tiles.as_deref() {
+        None => 1,
+        Some("auto") => 0,
+        Some(n) => n.parse::<usize>().ok().filter(|n| *n >= 1).with_context(|| format!("--tiles {n}: expected `auto` or a number of at least 1"))?,
+    };
+    let ex = ex.with_tiles(tiles);
     let mut cfg = TrainConfig::new(kind);
     cfg.set_stages(ex.stages())?;
     cfg.input_normalization = ex.normalization();
+    cfg.tiles = tiles;
     cfg.flow.blocks = a.blocks;
     cfg.flow.hidden = a.hidden;
     cfg.flow.alpha = a.alpha;
@@ -716,7 +729,10 @@ fn load_model(path: &Path, args: &BackboneArgs, dev: &candle_core::Device) -> Re
     if args.input_norm.is_some_and(|n| differnet::transforms::InputNormalization::from(n) != model.manifest.train.input_normalization) {
         bail!("{} was trained with {} input normalization; --input-norm cannot change it", path.display(), model.manifest.train.input_normalization.id());
     }
-    let ex = ex.with_stages(&stages)?.with_normalization(model.manifest.train.input_normalization);
+    if args.tiles.is_some() {
+        bail!("{}: --tiles is chosen when training; the model cuts images into {} tile(s)", path.display(), model.manifest.train.tiles);
+    }
+    let ex = ex.with_stages(&stages)?.with_normalization(model.manifest.train.input_normalization).with_tiles(model.manifest.train.tiles);
     if ex.feature_dim() != model.flow.config.dim {
         bail!("{}: the flow takes {} features but stages {stages:?} give {}", path.display(), model.flow.config.dim, ex.feature_dim());
     }
@@ -981,7 +997,7 @@ fn serve(a: &ServeArgs, dev: &candle_core::Device) -> Result<()> {
     }
     let (dev, batch) = (dev.clone(), a.backbone_batch);
     let load = move || -> differnet::Result<Vec<ServedModel>> {
-        let args = BackboneArgs { backbone: None, cache_dir: None, no_cache: true, backbone_batch: batch, stages: None, input_norm: None };
+        let args = BackboneArgs { backbone: None, cache_dir: None, no_cache: true, backbone_batch: batch, stages: None, input_norm: None, tiles: None };
         specs
             .iter()
             .map(|(name, path)| {
@@ -1045,7 +1061,7 @@ fn short_schedule(data: &Path, out: &Path, epochs: usize, seed: u64) -> TrainArg
     TrainArgs {
         data: data.to_path_buf(),
         out: out.to_path_buf(),
-        backbone: BackboneArgs { backbone: Some(BackboneKind::EfficientnetLite0), cache_dir: None, no_cache: false, backbone_batch: 4, stages: None, input_norm: None },
+        backbone: BackboneArgs { backbone: Some(BackboneKind::EfficientnetLite0), cache_dir: None, no_cache: false, backbone_batch: 4, stages: None, input_norm: None, tiles: None },
         schedule: Schedule::Paper,
         epochs: Some(epochs),
         views: Some(4),

@@ -41,13 +41,19 @@ pub fn view_scores(flow: &NormalizingFlow, features: &[f32], dim: usize, kind: S
     Ok(out)
 }
 
-/// τ(x): the mean of the per-view scores.
-pub fn anomaly_score(flow: &NormalizingFlow, features: &[f32], dim: usize, kind: ScoreKind, device: &Device) -> Result<f64> {
+/// τ(x) of one image from its [tiles × views, dim] features: the mean of each tile's per-view
+/// scores (eq. 5; one tile: the whole image), the largest over the tiles.
+pub fn anomaly_score(flow: &NormalizingFlow, features: &[f32], dim: usize, kind: ScoreKind, views: usize, device: &Device) -> Result<f64> {
     let s = view_scores(flow, features, dim, kind, device)?;
-    Ok(s.iter().sum::<f64>() / s.len().max(1) as f64)
+    Ok(largest_tile_score(&s, views))
 }
 
-/// τ per image from consecutive per-view scores, `views` per image.
+/// The largest over tiles of the mean over each tile's `views` consecutive view scores.
+pub fn largest_tile_score(view_scores: &[f64], views: usize) -> f64 {
+    mean_per_image(view_scores, views).into_iter().fold(f64::NEG_INFINITY, f64::max)
+}
+
+/// Per-view scores of consecutive images, `views` each, averaged per image (eq. 5).
 pub fn mean_per_image(view_scores: &[f64], views: usize) -> Vec<f64> {
     view_scores.chunks(views.max(1)).map(|v| v.iter().sum::<f64>() / v.len() as f64).collect()
 }
@@ -155,7 +161,12 @@ pub fn score_images(flow: &NormalizingFlow, kind: ScoreKind, ex: &Extractor, cac
             .collect::<Result<_>>()?;
         let feats = per_image.concat();
         let s = view_scores(flow, &feats, dim, kind, &ex.device)?;
-        out.extend(mean_per_image(&s, views.len()));
+        let mut at = 0;
+        for f in &per_image {
+            let rows = f.len() / dim;
+            out.push(largest_tile_score(&s[at..at + rows], views.len()));
+            at += rows;
+        }
     }
     Ok(out)
 }

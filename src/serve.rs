@@ -185,11 +185,11 @@ fn score_job(job: &Job, limits: &Limits) -> std::result::Result<Vec<ImageVerdict
     for (name, bytes) in &job.images {
         let t = Instant::now();
         let original: Rgb8 = decode_rgb(bytes).map_err(|reason| (StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))?;
-        let resized = resize_bilinear(&original, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE);
         let dim = m.model.flow.config.dim;
-        let feats = m.extractor.view_features(&resized, &views).map_err(internal)?;
-        let score = crate::score::anomaly_score(&m.model.flow, &feats, dim, m.model.manifest.score, &m.extractor.device).map_err(internal)?;
+        let feats = m.extractor.image_features(&original, &views).map_err(internal)?;
+        let score = crate::score::anomaly_score(&m.model.flow, &feats, dim, m.model.manifest.score, views.len(), &m.extractor.device).map_err(internal)?;
         let overlay_png_base64 = if job.heatmap {
+            let resized = resize_bilinear(&original, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE);
             let map = crate::localize::gradient_map(&m.extractor, &m.model.flow, &resized, &test_views(limits.heatmap_views)).map_err(internal)?;
             let pictures = MapStyle::official().render(&original, &map).map_err(internal)?;
             Some(base64::engine::general_purpose::STANDARD.encode(crate::localize::png_bytes(&pictures.overlay)))

@@ -37,6 +37,18 @@ pub struct TrainConfig {
     /// could be chosen).
     #[serde(default, skip_serializing_if = "is_imagenet")]
     pub input_normalization: InputNormalization,
+    /// Square tiles along each image's long side, each scored on its own (1: the whole image;
+    /// 0: per image, by its aspect ratio).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub tiles: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 fn is_imagenet(n: &InputNormalization) -> bool {
@@ -57,6 +69,7 @@ impl TrainConfig {
             augment: Augment::default(),
             seed: 0,
             input_normalization: backbone.input_normalization(),
+            tiles: 1,
         }
     }
     /// The pooled stages (the last one for models written before stages could be chosen).
@@ -100,12 +113,13 @@ pub fn training_views(cfg: &TrainConfig, i: usize) -> Vec<View> {
     (0..cfg.cached_views).map(|_| cfg.augment.sample(&mut rng)).collect()
 }
 
-/// Extracts (or loads from cache) the training views' features: one [cached_views, dim] matrix per image.
+/// Extracts (or loads from cache) the training views' features: one [cached_views, dim] matrix per
+/// image, or per tile of each image when the extractor cuts images into tiles (tile by tile).
 pub fn training_features(images: &[PathBuf], cfg: &TrainConfig, ex: &Extractor, cache: &FeatureCache, bar: &ProgressBar) -> Result<Vec<Vec<f32>>> {
     use rayon::prelude::*;
     bar.set_length(images.len() as u64);
     // images in parallel: one image's decoding overlaps another's backbone pass
-    images
+    let per_image: Vec<Vec<f32>> = images
         .par_iter()
         .enumerate()
         .map(|(i, p)| {
@@ -113,7 +127,13 @@ pub fn training_features(images: &[PathBuf], cfg: &TrainConfig, ex: &Extractor, 
             bar.inc(1);
             f
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    if ex.tiles() == 1 {
+        return Ok(per_image);
+    }
+    // a tile's cached views are consecutive rows
+    let per_tile = cfg.cached_views * ex.feature_dim();
+    Ok(per_image.iter().flat_map(|f| f.chunks(per_tile).map(<[f32]>::to_vec)).collect())
 }
 
 fn check_finite(loss: f64, epoch: usize) -> Result<()> {

@@ -225,6 +225,42 @@ pub fn color_jitter(img: &Rgb8, ops: &[ColorOp]) -> Rgb8 {
     out
 }
 
+/// Square tiles along the long side of an image, `n` of them (1: the whole image), each the
+/// short side wide and spaced evenly from one end to the other (overlapping where the long side
+/// is not a multiple of the short one): tall or wide images keep their aspect ratio.
+pub fn square_tiles(img: &Rgb8, n: usize) -> Vec<Rgb8> {
+    if n <= 1 {
+        return vec![img.clone()];
+    }
+    let side = img.width.min(img.height);
+    let long = img.width.max(img.height);
+    (0..n)
+        .map(|i| {
+            let offset = if n == 1 { 0 } else { i * (long - side) / (n - 1) };
+            let (x0, y0) = if img.width >= img.height { (offset, 0) } else { (0, offset) };
+            let mut data = Vec::with_capacity(side * side * 3);
+            for y in y0..y0 + side {
+                let row = (y * img.width + x0) * 3;
+                data.extend_from_slice(&img.data[row..row + side * 3]);
+            }
+            Rgb8 { width: side, height: side, data }
+        })
+        .collect()
+}
+
+/// Width and height from an encoded image's header (no decoding), if it can be read.
+pub fn image_size(bytes: &[u8]) -> Option<(usize, usize)> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?;
+    reader.into_dimensions().ok().map(|(w, h)| (w as usize, h as usize))
+}
+
+/// Tiles for images of this width and height: the long side over the short side, rounded up,
+/// when it is at least 1.5 (KolektorSDD's 500 × 1250 → 3); 1 for images closer to square.
+pub fn auto_tiles(width: usize, height: usize) -> usize {
+    let (long, short) = (width.max(height), width.min(height).max(1));
+    if long * 2 < short * 3 { 1 } else { long.div_ceil(short) }
+}
+
 /// How 8-bit pixel values become the network's input.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -381,5 +417,22 @@ mod tests {
     fn brightness_one_is_identity() {
         let img = ramp(4, 4);
         assert_eq!(color_jitter(&img, &[ColorOp::Brightness(1.0), ColorOp::Contrast(1.0)]), img);
+    }
+
+    #[test]
+    fn square_tiles_cover_the_long_side_end_to_end() {
+        let img = ramp(4, 10);
+        let tiles = square_tiles(&img, 3);
+        assert_eq!(tiles.len(), 3);
+        // offsets 0, 3, 6 along the height; each tile is the full width, 4 rows
+        for (tile, y0) in tiles.iter().zip([0, 3, 6]) {
+            assert_eq!((tile.width, tile.height), (4, 4));
+            assert_eq!(tile.data[..], img.data[y0 * 4 * 3..(y0 + 4) * 4 * 3]);
+        }
+        let wide = ramp(9, 3);
+        let last = square_tiles(&wide, 2).pop().unwrap();
+        assert_eq!(last.data[..3 * 3], wide.data[6 * 3..9 * 3]); // first row, columns 6..9
+        assert_eq!(square_tiles(&img, 1), vec![img.clone()]);
+        assert_eq!((auto_tiles(500, 1250), auto_tiles(1250, 500), auto_tiles(400, 590), auto_tiles(400, 600)), (3, 3, 1, 2));
     }
 }
