@@ -29,6 +29,7 @@ pub mod synth;
 pub mod torch_file;
 pub mod train;
 pub mod transforms;
+pub mod validation;
 pub mod weights;
 pub mod winograd;
 

@@ -60,6 +60,13 @@ enum Command {
     Weights(WeightsCommand),
     /// Generate a synthetic defect dataset, train briefly, evaluate: no data needed.
     Demo(DemoArgs),
+    /// Write a synthetic dataset (MVTec layout with masks): `textures` (the demo's) or `parts`
+    /// (a plate with holes and a notch in any orientation; missing holes, scratches, chips).
+    Synth(SynthArgs),
+    /// Validation data from a dataset's own good images: a seeded held-out part of train/good as
+    /// test/good, the same images with pasted synthetic defects as test/synthetic, the rest as
+    /// train/good (links), for choosing settings without touching the real test set.
+    ValidationSet(ValidationSetArgs),
     /// Measure backbone and flow throughput, test latency and peak memory on this machine.
     Bench(BenchArgs),
 }
@@ -495,6 +502,44 @@ enum WeightsCommand {
 }
 
 #[derive(Args)]
+struct SynthArgs {
+    #[arg(value_enum)]
+    kind: SynthKind,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 120)]
+    train: usize,
+    #[arg(long, default_value_t = 40)]
+    test_good: usize,
+    /// Test images of each defect type.
+    #[arg(long, default_value_t = 20)]
+    per_defect: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SynthKind {
+    Textures,
+    Parts,
+}
+
+#[derive(Args)]
+struct ValidationSetArgs {
+    /// Dataset root (MVTec AD layout); only train/good is read.
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder to write the validation dataset to.
+    #[arg(long)]
+    out: PathBuf,
+    /// Share of train/good held out.
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
 struct DemoArgs {
     /// Where to write the dataset, model and results.
     #[arg(long, default_value = "runs/demo")]
@@ -602,6 +647,23 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Info { model } => print_json(&Model::read_manifest(model)?),
         Command::Weights(w) => weights_cmd(cli, w)?,
         Command::Demo(a) => demo(cli, a, &dev)?,
+        Command::Synth(a) => {
+            match a.kind {
+                SynthKind::Textures => differnet::synth::generate(&a.out, a.train, a.test_good, a.per_defect, a.seed)?,
+                SynthKind::Parts => differnet::synth::generate_parts(&a.out, a.train, a.test_good, a.per_defect, a.seed)?,
+            }
+            if !cli.quiet {
+                println!("synthetic dataset written to {}", a.out.display());
+            }
+        }
+        Command::ValidationSet(a) => {
+            let v = differnet::validation::write_validation_set(&Dataset::open(&a.data)?, &a.out, a.holdout, a.seed)?;
+            if cli.json {
+                print_json(&v);
+            } else if !cli.quiet {
+                println!("{}: {} images to fit, {} held out good, {} with synthetic defects", v.root.display(), v.fit_images, v.held_out_images, v.synthetic_defects);
+            }
+        }
         Command::Bench(a) => {
             let mut ex = differnet::bench::extractor(a.backbone, &dev)?;
             ex.batch = a.backbone_batch.max(1);

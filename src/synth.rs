@@ -1,5 +1,5 @@
-//! A small synthetic defect dataset for the demo and tests: procedural textures (MVTec layout)
-//! with scratches, spots and cracks painted into the test images, masks included; seeded.
+//! Small synthetic defect datasets (MVTec layout, masks included, seeded): procedural textures
+//! with scratches, spots and cracks (the demo, tests), and parts that arrive in any orientation.
 
 use crate::error::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -99,6 +99,104 @@ pub fn generate(root: &Path, n_train: usize, n_test_good: usize, n_per_defect: u
         for i in 0..n_per_defect {
             let mut img = texture(&mut rng);
             let mask = paint_defect(&mut img, kind, &mut rng);
+            save_gray(&root.join(format!("test/{kind}/{i:03}.png")), SIZE, SIZE, &to_u8(&img))?;
+            save_gray(&root.join(format!("ground_truth/{kind}/{i:03}_mask.png")), SIZE, SIZE, &mask)?;
+        }
+    }
+    Ok(())
+}
+
+/// The defect types of [`generate_parts`].
+pub const PART_DEFECTS: [&str; 3] = ["missing_hole", "scratch", "chip"];
+
+/// Whether point (u, v) in the part's own frame (centre at 0, 0) is on the part: a 120 × 52 px
+/// plate with rounded ends, two holes (the left one larger) and a notch in its upper edge,
+/// so that no rotation maps it onto itself.
+fn on_part(u: f32, v: f32, filled_hole: Option<usize>) -> bool {
+    let (half_len, half_w) = (60.0f32, 26.0f32);
+    let body = if u.abs() <= half_len - half_w {
+        v.abs() <= half_w
+    } else {
+        (u.abs() - (half_len - half_w)).powi(2) + v * v <= half_w * half_w
+    };
+    let holes = [(-34.0f32, 0.0f32, 11.0f32), (34.0, 0.0, 7.0)];
+    let in_hole = holes.iter().enumerate().any(|(k, (hx, hy, r))| Some(k) != filled_hole && (u - hx).powi(2) + (v - hy).powi(2) <= r * r);
+    let in_notch = (u - 8.0).abs() <= 7.0 && v <= -half_w + 10.0;
+    body && !in_hole && !in_notch
+}
+
+/// Renders one part rotated by `angle` and shifted by (dx, dy) on a dark, noisy background;
+/// `defect` paints one defect on it and returns its mask.
+fn part_image(rng: &mut impl Rng, defect: Option<&str>) -> (Vec<f32>, Vec<u8>) {
+    let angle = rng.random_range(0.0..std::f32::consts::TAU);
+    let (dx, dy) = (rng.random_range(-12.0..12.0f32), rng.random_range(-12.0..12.0f32));
+    let (ca, sa) = (angle.cos(), angle.sin());
+    let c = SIZE as f32 / 2.0;
+    let filled = (defect == Some("missing_hole")).then(|| rng.random_range(0..2usize));
+    let brightness = rng.random_range(165.0..185.0f32);
+    let mut img = vec![0f32; SIZE * SIZE];
+    let mut mask = vec![0u8; SIZE * SIZE];
+    for y in 0..SIZE {
+        for x in 0..SIZE {
+            let (px, py) = (x as f32 - c - dx, y as f32 - c - dy);
+            let (u, v) = (ca * px + sa * py, -sa * px + ca * py);
+            let on = on_part(u, v, None);
+            let shade = brightness + 0.15 * u; // light falls off along the part
+            img[y * SIZE + x] = if on { shade } else { 35.0 } + rng.random_range(-5.0..5.0f32);
+            if filled.is_some() && !on && on_part(u, v, filled) {
+                img[y * SIZE + x] = shade + rng.random_range(-5.0..5.0f32);
+                mask[y * SIZE + x] = 255;
+            }
+        }
+    }
+    match defect {
+        Some("scratch") => {
+            // a dark line across the plate, in its own frame
+            let (u0, v0) = (rng.random_range(-40.0..40.0f32), rng.random_range(-15.0..15.0f32));
+            let a = rng.random_range(0.0..std::f32::consts::PI);
+            for t in -18..=18 {
+                let (u, v) = (u0 + t as f32 * a.cos(), v0 + t as f32 * a.sin());
+                if on_part(u, v, None) {
+                    let (x, y) = (ca * u - sa * v + c + dx, sa * u + ca * v + c + dy);
+                    stamp(&mut img, &mut mask, x, y, 1.3, -80.0);
+                }
+            }
+        }
+        Some("chip") => {
+            // a bite out of the rim: part pixels within a disk on the edge become background
+            let along = rng.random_range(-30.0..30.0f32);
+            let side = if rng.random_bool(0.5) { 26.0 } else { -26.0 };
+            let (cx, cy) = (ca * along - sa * side + c + dx, sa * along + ca * side + c + dy);
+            let r = rng.random_range(7.0..10.0f32);
+            for y in 0..SIZE {
+                for x in 0..SIZE {
+                    let i = y * SIZE + x;
+                    if (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2) <= r * r && img[i] > 100.0 {
+                        img[i] = 35.0 + rng.random_range(-5.0..5.0f32);
+                        mask[i] = 255;
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    (img, mask)
+}
+
+/// Writes a synthetic dataset of parts that arrive in any orientation (a plate with two holes
+/// and a notch, rotated uniformly and shifted a little): `n_train` good training images,
+/// `n_test_good` good test images and `n_per_defect` of each of [`PART_DEFECTS`] with masks.
+pub fn generate_parts(root: &Path, n_train: usize, n_test_good: usize, n_per_defect: usize, seed: u64) -> Result<()> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9A27_5000);
+    for i in 0..n_train {
+        save_gray(&root.join(format!("train/good/{i:03}.png")), SIZE, SIZE, &to_u8(&part_image(&mut rng, None).0))?;
+    }
+    for i in 0..n_test_good {
+        save_gray(&root.join(format!("test/good/{i:03}.png")), SIZE, SIZE, &to_u8(&part_image(&mut rng, None).0))?;
+    }
+    for kind in PART_DEFECTS {
+        for i in 0..n_per_defect {
+            let (img, mask) = part_image(&mut rng, Some(kind));
             save_gray(&root.join(format!("test/{kind}/{i:03}.png")), SIZE, SIZE, &to_u8(&img))?;
             save_gray(&root.join(format!("ground_truth/{kind}/{i:03}_mask.png")), SIZE, SIZE, &mask)?;
         }
