@@ -10,13 +10,13 @@ use crate::metrics::auroc;
 use crate::score::ScoreKind;
 use crate::train::{train_flow, training_features, TrainConfig};
 use crate::transforms::{test_views, Augment};
-use indicatif::ProgressBar;
+use crate::progress::Progress;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 
 /// Which experiment of the paper.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ExperimentKind {
     /// Table 1: OCSVM, 1-NN, DifferNet and DifferNet on 16 shots per MVTec AD category.
@@ -136,7 +136,7 @@ pub struct Runner<'a> {
     pub cache: &'a FeatureCache,
     pub config: ExperimentConfig,
     pub out: PathBuf,
-    pub bar: ProgressBar,
+    pub bar: &'a dyn Progress,
 }
 
 /// Every `total/n`-th view of each image: the views of `test_views(n)` within `test_views(total)`.
@@ -181,11 +181,10 @@ impl Runner<'_> {
         let ds = Dataset::open(root)?;
         ds.require_train()?;
         ds.require_test()?;
-        self.bar.set_message(format!("features of {}", root.display()));
-        let train_feats = training_features(&ds.train, train, self.ex, self.cache, &self.bar)?;
+        self.bar.set_message(&format!("features of {}", root.display()));
+        let train_feats = training_features(&ds.train, train, self.ex, self.cache, self.bar)?;
         let views = test_views(self.config.test_views);
         self.bar.set_length(ds.test.len() as u64);
-        self.bar.set_position(0);
         let mut test = vec![];
         for s in &ds.test {
             test.push(self.cache.features(self.ex, &s.path, &views)?);
@@ -197,7 +196,7 @@ impl Runner<'_> {
 
     /// Trains a flow on `train` and returns the image AUROC of `test` (mean z² over its views).
     fn differnet(&self, train: &[Vec<f32>], test: &[Vec<f32>], labels: &[bool], cfg: &TrainConfig) -> Result<f64> {
-        let (flow, _) = train_flow(train, cfg, &self.ex.device, &self.bar)?;
+        let (flow, _) = train_flow(train, cfg, &self.ex.device, self.bar)?;
         flow_auroc(&flow, test, labels, &self.ex.device)
     }
 
@@ -256,7 +255,7 @@ impl Runner<'_> {
         let ds = Dataset::open(root)?;
         let without = Category {
             name: with_transforms.name.clone(),
-            train: training_features(&ds.train, &plain, self.ex, self.cache, &self.bar)?,
+            train: training_features(&ds.train, &plain, self.ex, self.cache, self.bar)?,
             test: with_transforms.test.clone(),
             is_defect: with_transforms.is_defect.clone(),
         };
@@ -325,7 +324,7 @@ impl Runner<'_> {
         let mut cfg = self.config.train.clone();
         cfg.flow.blocks = self.config.multimodal_blocks;
         let train: Vec<Vec<f32>> = cats.iter().flat_map(|c| c.train.iter().cloned()).collect();
-        let (flow, _) = train_flow(&train, &cfg, &self.ex.device, &self.bar)?;
+        let (flow, _) = train_flow(&train, &cfg, &self.ex.device, self.bar)?;
         let mut rows = vec![];
         let mut sum = 0.0;
         for c in &cats {

@@ -20,6 +20,8 @@ pub mod numpy_pickle;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod pipeline;
+pub mod progress;
 pub mod pickle;
 pub mod report;
 pub mod score;

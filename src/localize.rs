@@ -97,7 +97,7 @@ pub fn colormap(v: f32) -> [u8; 3] {
 }
 
 /// How a gradient map is scaled to [0, 1] before it is drawn.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MapNormalization {
     /// By the image's own minimum and maximum (official code): every map has a hot spot.
@@ -282,7 +282,7 @@ pub fn write_localization(ex: &Extractor, flow: &NormalizingFlow, path: &Path, v
 }
 
 /// The range of the gradient maps of good images, for [`MapNormalization::Good`].
-pub fn good_map_range(ex: &Extractor, flow: &NormalizingFlow, paths: &[std::path::PathBuf], views: &[View], bar: &indicatif::ProgressBar) -> Result<GoodMapRange> {
+pub fn good_map_range(ex: &Extractor, flow: &NormalizingFlow, paths: &[std::path::PathBuf], views: &[View], bar: &dyn crate::progress::Progress) -> Result<GoodMapRange> {
     let mut maps = vec![];
     for p in paths {
         maps.push(localize_image(ex, flow, p, views)?.1);
@@ -293,7 +293,7 @@ pub fn good_map_range(ex: &Extractor, flow: &NormalizingFlow, paths: &[std::path
 
 /// Gradient maps of all test images with masks (and all good ones) at the masks' resolution,
 /// and their pixel metrics. Defective images without a mask are skipped.
-pub fn pixel_metrics(ex: &Extractor, flow: &NormalizingFlow, ds: &crate::data::Dataset, views: usize, bar: &indicatif::ProgressBar) -> Result<PixelMetrics> {
+pub fn pixel_metrics(ex: &Extractor, flow: &NormalizingFlow, ds: &crate::data::Dataset, views: usize, bar: &dyn crate::progress::Progress) -> Result<PixelMetrics> {
     let v = crate::transforms::test_views(views);
     let mut items = vec![];
     for s in &ds.test {

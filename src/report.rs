@@ -367,7 +367,7 @@ pub fn gallery(
     k: usize,
     views: &[crate::transforms::View],
     style: &crate::localize::MapStyle,
-    bar: &indicatif::ProgressBar,
+    bar: &dyn crate::progress::Progress,
 ) -> Result<Vec<GalleryItem>> {
     let cases = hard_cases(ev, k);
     bar.set_length(cases.len() as u64);

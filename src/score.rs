@@ -1,17 +1,15 @@
 //! Anomaly scores τ(x) (paper eq. 5): the flow maps each view's features to z, and the per-view
 //! scores are averaged over the test views; the decision compares τ with a threshold (eq. 6).
 
-use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::features::{Extractor, FeatureCache};
 use crate::flow::NormalizingFlow;
-use crate::model::Model;
-use crate::transforms::{test_views, View};
+use crate::transforms::View;
 use candle_core::{Device, Tensor};
-use indicatif::ProgressBar;
+use crate::progress::Progress;
 
 /// How a view is scored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ScoreKind {
     /// Mean of z² over dimensions (official code; ranks like −log p_Z(z) of eq. 5).
@@ -142,11 +140,12 @@ impl Evaluation {
 
 /// Scores of image files (features from the cache when present), one per path. The flow runs
 /// on the views of several images at once: large matrix products are much faster than many small ones.
-pub fn score_images(flow: &NormalizingFlow, kind: ScoreKind, ex: &Extractor, cache: &FeatureCache, paths: &[std::path::PathBuf], views: &[View], bar: &ProgressBar) -> Result<Vec<f64>> {
+pub fn score_images(flow: &NormalizingFlow, kind: ScoreKind, ex: &Extractor, cache: &FeatureCache, paths: &[std::path::PathBuf], views: &[View], bar: &dyn Progress) -> Result<Vec<f64>> {
     if views.is_empty() {
         return Err(Error::Config("at least one test view is needed".into()));
     }
     let dim = flow.config.dim;
+    bar.set_length(paths.len() as u64);
     let per_batch = (256 / views.len()).max(1);
     let mut out = Vec::with_capacity(paths.len());
     for chunk in paths.chunks(per_batch) {
@@ -171,12 +170,3 @@ pub fn score_images(flow: &NormalizingFlow, kind: ScoreKind, ex: &Extractor, cac
     Ok(out)
 }
 
-/// Scores every test image of a dataset with the model's score and `views` test rotations.
-pub fn evaluate(model: &Model, ex: &Extractor, cache: &FeatureCache, ds: &Dataset, views: usize, bar: &ProgressBar) -> Result<Evaluation> {
-    ds.require_test()?;
-    let paths: Vec<std::path::PathBuf> = ds.test.iter().map(|s| s.path.clone()).collect();
-    let scores = score_images(&model.flow, model.manifest.score, ex, cache, &paths, &test_views(views), bar)?;
-    let samples = ds.test.iter().zip(scores).map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score }).collect();
-    let m = &model.manifest;
-    Ok(Evaluation::from_scores(m.backbone.id(), samples, views, m.score, m.threshold.as_ref().map(|t| t.value)))
-}

@@ -1,10 +1,9 @@
 //! The inspection service (`differnet serve`): POST part images, get a score and verdict each.
 //! Bounded queue and worker pool, size limits checked before decoding, metrics, SIGHUP reload.
 
-use crate::features::Extractor;
 use crate::localize::MapStyle;
-use crate::model::Model;
-use crate::transforms::{decode_rgb, resize_bilinear, test_views, Rgb8};
+use crate::pipeline::{Detector, OpenOptions};
+use crate::transforms::{decode_rgb, Rgb8};
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -12,16 +11,41 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
-/// A model ready to serve: its flow and its backbone.
+/// A model ready to serve, under its name.
 pub struct ServedModel {
     pub name: String,
-    pub model: Model,
-    pub extractor: Extractor,
+    pub detector: Detector,
+}
+
+/// Models served from files: `(name, path)` pairs opened with `opts`.
+#[derive(Clone, Debug)]
+pub struct ModelFiles {
+    pub models: Vec<(String, PathBuf)>,
+    pub opts: OpenOptions,
+}
+
+impl ModelFiles {
+    /// Opens every model file (its name prefixed to any error).
+    pub fn open(&self) -> crate::Result<Vec<ServedModel>> {
+        self.models
+            .iter()
+            .map(|(name, path)| {
+                let detector = Detector::open(path, &self.opts).map_err(|e| crate::Error::Config(format!("model {name}: {e}")))?;
+                Ok(ServedModel { name: name.clone(), detector })
+            })
+            .collect()
+    }
+
+    /// A loader that opens the files again (SIGHUP).
+    pub fn loader(self) -> Loader {
+        Box::new(move || self.open())
+    }
 }
 
 /// Service limits and sizes.
@@ -178,31 +202,27 @@ impl AppState {
 /// Scores (and optionally localizes) the images of a job on a worker thread.
 fn score_job(job: &Job, limits: &Limits) -> std::result::Result<Vec<ImageVerdict>, (StatusCode, String)> {
     let m = &job.model;
-    let views = test_views(limits.views.unwrap_or(m.model.manifest.test_views));
-    let threshold = m.model.manifest.threshold.as_ref().map(|t| t.value);
+    let d = &m.detector;
+    let views = d.views(limits.views);
     let internal = |e: crate::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     let mut out = vec![];
     for (name, bytes) in &job.images {
         let t = Instant::now();
         let original: Rgb8 = decode_rgb(bytes).map_err(|reason| (StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))?;
-        let dim = m.model.flow.config.dim;
-        let feats = m.extractor.image_features(&original, &views).map_err(internal)?;
-        let score = crate::score::anomaly_score(&m.model.flow, &feats, dim, m.model.manifest.score, views.len(), &m.extractor.device).map_err(internal)?;
+        let decision = d.decide(d.score_image(&original, &views).map_err(internal)?);
         let overlay_png_base64 = if job.heatmap {
-            let resized = resize_bilinear(&original, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE);
-            let map = crate::localize::gradient_map(&m.extractor, &m.model.flow, &resized, &test_views(limits.heatmap_views)).map_err(internal)?;
-            let pictures = MapStyle::official().render(&original, &map).map_err(internal)?;
+            let pictures = d.localization_images(&original, &d.views(Some(limits.heatmap_views)), &MapStyle::official()).map_err(internal)?;
             Some(base64::engine::general_purpose::STANDARD.encode(crate::localize::png_bytes(&pictures.overlay)))
         } else {
             None
         };
         out.push(ImageVerdict {
             name: name.clone(),
-            score,
-            is_anomaly: threshold.map(|th| score >= th),
-            threshold,
+            score: decision.score,
+            is_anomaly: decision.is_anomaly,
+            threshold: decision.threshold,
             model: m.name.clone(),
-            model_id: m.model.manifest.parameters_sha256.chars().take(16).collect(),
+            model_id: d.model.manifest.parameters_sha256.chars().take(16).collect(),
             latency_ms: t.elapsed().as_secs_f64() * 1e3,
             overlay_png_base64,
         });
@@ -321,7 +341,7 @@ async fn score_inner(state: &Arc<AppState>, q: ScoreQuery, headers: &HeaderMap, 
 
 async fn model_info(State(state): State<Arc<AppState>>) -> Response {
     let models = state.models();
-    let manifests: BTreeMap<&String, &crate::model::Manifest> = models.iter().map(|(k, v)| (k, &v.model.manifest)).collect();
+    let manifests: BTreeMap<&String, &crate::model::Manifest> = models.iter().map(|(k, v)| (k, &v.detector.model.manifest)).collect();
     state.count("/v1/model", StatusCode::OK);
     Json(serde_json::json!({"default": state.default_model, "models": manifests})).into_response()
 }

@@ -9,7 +9,7 @@ use crate::flow_grad::FlowTrainer;
 use crate::optim::{Adam, AdamConfig};
 use crate::transforms::{Augment, InputNormalization, View};
 use candle_core::Tensor;
-use indicatif::ProgressBar;
+use crate::progress::Progress;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -41,6 +41,47 @@ pub struct TrainConfig {
     /// 0: per image, by its aspect ratio).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub tiles: usize,
+}
+
+/// The two training schedules: what they fix (the rest is the paper's everywhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// Upright views only, 1 per image, 16 epochs, 1 test view: parts in a fixed pose.
+    Fast,
+    /// Section 4.2: random rotations, 4 views per image and epoch from 16 cached, 192 epochs,
+    /// 64 test views.
+    Paper,
+}
+
+/// The numbers a schedule sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchedulePlan {
+    pub epochs: usize,
+    pub views_per_image: usize,
+    pub cached_views: usize,
+    pub test_views: usize,
+    pub rotate: bool,
+}
+
+impl Schedule {
+    pub fn plan(self) -> SchedulePlan {
+        match self {
+            Schedule::Fast => SchedulePlan { epochs: 16, views_per_image: 1, cached_views: 1, test_views: 1, rotate: false },
+            Schedule::Paper => SchedulePlan { epochs: 192, views_per_image: 4, cached_views: 16, test_views: 64, rotate: true },
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The configuration of `schedule` for `backbone` (its default stages, no colour jitter).
+    pub fn with_schedule(backbone: BackboneKind, schedule: Schedule) -> Self {
+        let p = schedule.plan();
+        let mut cfg = TrainConfig::new(backbone);
+        (cfg.epochs, cfg.views_per_image, cfg.cached_views) = (p.epochs, p.views_per_image, p.cached_views);
+        cfg.augment.rotate = p.rotate;
+        cfg
+    }
 }
 
 fn one() -> usize {
@@ -115,7 +156,7 @@ pub fn training_views(cfg: &TrainConfig, i: usize) -> Vec<View> {
 
 /// Extracts (or loads from cache) the training views' features: one [cached_views, dim] matrix per
 /// image, or per tile of each image when the extractor cuts images into tiles (tile by tile).
-pub fn training_features(images: &[PathBuf], cfg: &TrainConfig, ex: &Extractor, cache: &FeatureCache, bar: &ProgressBar) -> Result<Vec<Vec<f32>>> {
+pub fn training_features(images: &[PathBuf], cfg: &TrainConfig, ex: &Extractor, cache: &FeatureCache, bar: &dyn Progress) -> Result<Vec<Vec<f32>>> {
     use rayon::prelude::*;
     bar.set_length(images.len() as u64);
     // images in parallel: one image's decoding overlaps another's backbone pass
@@ -150,7 +191,7 @@ pub struct Checkpoint<'a> {
 }
 
 /// Trains a fresh flow on per-image feature matrices. The same seed gives the same flow.
-pub fn train_flow(features: &[Vec<f32>], cfg: &TrainConfig, ex_device: &candle_core::Device, bar: &ProgressBar) -> Result<(NormalizingFlow, TrainingSummary)> {
+pub fn train_flow(features: &[Vec<f32>], cfg: &TrainConfig, ex_device: &candle_core::Device, bar: &dyn Progress) -> Result<(NormalizingFlow, TrainingSummary)> {
     train_flow_with_checkpoints(features, cfg, ex_device, bar, None)
 }
 
@@ -159,7 +200,7 @@ pub fn train_flow_with_checkpoints(
     features: &[Vec<f32>],
     cfg: &TrainConfig,
     ex_device: &candle_core::Device,
-    bar: &ProgressBar,
+    bar: &dyn Progress,
     mut checkpoint: Option<Checkpoint>,
 ) -> Result<(NormalizingFlow, TrainingSummary)> {
     cfg.validate()?;
@@ -222,7 +263,7 @@ pub fn train_flow_with_checkpoints(
         }
         let mean = total / batches as f64;
         summary.epoch_losses.push(mean);
-        bar.set_message(format!("loss {mean:.4}"));
+        bar.set_message(&format!("loss {mean:.4}"));
         bar.inc(1);
         tracing::debug!(epoch = epoch + 1, loss = mean, "epoch done");
         if let Some(c) = checkpoint.as_mut() {

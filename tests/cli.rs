@@ -29,6 +29,9 @@ fn train_test_predict_calibrate_and_errors() {
     assert_eq!(v["per_defect_auroc"].as_object().unwrap().len(), 3);
     // the model keeps its stages (the default 3,4,5 of the fast schedule): another choice is refused
     let (ok, out, _) = differnet_cli(home.path(), &["info", m]);
+    assert!(ok && out.contains("efficientnet-lite0") && out.contains("stages [3, 4, 5]") && out.contains("2 epochs"), "{out}");
+    assert!(out.lines().count() < 12, "a summary, not the manifest: {out}");
+    let (ok, out, _) = differnet_cli(home.path(), &["--json", "info", m]);
     assert!(ok);
     let manifest: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(manifest["train"]["stages"], serde_json::json!([3, 4, 5]));
@@ -93,7 +96,7 @@ fn train_test_predict_calibrate_and_errors() {
     let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "train", "--data", empty.to_str().unwrap(), "--out", m]);
     assert!(!ok && err.contains("empty"), "{err}");
     let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "train", "--backbone", "alexnet", "--data", d, "--out", m]);
-    assert!(!ok && err.contains("weights import alexnet"), "{err}");
+    assert!(!ok && err.contains("weights fetch alexnet"), "{err}");
     // AlexNet weights a user supplies: a complete file is imported, an incomplete one refused
     let subset = shared().join("fixtures/alexnet_seed0_features_subset.pth");
     let (ok, _, err) = differnet_cli(home.path(), &["weights", "import", "alexnet", subset.to_str().unwrap()]);

@@ -10,7 +10,6 @@ use differnet::flow::FlowConfig;
 use differnet::localize::gradient_map;
 use differnet::train::{train_flow, training_features, TrainConfig};
 use differnet::transforms::{load_rgb, resize_bilinear, test_views};
-use indicatif::ProgressBar;
 
 #[test]
 fn heat_map_maximum_lies_in_the_painted_defect() {
@@ -26,8 +25,8 @@ fn heat_map_maximum_lies_in_the_painted_defect() {
     cfg.batch_images = 4;
     cfg.epochs = 30;
     let cache = FeatureCache { dir: None };
-    let feats = training_features(&ds.train, &cfg, &ex, &cache, &ProgressBar::hidden()).unwrap();
-    let (flow, _) = train_flow(&feats, &cfg, &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let feats = training_features(&ds.train, &cfg, &ex, &cache, &differnet::progress::Silent).unwrap();
+    let (flow, _) = train_flow(&feats, &cfg, &Device::Cpu, &differnet::progress::Silent).unwrap();
     for sample in ds.test.iter().filter(|s| s.defect == "spot") {
         let img = load_rgb(&sample.path).unwrap();
         let map = gradient_map(&ex, &flow, &resize_bilinear(&img, INPUT_SIZE, INPUT_SIZE), &test_views(4)).unwrap();

@@ -10,7 +10,6 @@ use differnet::model::{Manifest, Model, TrainingData, FORMAT, FORMAT_VERSION};
 use differnet::score::ScoreKind;
 use differnet::train::{train_flow, TrainConfig};
 use differnet::transforms::{load_rgb, View};
-use indicatif::ProgressBar;
 use rand::{Rng, SeedableRng};
 
 fn tiny_config(seed: u64) -> TrainConfig {
@@ -36,9 +35,9 @@ fn params(m: &differnet::flow::NormalizingFlow) -> Vec<f32> {
 #[test]
 fn same_seed_same_model_and_loss_decreases() {
     let feats = random_features(7, 4, 12, 1);
-    let (a, sa) = train_flow(&feats, &tiny_config(3), &Device::Cpu, &ProgressBar::hidden()).unwrap();
-    let (b, _) = train_flow(&feats, &tiny_config(3), &Device::Cpu, &ProgressBar::hidden()).unwrap();
-    let (c, _) = train_flow(&feats, &tiny_config(4), &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let (a, sa) = train_flow(&feats, &tiny_config(3), &Device::Cpu, &differnet::progress::Silent).unwrap();
+    let (b, _) = train_flow(&feats, &tiny_config(3), &Device::Cpu, &differnet::progress::Silent).unwrap();
+    let (c, _) = train_flow(&feats, &tiny_config(4), &Device::Cpu, &differnet::progress::Silent).unwrap();
     assert_eq!(params(&a), params(&b));
     assert_ne!(params(&a), params(&c));
     assert!(sa.epoch_losses.last().unwrap() < sa.epoch_losses.first().unwrap(), "{:?}", sa.epoch_losses);
@@ -48,14 +47,14 @@ fn same_seed_same_model_and_loss_decreases() {
 fn non_finite_loss_stops_training_with_an_error() {
     let mut feats = random_features(4, 4, 12, 2);
     feats[2][5] = f32::NAN;
-    let err = train_flow(&feats, &tiny_config(0), &Device::Cpu, &ProgressBar::hidden()).err().expect("must fail");
+    let err = train_flow(&feats, &tiny_config(0), &Device::Cpu, &differnet::progress::Silent).err().expect("must fail");
     assert!(matches!(err, differnet::Error::Training(_)), "{err}");
     assert!(err.to_string().contains("NaN"), "{err}");
 }
 
 fn tiny_model() -> Model {
     let cfg = tiny_config(0);
-    let (flow, summary) = train_flow(&random_features(4, 4, 12, 5), &cfg, &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let (flow, summary) = train_flow(&random_features(4, 4, 12, 5), &cfg, &Device::Cpu, &differnet::progress::Silent).unwrap();
     let manifest = Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
@@ -282,13 +281,13 @@ fn cached_features_equal_fresh_ones_and_invalidate() {
     let flow = differnet::flow::NormalizingFlow::new(cfg, 3, &Device::Cpu).unwrap();
     differnet::synth::generate(&dir.path().join("e"), 3, 0, 0, 5).unwrap();
     let paths: Vec<_> = (0..3).map(|i| dir.path().join(format!("e/train/good/{i:03}.png"))).collect();
-    let batched = differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &views, &indicatif::ProgressBar::hidden()).unwrap();
+    let batched = differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &views, &differnet::progress::Silent).unwrap();
     for (p, b) in paths.iter().zip(&batched) {
-        let alone = differnet::score::anomaly_score(&flow, &cache.features(&ex, p, &views).unwrap(), ex.feature_dim(), ScoreKind::Nll, &Device::Cpu).unwrap();
+        let alone = differnet::score::anomaly_score(&flow, &cache.features(&ex, p, &views).unwrap(), ex.feature_dim(), ScoreKind::Nll, views.len(), &Device::Cpu).unwrap();
         // equal up to rounding: OpenBLAS's kernels may round differently for other batch sizes
         assert!((alone - b).abs() < 1e-6 * alone.abs().max(1.0), "{alone} vs {b}");
     }
-    assert!(differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &[], &indicatif::ProgressBar::hidden()).is_err());
+    assert!(differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &[], &differnet::progress::Silent).is_err());
 }
 
 fn walk(p: &std::path::Path) -> usize {
@@ -324,11 +323,11 @@ fn checkpoints_equal_shorter_runs_with_the_same_seed() {
         Ok(())
     };
     let cfg = tiny_config(6);
-    train_flow_with_checkpoints(&feats, &cfg, &Device::Cpu, &ProgressBar::hidden(), Some(Checkpoint { every: 2, save: &mut save })).unwrap();
+    train_flow_with_checkpoints(&feats, &cfg, &Device::Cpu, &differnet::progress::Silent, Some(Checkpoint { every: 2, save: &mut save })).unwrap();
     assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2, 4]);
     let mut short = cfg.clone();
     short.epochs = 2;
-    let (two, _) = train_flow(&feats, &short, &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let (two, _) = train_flow(&feats, &short, &Device::Cpu, &differnet::progress::Silent).unwrap();
     assert_eq!(seen[0].1, params(&two));
 }
 
@@ -350,13 +349,13 @@ fn training_takes_mixed_images_and_a_single_one() {
     cfg.views_per_image = 2;
     let cache = FeatureCache { dir: None };
     let images = vec![gray, rgba, deep];
-    let feats = differnet::train::training_features(&images, &cfg, &ex, &cache, &ProgressBar::hidden()).unwrap();
+    let feats = differnet::train::training_features(&images, &cfg, &ex, &cache, &differnet::progress::Silent).unwrap();
     assert!(feats.iter().all(|f| f.len() == 2 * ex.feature_dim() && f.iter().all(|v| v.is_finite())));
-    train_flow(&feats, &cfg, &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    train_flow(&feats, &cfg, &Device::Cpu, &differnet::progress::Silent).unwrap();
     // a single training image trains too (batches of one image)
-    let (_, summary) = train_flow(&feats[..1], &cfg, &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let (_, summary) = train_flow(&feats[..1], &cfg, &Device::Cpu, &differnet::progress::Silent).unwrap();
     assert_eq!(summary.epoch_losses.len(), cfg.epochs);
     // no images at all: an error that says so
-    let e = train_flow(&[], &cfg, &Device::Cpu, &ProgressBar::hidden()).err().unwrap().to_string();
+    let e = train_flow(&[], &cfg, &Device::Cpu, &differnet::progress::Silent).err().unwrap().to_string();
     assert!(e.contains("no training images"), "{e}");
 }

@@ -13,7 +13,8 @@ use tower::ServiceExt;
 
 fn served(name: &str, seed: u64) -> ServedModel {
     let extractor = Extractor::load(differnet::backbone::BackboneKind::EfficientnetLite0, &efficientnet_weights(), &candle_core::Device::Cpu).unwrap();
-    ServedModel { name: name.into(), model: efficientnet_model(16, Some(1.0), seed), extractor }
+    let detector = differnet::pipeline::Detector::new(efficientnet_model(16, Some(1.0), seed), extractor, differnet::features::FeatureCache { dir: None });
+    ServedModel { name: name.into(), detector }
 }
 
 async fn call(state: &Arc<AppState>, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {

