@@ -200,9 +200,26 @@ impl BenchReport {
              test latency 64 views        {:.2} s/image ({:.2} s of it the flow; best of {LATENCY_REPEATS})\n\
              peak RSS flow training       {}\n\
              peak RSS testing             {}\n",
-            self.threads, self.sgemm_gflops, self.sgemm_backend, self.sgemm_rust_gflops, self.backbone, self.backbone_views_per_s, self.backbone_gflops, self.conv_to_sgemm_ratio,
-            self.flow_dim, self.flow_hidden, self.flow_batch, self.flow_train_samples_per_s, self.flow_train_gflops, self.flow_to_sgemm_ratio,
-            self.test_seconds_per_image_16_views, self.test_flow_seconds_16_views, self.test_seconds_per_image_64_views, self.test_flow_seconds_64_views, mb(self.peak_rss_bytes_flow_training), mb(self.peak_rss_bytes_testing)
+            self.threads,
+            self.sgemm_gflops,
+            self.sgemm_backend,
+            self.sgemm_rust_gflops,
+            self.backbone,
+            self.backbone_views_per_s,
+            self.backbone_gflops,
+            self.conv_to_sgemm_ratio,
+            self.flow_dim,
+            self.flow_hidden,
+            self.flow_batch,
+            self.flow_train_samples_per_s,
+            self.flow_train_gflops,
+            self.flow_to_sgemm_ratio,
+            self.test_seconds_per_image_16_views,
+            self.test_flow_seconds_16_views,
+            self.test_seconds_per_image_64_views,
+            self.test_flow_seconds_64_views,
+            mb(self.peak_rss_bytes_flow_training),
+            mb(self.peak_rss_bytes_testing)
         );
         body + &e2e
     }

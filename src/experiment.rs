@@ -7,10 +7,10 @@ use crate::error::{write_atomic, Error, Result};
 use crate::features::{Extractor, FeatureCache};
 use crate::flow::NormalizingFlow;
 use crate::metrics::auroc;
+use crate::progress::Progress;
 use crate::score::ScoreKind;
 use crate::train::{train_flow, training_features, TrainConfig};
 use crate::transforms::{test_views, Augment};
-use crate::progress::Progress;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
@@ -171,7 +171,14 @@ impl Runner<'_> {
         }
         let t = std::time::Instant::now();
         let (auroc, note) = compute()?;
-        let row = Row { name: name.into(), ours: Some(100.0 * auroc), paper, paper_ref: paper_ref.into(), seconds: t.elapsed().as_secs_f64(), note };
+        let row = Row {
+            name: name.into(),
+            ours: Some(100.0 * auroc),
+            paper,
+            paper_ref: paper_ref.into(),
+            seconds: t.elapsed().as_secs_f64(),
+            note,
+        };
         write_atomic(&path, serde_json::to_string_pretty(&row).expect("serializable").as_bytes())?;
         tracing::info!(cell = name, auroc = row.ours, "done");
         Ok(row)
@@ -204,7 +211,8 @@ impl Runner<'_> {
         let train: Vec<f32> = c.train.concat();
         let views = self.config.test_views;
         let s = baselines::image_scores(kind, &train, &c.test.concat(), dim, views)?;
-        auroc(&s, &c.is_defect).ok_or_else(|| Error::Dataset { path: c.name.clone().into(), reason: "needs good and defective test images".into() })
+        auroc(&s, &c.is_defect)
+            .ok_or_else(|| Error::Dataset { path: c.name.clone().into(), reason: "needs good and defective test images".into() })
     }
 
     /// Table 2 layout on one dataset; `model`, when given, is the trained DifferNet row.
@@ -212,12 +220,18 @@ impl Runner<'_> {
         let c = self.load(root, &self.config.train)?;
         let dim = self.dim();
         let mut rows = vec![
-            self.cell(&format!("{} OCSVM", c.name), Some(TABLE2[0].1), "table 2", || Ok((self.baseline(Baseline::OneClassSvm, &c, dim)?, "PCA 64 + z-score, RBF γ=1/64, ν=0.5".into())))?,
-            self.cell(&format!("{} 1-NN", c.name), Some(TABLE2[1].1), "table 2", || Ok((self.baseline(Baseline::NearestNeighbour, &c, dim)?, "PCA 64 + z-score".into())))?,
+            self.cell(&format!("{} OCSVM", c.name), Some(TABLE2[0].1), "table 2", || {
+                Ok((self.baseline(Baseline::OneClassSvm, &c, dim)?, "PCA 64 + z-score, RBF γ=1/64, ν=0.5".into()))
+            })?,
+            self.cell(&format!("{} 1-NN", c.name), Some(TABLE2[1].1), "table 2", || {
+                Ok((self.baseline(Baseline::NearestNeighbour, &c, dim)?, "PCA 64 + z-score".into()))
+            })?,
         ];
         rows.push(self.cell(&format!("{} DifferNet", c.name), Some(TABLE2[2].1), "table 2", || match model {
             Some(m) => Ok((flow_auroc(&m.flow, &c.test, &c.is_defect, &self.ex.device)?, given(m))),
-            None => Ok((self.differnet(&c.train, &c.test, &c.is_defect, &self.config.train)?, format!("{} epochs", self.config.train.epochs))),
+            None => {
+                Ok((self.differnet(&c.train, &c.test, &c.is_defect, &self.config.train)?, format!("{} epochs", self.config.train.epochs)))
+            }
         })?);
         Ok(rows)
     }
@@ -236,10 +250,20 @@ impl Runner<'_> {
             }
             let c = self.load(&dir, &self.config.train)?;
             let dim = self.dim();
-            rows.push(self.cell(&format!("{name} OCSVM"), Some(ocsvm), "table 1", || Ok((self.baseline(Baseline::OneClassSvm, &c, dim)?, String::new())))?);
-            rows.push(self.cell(&format!("{name} 1-NN"), Some(nn), "table 1", || Ok((self.baseline(Baseline::NearestNeighbour, &c, dim)?, String::new())))?);
-            rows.push(self.cell(&format!("{name} DifferNet"), Some(ours), "table 1", || Ok((self.differnet(&c.train, &c.test, &c.is_defect, &self.config.train)?, String::new())))?);
-            rows.push(self.cell(&format!("{name} DifferNet 16 shots"), Some(shots16), "table 1", || self.fewshot_mean(&c, 16, &self.config.train))?);
+            rows.push(self.cell(&format!("{name} OCSVM"), Some(ocsvm), "table 1", || {
+                Ok((self.baseline(Baseline::OneClassSvm, &c, dim)?, String::new()))
+            })?);
+            rows.push(self.cell(&format!("{name} 1-NN"), Some(nn), "table 1", || {
+                Ok((self.baseline(Baseline::NearestNeighbour, &c, dim)?, String::new()))
+            })?);
+            rows.push(self.cell(&format!("{name} DifferNet"), Some(ours), "table 1", || {
+                Ok((self.differnet(&c.train, &c.test, &c.is_defect, &self.config.train)?, String::new()))
+            })?);
+            rows.push(
+                self.cell(&format!("{name} DifferNet 16 shots"), Some(shots16), "table 1", || {
+                    self.fewshot_mean(&c, 16, &self.config.train)
+                })?,
+            );
         }
         Ok(rows)
     }
@@ -262,9 +286,21 @@ impl Runner<'_> {
         let (dim, total) = (self.dim(), self.config.test_views);
         let mut rows = vec![];
         for (name, multi_scale, transforms, views, paper) in TABLE3 {
-            let label = format!("{} {name}: multi-scale {}, train transforms {}, {views} test views", with_transforms.name, yes(multi_scale), yes(transforms));
+            let label = format!(
+                "{} {name}: multi-scale {}, train transforms {}, {views} test views",
+                with_transforms.name,
+                yes(multi_scale),
+                yes(transforms)
+            );
             if views > total || total % views != 0 {
-                rows.push(Row { name: label, ours: None, paper: Some(paper), paper_ref: "table 3 (MVTec AD mean)".into(), seconds: 0.0, note: format!("needs --test-views {views} (a multiple of {views})") });
+                rows.push(Row {
+                    name: label,
+                    ours: None,
+                    paper: Some(paper),
+                    paper_ref: "table 3 (MVTec AD mean)".into(),
+                    seconds: 0.0,
+                    note: format!("needs --test-views {views} (a multiple of {views})"),
+                });
                 continue;
             }
             let c = if transforms { &with_transforms } else { &without };
@@ -306,7 +342,9 @@ impl Runner<'_> {
         for &n in &self.config.shots {
             let paper = if n == 16 { TABLE1.iter().find(|t| t.0 == c.name).map(|t| t.4) } else { None };
             let reference = if paper.is_some() { "table 1 (16 shots)" } else { "fig. 7 (plot only)" };
-            rows.push(self.cell(&format!("{} {n} training images", c.name), paper, reference, || self.fewshot_mean(&c, n, &self.config.train))?);
+            rows.push(
+                self.cell(&format!("{} {n} training images", c.name), paper, reference, || self.fewshot_mean(&c, n, &self.config.train))?,
+            );
         }
         Ok(rows)
     }
@@ -330,10 +368,24 @@ impl Runner<'_> {
         for c in &cats {
             let a = flow_auroc(&flow, &c.test, &c.is_defect, &self.ex.device)?;
             sum += a;
-            rows.push(Row { name: format!("{} (one flow for all)", c.name), ours: Some(100.0 * a), paper: None, paper_ref: String::new(), seconds: 0.0, note: String::new() });
+            rows.push(Row {
+                name: format!("{} (one flow for all)", c.name),
+                ours: Some(100.0 * a),
+                paper: None,
+                paper_ref: String::new(),
+                seconds: 0.0,
+                note: String::new(),
+            });
         }
         let note = format!("{} categories, {} blocks, {} epochs", cats.len(), cfg.flow.blocks, cfg.epochs);
-        rows.push(Row { name: "mean".into(), ours: Some(100.0 * sum / cats.len() as f64), paper: Some(MULTIMODAL_PAPER), paper_ref: "section 4.5 (all 15 MVTec AD categories)".into(), seconds: t.elapsed().as_secs_f64(), note });
+        rows.push(Row {
+            name: "mean".into(),
+            ours: Some(100.0 * sum / cats.len() as f64),
+            paper: Some(MULTIMODAL_PAPER),
+            paper_ref: "section 4.5 (all 15 MVTec AD categories)".into(),
+            seconds: t.elapsed().as_secs_f64(),
+            note,
+        });
         write_atomic(&path, serde_json::to_string_pretty(&rows).expect("serializable").as_bytes())?;
         Ok(rows)
     }
@@ -344,7 +396,11 @@ fn given(m: &crate::model::Model) -> String {
 }
 
 fn yes(b: bool) -> &'static str {
-    if b { "on" } else { "off" }
+    if b {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 /// Image AUROC of a flow on per-image view features (score: mean z² over views).
@@ -362,11 +418,8 @@ pub fn write_table(out: &Path, table: &Table) -> Result<()> {
     write_atomic(&out.join("table.json"), serde_json::to_string_pretty(table).expect("serializable").as_bytes())?;
     write_atomic(&out.join("table.md"), table.markdown().as_bytes())?;
     if table.experiment == ExperimentKind::Fewshot {
-        let points: Vec<(f64, f64)> = table
-            .rows
-            .iter()
-            .filter_map(|r| Some((r.name.rsplit(' ').nth(2)?.parse::<f64>().ok()?, r.ours?)))
-            .collect();
+        let points: Vec<(f64, f64)> =
+            table.rows.iter().filter_map(|r| Some((r.name.rsplit(' ').nth(2)?.parse::<f64>().ok()?, r.ours?))).collect();
         let plot = crate::report::Plot::Lines {
             title: format!("AUROC against training set size ({})", table.data),
             x_label: "training images".into(),

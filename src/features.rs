@@ -3,7 +3,9 @@
 
 use crate::backbone::{self, multiscale_features, Backbone, BackboneKind, INPUT_SIZE};
 use crate::error::{write_atomic, Error, Result};
-use crate::transforms::{auto_tiles, image_size, resize_bilinear, square_tiles, to_normalized_chw, to_normalized_chw_into, InputNormalization, Rgb8, View};
+use crate::transforms::{
+    auto_tiles, image_size, resize_bilinear, square_tiles, to_normalized_chw, to_normalized_chw_into, InputNormalization, Rgb8, View,
+};
 use crate::weights::sha256_hex;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -63,7 +65,11 @@ impl Extractor {
 
     /// Tiles of an image of this size.
     pub fn tiles_for(&self, width: usize, height: usize) -> usize {
-        if self.tiles == 0 { auto_tiles(width, height) } else { self.tiles }
+        if self.tiles == 0 {
+            auto_tiles(width, height)
+        } else {
+            self.tiles
+        }
     }
 
     /// Features of `views` of each tile of a decoded image: [tiles × views, dim] row-major,
@@ -112,7 +118,10 @@ impl Extractor {
     pub fn view_features(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
         use rayon::prelude::*;
         if (resized.width, resized.height) != (INPUT_SIZE, INPUT_SIZE) {
-            return Err(Error::Config(format!("view_features needs a {INPUT_SIZE}x{INPUT_SIZE} image, got {}x{}", resized.width, resized.height)));
+            return Err(Error::Config(format!(
+                "view_features needs a {INPUT_SIZE}x{INPUT_SIZE} image, got {}x{}",
+                resized.width, resized.height
+            )));
         }
         let mut out = Vec::with_capacity(views.len() * self.feature_dim());
         let per_view = 3 * INPUT_SIZE * INPUT_SIZE;

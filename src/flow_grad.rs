@@ -163,7 +163,15 @@ impl FlowTrainer {
     /// Backpropagates `g` (gradient of the subnet output) and returns the input gradient. The
     /// parameter gradients are written to `grads`, or with `update` applied to the parameters at
     /// once, block by block while they are in cache (the gradients are then never stored).
-    fn subnet_backward(&mut self, block: usize, subnet: usize, cache: &SubnetCache, mut g: Vec<f32>, batch: usize, update: Option<&AdamStep>) -> Vec<f32> {
+    fn subnet_backward(
+        &mut self,
+        block: usize,
+        subnet: usize,
+        cache: &SubnetCache,
+        mut g: Vec<f32>,
+        batch: usize,
+        update: Option<&AdamStep>,
+    ) -> Vec<f32> {
         for l in (0..4).rev() {
             let (wi, bi) = (idx(block, subnet, l, false), idx(block, subnet, l, true));
             let (out, inp) = self.shapes[wi];
@@ -172,7 +180,11 @@ impl FlowTrainer {
             let mut gh = vec![0f32; batch * inp];
             gemm(batch, inp, out, &mut gh, false, (&g, out, 1), (&self.params.tensors[wi], inp, 1));
             if l > 0 {
-                gh.par_iter_mut().zip(h_in.par_iter()).for_each(|(g, h)| if *h <= 0.0 { *g = 0.0 });
+                gh.par_iter_mut().zip(h_in.par_iter()).for_each(|(g, h)| {
+                    if *h <= 0.0 {
+                        *g = 0.0
+                    }
+                });
             }
             let mut gb = vec![0f32; out];
             for row in g.chunks(out) {
@@ -188,15 +200,16 @@ impl FlowTrainer {
                     const ROWS: usize = 32;
                     let (w, m, v) = (&mut self.params.tensors[wi], &mut self.m.tensors[wi], &mut self.v.tensors[wi]);
                     let g = &g;
-                    w.par_chunks_mut(ROWS * inp).zip(m.par_chunks_mut(ROWS * inp)).zip(v.par_chunks_mut(ROWS * inp)).enumerate().for_each_init(
-                        Vec::new,
-                        |gw, (j, ((w, m), v))| {
+                    w.par_chunks_mut(ROWS * inp)
+                        .zip(m.par_chunks_mut(ROWS * inp))
+                        .zip(v.par_chunks_mut(ROWS * inp))
+                        .enumerate()
+                        .for_each_init(Vec::new, |gw, (j, ((w, m), v))| {
                             let rows = w.len() / inp;
                             gw.resize(rows * inp, 0.0);
                             gemm(rows, inp, batch, gw, false, (&g[j * ROWS..], 1, out), (h_in, inp, 1));
                             step.apply(w, gw, m, v);
-                        },
-                    );
+                        });
                     step.apply(&mut self.params.tensors[bi], &gb, &mut self.m.tensors[bi], &mut self.v.tensors[bi]);
                 }
             }
@@ -268,10 +281,9 @@ impl FlowTrainer {
         }
         // loss = mean_b(0.5·|z_b|² − logdet_b) / D
         let scale = 1.0 / (batch * d) as f64;
-        let loss: f64 = (0..batch)
-            .map(|b| 0.5 * x[b * d..(b + 1) * d].iter().map(|v| (*v as f64).powi(2)).sum::<f64>() - logdet[b])
-            .sum::<f64>()
-            * scale;
+        let loss: f64 =
+            (0..batch).map(|b| 0.5 * x[b * d..(b + 1) * d].iter().map(|v| (*v as f64).powi(2)).sum::<f64>() - logdet[b]).sum::<f64>()
+                * scale;
         if !loss.is_finite() {
             return loss; // nothing to learn from; no update is applied
         }
@@ -354,6 +366,9 @@ mod tests {
             let err = pa.iter().zip(pb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             assert!(err < 1e-6, "parameters differ by {err}");
         }
-        assert!(a.params.tensors.iter().zip(&FlowTrainer::new(a.config.clone(), 7).unwrap().params.tensors).any(|(p, q)| p != q), "training changed nothing");
+        assert!(
+            a.params.tensors.iter().zip(&FlowTrainer::new(a.config.clone(), 7).unwrap().params.tensors).any(|(p, q)| p != q),
+            "training changed nothing"
+        );
     }
 }

@@ -81,7 +81,8 @@ pub fn normalize_min_max(map: &[f32]) -> Vec<f32> {
 
 /// Bilinear resize of a square 448 map to the image's own size.
 pub fn resize_map(map: &[f32], width: usize, height: usize) -> Vec<f32> {
-    let img = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(INPUT_SIZE as u32, INPUT_SIZE as u32, map.to_vec()).expect("448x448 map");
+    let img = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(INPUT_SIZE as u32, INPUT_SIZE as u32, map.to_vec())
+        .expect("448x448 map");
     image::imageops::resize(&img, width as u32, height as u32, image::imageops::FilterType::Triangle).into_raw()
 }
 
@@ -172,7 +173,14 @@ pub fn render_localization(original: &Rgb8, normalized_448: &[f32], pixel_thresh
     let mut overlay: Vec<u8> = original.data.iter().zip(&heat).map(|(a, b)| ((*a as u16 + *b as u16) / 2) as u8).collect();
     // contour: region pixels with a 4-neighbour outside the region (or on the image border)
     let edge = |x: usize, y: usize| {
-        x == 0 || y == 0 || x + 1 == w || y + 1 == h || !inside[y * w + x - 1] || !inside[y * w + x + 1] || !inside[(y - 1) * w + x] || !inside[(y + 1) * w + x]
+        x == 0
+            || y == 0
+            || x + 1 == w
+            || y + 1 == h
+            || !inside[y * w + x - 1]
+            || !inside[y * w + x + 1]
+            || !inside[(y - 1) * w + x]
+            || !inside[(y + 1) * w + x]
     };
     for y in 0..h {
         for x in 0..w {
@@ -275,14 +283,27 @@ impl MapStyle {
 }
 
 /// Localizes an image file and writes its heat map, overlay and mask into `out`.
-pub fn write_localization(ex: &Extractor, flow: &NormalizingFlow, path: &Path, views: &[View], style: &MapStyle, out: &Path) -> Result<LocalizationFiles> {
+pub fn write_localization(
+    ex: &Extractor,
+    flow: &NormalizingFlow,
+    path: &Path,
+    views: &[View],
+    style: &MapStyle,
+    out: &Path,
+) -> Result<LocalizationFiles> {
     let (original, map) = localize_image(ex, flow, path, views)?;
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     write_heatmaps(&style.render(&original, &map)?, out, &stem)
 }
 
 /// The range of the gradient maps of good images, for [`MapNormalization::Good`].
-pub fn good_map_range(ex: &Extractor, flow: &NormalizingFlow, paths: &[std::path::PathBuf], views: &[View], bar: &dyn crate::progress::Progress) -> Result<GoodMapRange> {
+pub fn good_map_range(
+    ex: &Extractor,
+    flow: &NormalizingFlow,
+    paths: &[std::path::PathBuf],
+    views: &[View],
+    bar: &dyn crate::progress::Progress,
+) -> Result<GoodMapRange> {
     let mut maps = vec![];
     for p in paths {
         maps.push(localize_image(ex, flow, p, views)?.1);
@@ -293,7 +314,13 @@ pub fn good_map_range(ex: &Extractor, flow: &NormalizingFlow, paths: &[std::path
 
 /// Gradient maps of all test images with masks (and all good ones) at the masks' resolution,
 /// and their pixel metrics. Defective images without a mask are skipped.
-pub fn pixel_metrics(ex: &Extractor, flow: &NormalizingFlow, ds: &crate::data::Dataset, views: usize, bar: &dyn crate::progress::Progress) -> Result<PixelMetrics> {
+pub fn pixel_metrics(
+    ex: &Extractor,
+    flow: &NormalizingFlow,
+    ds: &crate::data::Dataset,
+    views: usize,
+    bar: &dyn crate::progress::Progress,
+) -> Result<PixelMetrics> {
     let v = crate::transforms::test_views(views);
     let mut items = vec![];
     for s in &ds.test {

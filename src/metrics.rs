@@ -39,7 +39,11 @@ pub fn roc_curve(scores: &[f64], is_defect: &[bool]) -> Vec<(f64, f64)> {
     while i < order.len() {
         let s = scores[order[i]];
         while i < order.len() && scores[order[i]] == s {
-            if is_defect[order[i]] { tp += 1.0 } else { fp += 1.0 }
+            if is_defect[order[i]] {
+                tp += 1.0
+            } else {
+                fp += 1.0
+            }
             i += 1;
         }
         pts.push((fp / n_neg, tp / n_pos));
@@ -65,7 +69,13 @@ fn next_up(x: f64) -> f64 {
         return x;
     }
     let bits = x.to_bits();
-    f64::from_bits(if x >= 0.0 { bits + 1 } else if x == 0.0 { 1 } else { bits - 1 })
+    f64::from_bits(if x >= 0.0 {
+        bits + 1
+    } else if x == 0.0 {
+        1
+    } else {
+        bits - 1
+    })
 }
 
 /// Threshold maximising F1 of the defect class, with its F1.
@@ -275,7 +285,13 @@ mod tests {
         for i in 0..8 {
             for j in 0..8 {
                 if d[i] && !d[j] {
-                    u += if s[i] > s[j] { 1.0 } else if s[i] == s[j] { 0.5 } else { 0.0 };
+                    u += if s[i] > s[j] {
+                        1.0
+                    } else if s[i] == s[j] {
+                        0.5
+                    } else {
+                        0.0
+                    };
                 }
             }
         }

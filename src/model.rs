@@ -186,7 +186,10 @@ impl Model {
                 path: path.to_path_buf(),
                 reason: format!(
                     "trained with {} weights {}, but the available {} weights are {}",
-                    self.manifest.backbone.id(), &self.manifest.backbone_weights_sha256[..12], kind.id(), &weights_sha256[..12.min(weights_sha256.len())]
+                    self.manifest.backbone.id(),
+                    &self.manifest.backbone_weights_sha256[..12],
+                    kind.id(),
+                    &weights_sha256[..12.min(weights_sha256.len())]
                 ),
             });
         }

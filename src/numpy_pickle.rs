@@ -59,14 +59,26 @@ fn to_f32(path: &Path, name: &str, a: &NdArray) -> Result<RawTensor> {
     let item = a.dtype.trim_start_matches(['<', '>', '=', '|']);
     let big = a.byte_order == '>' || a.dtype.starts_with('>');
     let values: Vec<f32> = match item {
-        "f4" => a.data.chunks_exact(4).map(|c| {
-            let b: [u8; 4] = c.try_into().unwrap();
-            if big { f32::from_be_bytes(b) } else { f32::from_le_bytes(b) }
-        }).collect(),
-        "f8" => a.data.chunks_exact(8).map(|c| {
-            let b: [u8; 8] = c.try_into().unwrap();
-            (if big { f64::from_be_bytes(b) } else { f64::from_le_bytes(b) }) as f32
-        }).collect(),
+        "f4" => a
+            .data
+            .chunks_exact(4)
+            .map(|c| {
+                let b: [u8; 4] = c.try_into().unwrap();
+                if big {
+                    f32::from_be_bytes(b)
+                } else {
+                    f32::from_le_bytes(b)
+                }
+            })
+            .collect(),
+        "f8" => a
+            .data
+            .chunks_exact(8)
+            .map(|c| {
+                let b: [u8; 8] = c.try_into().unwrap();
+                (if big { f64::from_be_bytes(b) } else { f64::from_le_bytes(b) }) as f32
+            })
+            .collect(),
         other => return Err(Error::format(path, format!("{name}: array dtype {other} is not a float type"))),
     };
     let values = if a.fortran_order && a.shape.len() > 1 { fortran_to_c(&values, &a.shape) } else { values };
@@ -145,7 +157,8 @@ mod tests {
         };
         assert_eq!((t[0].1.shape.clone(), values(0)), (vec![2, 3], vec![0., 1., 2., 3., 4., 5.]));
         assert_eq!((t[1].1.shape.clone(), values(1)), (vec![2], vec![1.5, -2.0])); // big-endian
-        assert_eq!((t[2].1.shape.clone(), values(2)), (vec![2, 3], vec![0., 1., 2., 3., 4., 5.])); // Fortran f8
+        assert_eq!((t[2].1.shape.clone(), values(2)), (vec![2, 3], vec![0., 1., 2., 3., 4., 5.]));
+        // Fortran f8
     }
 
     #[test]

@@ -1,15 +1,13 @@
 //! Tensor operations candle lacks, as CPU custom ops: `atan` (with backward), overlapping
 //! max-pool with a backward pass, and a fast depthwise convolution.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use crate::sgemm::{sgemm, sgemm_with, Backend::Rust};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The f32 values of a contiguous CPU tensor, or an error naming `op`.
 pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: only f32 tensors are supported")
-    };
+    let CpuStorage::F32(v) = s else { candle_core::bail!("{op}: only f32 tensors are supported") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{op}: input must be contiguous"),
@@ -291,7 +289,9 @@ impl OnCopy {
         use std::arch::x86_64::*;
         match self {
             OnCopy::Identity => v,
-            OnCopy::BiasRelu6(b) => _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, _mm256_set1_ps(b)), _mm256_setzero_ps()), _mm256_set1_ps(6.0)),
+            OnCopy::BiasRelu6(b) => {
+                _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, _mm256_set1_ps(b)), _mm256_setzero_ps()), _mm256_set1_ps(6.0))
+            }
         }
     }
 
@@ -375,7 +375,9 @@ unsafe fn deinterleave_avx2(row: &[f32], ev: &mut [f32], od: &mut [f32], f: OnCo
 /// sums are clamped to [0, 6] as they are stored. `offsets` is `g.tap_offsets()`.
 fn accumulate_taps(out: &mut [f32], phases: &[f32], kernel: &[f32], offsets: &[usize], g: &PlaneGeometry, init: Option<f32>, relu6: bool) {
     let PlaneGeometry { k, s, hp, pw, oh, ow, .. } = *g;
-    assert!(out.len() >= oh * ow && phases.len() >= g.phases_len() && kernel.len() >= k * k && (k - 1) / s + ow <= pw && (oh - 1) * s + k <= hp);
+    assert!(
+        out.len() >= oh * ow && phases.len() >= g.phases_len() && kernel.len() >= k * k && (k - 1) / s + ow <= pw && (oh - 1) * s + k <= hp
+    );
     assert!(offsets.len() == k * k && offsets.iter().all(|&o| o + (oh - 1) * s * pw + ow <= g.phases_len()));
     let taps = Taps { offsets, weights: &kernel[..k * k] };
     #[cfg(target_arch = "x86_64")]
@@ -505,7 +507,12 @@ impl TapTile<'_> {
     /// `MASKED` (V = 1), only the lanes of `mask`. Each sum adds the taps in the same order
     /// with the same fused multiply-adds, whatever the tile.
     #[inline(always)]
-    unsafe fn run<const R: usize, const V: usize, const MASKED: bool>(&self, src: *const f32, dst: *mut f32, mask: std::arch::x86_64::__m256i) {
+    unsafe fn run<const R: usize, const V: usize, const MASKED: bool>(
+        &self,
+        src: *const f32,
+        dst: *mut f32,
+        mask: std::arch::x86_64::__m256i,
+    ) {
         use std::arch::x86_64::*;
         let mut acc = [[_mm256_setzero_ps(); V]; R];
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -654,7 +661,10 @@ impl DirectConv {
         let PlaneGeometry { h, w, k, s, pw, oh, ow, .. } = *geo;
         let plane_len = geo.phases_len();
         let mut phases = vec![0f32; n * c * plane_len];
-        phases.par_chunks_mut(plane_len).enumerate().for_each(|(p, ph)| geo.fill_phases_into(&x[p * h * w..(p + 1) * h * w], ph, OnCopy::Identity));
+        phases
+            .par_chunks_mut(plane_len)
+            .enumerate()
+            .for_each(|(p, ph)| geo.fill_phases_into(&x[p * h * w..(p + 1) * h * w], ph, OnCopy::Identity));
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() && o % STEM_OUTPUTS == 0 {
             let taps = DenseTaps::new(offsets, plane_len, c, wt, &self.bias);
@@ -799,13 +809,27 @@ impl CustomOp2 for DirectConvInputGrad {
 
 /// Depthwise k×k convolution with zero padding (top, bottom, left, right), fused bias and
 /// optional ReLU6; gradient with respect to the input (weights are frozen).
-pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &[f32], stride: usize, pad: (usize, usize, usize, usize), relu6: bool) -> Result<Tensor> {
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &[f32],
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    relu6: bool,
+) -> Result<Tensor> {
     let op = DirectConv { stride, pad, bias: bias.to_vec(), relu6, depthwise: true };
     x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
 /// Dense k×k convolution for few input channels (EfficientNet's stem), same fusion as above.
-pub fn dense_conv2d(x: &Tensor, weight: &Tensor, bias: &[f32], stride: usize, pad: (usize, usize, usize, usize), relu6: bool) -> Result<Tensor> {
+pub fn dense_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &[f32],
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    relu6: bool,
+) -> Result<Tensor> {
     let op = DirectConv { stride, pad, bias: bias.to_vec(), relu6, depthwise: false };
     x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
@@ -888,7 +912,16 @@ impl CustomOp2 for Pointwise {
 /// # Safety
 /// `dst` must hold `base + (O-1)·stride + cols` values and no other thread may touch this range.
 #[allow(clippy::too_many_arguments)]
-unsafe fn store_rows(dst: SharedMut, base: usize, stride: usize, product: &[f32], cols: usize, bias: &[f32], relu6: bool, residual: Option<&[f32]>) {
+unsafe fn store_rows(
+    dst: SharedMut,
+    base: usize,
+    stride: usize,
+    product: &[f32],
+    cols: usize,
+    bias: &[f32],
+    relu6: bool,
+    residual: Option<&[f32]>,
+) {
     for (r, (p, &bv)) in product.chunks(cols).zip(bias).enumerate() {
         let start = base + r * stride;
         let row = std::slice::from_raw_parts_mut(dst.get().add(start), cols);
@@ -912,7 +945,13 @@ impl SharedMut {
 
 /// Fused 1×1 convolution: `relu6?(W·x + b) (+ residual)`; `weight` is [O, C] row-major.
 /// Differentiable with respect to x and the residual (weights are frozen).
-pub fn pointwise_conv(x: &Tensor, weight: &std::sync::Arc<[f32]>, bias: &std::sync::Arc<[f32]>, relu6: bool, residual: Option<&Tensor>) -> Result<Tensor> {
+pub fn pointwise_conv(
+    x: &Tensor,
+    weight: &std::sync::Arc<[f32]>,
+    bias: &std::sync::Arc<[f32]>,
+    relu6: bool,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let op = Pointwise { weight: weight.clone(), bias: bias.clone(), relu6 };
     let x = x.contiguous()?;
     match residual {
@@ -1120,8 +1159,17 @@ impl CustomOp3 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen_linear"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (contiguous_f32(s1, l1, "frozen_linear")?, contiguous_f32(s2, l2, "frozen_linear")?, contiguous_f32(s3, l3, "frozen_linear")?);
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) =
+            (contiguous_f32(s1, l1, "frozen_linear")?, contiguous_f32(s2, l2, "frozen_linear")?, contiguous_f32(s3, l3, "frozen_linear")?);
         let (rows, input) = l1.shape().dims2()?;
         let (output, w_input) = l2.shape().dims2()?;
         if w_input != input || b.len() != output {
@@ -1319,7 +1367,14 @@ mod tests {
     }
 
     /// The reference: candle's conv2d after zero padding (before, after) on both axes, + bias, ReLU6.
-    fn conv_bias_relu6(x: &Tensor, w: &Tensor, bias: &[f32], (before, after): (usize, usize), stride: usize, groups: usize) -> Result<Tensor> {
+    fn conv_bias_relu6(
+        x: &Tensor,
+        w: &Tensor,
+        bias: &[f32],
+        (before, after): (usize, usize),
+        stride: usize,
+        groups: usize,
+    ) -> Result<Tensor> {
         let y = x.pad_with_zeros(2, before, after)?.pad_with_zeros(3, before, after)?.conv2d(w, 0, stride, 1, groups)?;
         y.broadcast_add(&Tensor::from_slice(bias, (1, bias.len(), 1, 1), x.device())?)?.clamp(0f32, 6f32)
     }
@@ -1353,7 +1408,11 @@ mod tests {
         for rows in [1, 2, 3, 5, 7, 16, 17, 40] {
             let x: Vec<f32> = (0..rows * input).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
             let dev = &candle_core::Device::Cpu;
-            let got = frozen_linear(&Tensor::from_slice(&x, (rows, input), dev)?, &Tensor::from_slice(&w, (output, input), dev)?, &Tensor::from_slice(&b, output, dev)?)?;
+            let got = frozen_linear(
+                &Tensor::from_slice(&x, (rows, input), dev)?,
+                &Tensor::from_slice(&w, (output, input), dev)?,
+                &Tensor::from_slice(&b, output, dev)?,
+            )?;
             assert_eq!(got.dims(), &[rows, output]);
             let got = got.flatten_all()?.to_vec1::<f32>()?;
             for r in 0..rows {
@@ -1389,7 +1448,8 @@ mod tests {
         let r = Tensor::randn(0f32, 1., (2, 7, 4, 3), &dev)?;
         let want = w.broadcast_matmul(&x.reshape((2, 5, 12))?)?.broadcast_add(&b.reshape((1, 7, 1))?)?.reshape((2, 7, 4, 3))?;
         let want = (want.clamp(0f32, 6f32)? + &r)?;
-        let (wv, bv): (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>) = (w.flatten_all()?.to_vec1::<f32>()?.into(), b.to_vec1::<f32>()?.into());
+        let (wv, bv): (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>) =
+            (w.flatten_all()?.to_vec1::<f32>()?.into(), b.to_vec1::<f32>()?.into());
         let got = pointwise_conv(&x, &wv, &bv, true, Some(&r))?;
         let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
@@ -1399,7 +1459,8 @@ mod tests {
     #[test]
     fn fused_mbconv_equals_its_three_ops_at_every_band_size() -> Result<()> {
         let dev = Device::Cpu;
-        let rnd = |n: usize, scale: f32| -> Result<std::sync::Arc<[f32]>> { Ok(Tensor::randn(0f32, scale, n, &dev)?.to_vec1::<f32>()?.into()) };
+        let rnd =
+            |n: usize, scale: f32| -> Result<std::sync::Arc<[f32]>> { Ok(Tensor::randn(0f32, scale, n, &dev)?.to_vec1::<f32>()?.into()) };
         // (channels in, expansion, out, kernel, stride, residual, pad, height, width)
         let cases = [
             (4, 6, 4, 3, 1, true, (1, 1, 1, 1), 11, 9),
@@ -1411,7 +1472,14 @@ mod tests {
         for (c, ex, o, k, s, residual, pad, h, w) in cases {
             let e = c * ex;
             let expand = if ex == 1 { None } else { Some((rnd(e * c, 0.5)?, rnd(e, 0.5)?)) };
-            let m = MbConvWeights { expand, depthwise: (rnd(e * k * k, 0.5)?, rnd(e, 0.5)?), project: (rnd(o * e, 0.5)?, rnd(o, 0.5)?), kernel: k, stride: s, residual };
+            let m = MbConvWeights {
+                expand,
+                depthwise: (rnd(e * k * k, 0.5)?, rnd(e, 0.5)?),
+                project: (rnd(o * e, 0.5)?, rnd(o, 0.5)?),
+                kernel: k,
+                stride: s,
+                residual,
+            };
             let x = Tensor::randn(0f32, 2., (2, c, h, w), &dev)?;
             let hidden = match &m.expand {
                 Some((wt, b)) => pointwise_conv(&x, wt, b, true, None)?,
@@ -1450,7 +1518,8 @@ mod tests {
                 dense_conv2d(x.as_tensor(), &w, &bias, stride, pad, true)?
             };
             let (oh, ow) = (y.dim(2)?, y.dim(3)?);
-            let probe = probe.narrow(1, 0, 3.min(o))?.pad_with_zeros(1, 0, o - 3.min(o))?.narrow(2, 0, oh.min(5))?.narrow(3, 0, ow.min(5))?;
+            let probe =
+                probe.narrow(1, 0, 3.min(o))?.pad_with_zeros(1, 0, o - 3.min(o))?.narrow(2, 0, oh.min(5))?.narrow(3, 0, ow.min(5))?;
             let probe = probe.pad_with_zeros(2, 0, oh - probe.dim(2)?)?.pad_with_zeros(3, 0, ow - probe.dim(3)?)?;
             let g = (y * &probe)?.sum_all()?.backward()?;
             let got = g.get(x.as_tensor()).unwrap().clone();
@@ -1458,7 +1527,10 @@ mod tests {
             // (padded - kernel) divisible by the stride, so the cases above are chosen that way)
             let xr = Var::from_tensor(&x0)?;
             let padded = xr.as_tensor().pad_with_zeros(2, pad.0, pad.1)?.pad_with_zeros(3, pad.2, pad.3)?;
-            let yr = padded.conv2d(&w, 0, stride, 1, if depthwise { 3 } else { 1 })?.broadcast_add(&Tensor::new(bias.as_slice(), &dev)?.reshape((1, o, 1, 1))?)?.clamp(0f32, 6f32)?;
+            let yr = padded
+                .conv2d(&w, 0, stride, 1, if depthwise { 3 } else { 1 })?
+                .broadcast_add(&Tensor::new(bias.as_slice(), &dev)?.reshape((1, o, 1, 1))?)?
+                .clamp(0f32, 6f32)?;
             let gr = (yr * &probe)?.sum_all()?.backward()?;
             let want = gr.get(xr.as_tensor()).unwrap();
             assert!(max_diff(&got, want)? < 1e-4, "stride {stride} depthwise {depthwise}: {}", max_diff(&got, want)?);
@@ -1468,12 +1540,14 @@ mod tests {
         let r = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 7, 4, 3), &dev)?)?;
         let w = Tensor::randn(0f32, 1., (7, 5), &dev)?;
         let b = Tensor::randn(0f32, 1., 7, &dev)?;
-        let (wv, bv): (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>) = (w.flatten_all()?.to_vec1::<f32>()?.into(), b.to_vec1::<f32>()?.into());
+        let (wv, bv): (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>) =
+            (w.flatten_all()?.to_vec1::<f32>()?.into(), b.to_vec1::<f32>()?.into());
         let probe = Tensor::randn(0f32, 1., (2, 7, 4, 3), &dev)?;
         for (relu6, residual) in [(true, false), (false, true)] {
             let y = pointwise_conv(x.as_tensor(), &wv, &bv, relu6, residual.then_some(r.as_tensor()))?;
             let g = (y * &probe)?.sum_all()?.backward()?;
-            let mut yr = w.broadcast_matmul(&x.as_tensor().reshape((2, 5, 12))?)?.broadcast_add(&b.reshape((1, 7, 1))?)?.reshape((2, 7, 4, 3))?;
+            let mut yr =
+                w.broadcast_matmul(&x.as_tensor().reshape((2, 5, 12))?)?.broadcast_add(&b.reshape((1, 7, 1))?)?.reshape((2, 7, 4, 3))?;
             if relu6 {
                 yr = yr.clamp(0f32, 6f32)?;
             }

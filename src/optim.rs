@@ -41,9 +41,7 @@ impl InplaceOp2 for AdamKernel<'_> {
         "adam_step"
     }
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("adam: f32 parameters only")
-        };
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else { candle_core::bail!("adam: f32 parameters only") };
         let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             candle_core::bail!("adam: parameters and gradients must be contiguous")
         };

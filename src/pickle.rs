@@ -77,7 +77,13 @@ pub enum Val {
     /// A torch persistent storage reference: (key, storage type name).
     Storage(String, String),
     /// A torch tensor view of a storage.
-    Tensor { key: String, dtype: String, offset: usize, size: Vec<usize>, stride: Vec<usize> },
+    Tensor {
+        key: String,
+        dtype: String,
+        offset: usize,
+        size: Vec<usize>,
+        stride: Vec<usize>,
+    },
     /// `numpy.dtype(descr, ...)`, its byte order set by BUILD.
     Dtype(String, char),
     /// An empty array from `_reconstruct`, filled in by BUILD.
@@ -133,7 +139,9 @@ impl<'a> Pickle<'a> {
     }
     fn global(&self, module: String, name: String) -> Result<Val> {
         if !self.flavor.allows(&module, &name) {
-            return Err(self.err(format!("refusing global `{module}.{name}`: a {:?} weight file may name only its allowed globals", self.flavor)));
+            return Err(
+                self.err(format!("refusing global `{module}.{name}`: a {:?} weight file may name only its allowed globals", self.flavor))
+            );
         }
         Ok(Val::Global(module, name))
     }
@@ -394,7 +402,11 @@ impl<'a> Pickle<'a> {
         let item = dtype_item_size(&dtype).ok_or_else(|| self.err(format!("unsupported array dtype `{dtype}`")))?;
         let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| self.err("array size overflows"))?;
         if numel.checked_mul(item) != Some(data.len()) {
-            return Err(self.err(format!("array of shape {shape:?} and dtype {dtype} needs {} bytes, has {}", numel.saturating_mul(item), data.len())));
+            return Err(self.err(format!(
+                "array of shape {shape:?} and dtype {dtype} needs {} bytes, has {}",
+                numel.saturating_mul(item),
+                data.len()
+            )));
         }
         Ok(Val::Array(Arc::new(NdArray { shape, dtype, byte_order, fortran_order, data })))
     }

@@ -6,8 +6,8 @@ use crate::backbone::BackboneKind;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::features::{Extractor, FeatureCache};
-use crate::localize::{gradient_map, LocalizationFiles, LocalizationImages, MapStyle};
 use crate::flow::NormalizingFlow;
+use crate::localize::{gradient_map, LocalizationFiles, LocalizationImages, MapStyle};
 use crate::model::{Manifest, Model, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
 use crate::progress::Progress;
 use crate::score::{anomaly_score, score_images, Evaluation, SampleScore, ScoreKind};
@@ -81,17 +81,27 @@ impl Detector {
             return Err(refuse(format!("trained on the features of stages {stages:?}; --stages cannot change them")));
         }
         if opts.expect_normalization.is_some_and(|n| n != train.input_normalization) {
-            return Err(refuse(format!("trained with {} input normalization; --input-norm cannot change it", train.input_normalization.id())));
+            return Err(refuse(format!(
+                "trained with {} input normalization; --input-norm cannot change it",
+                train.input_normalization.id()
+            )));
         }
         if opts.expect_tiles.is_some() {
-            return Err(refuse(format!("--tiles is chosen when training; this model cuts images into {} tile(s) (0: by aspect ratio)", train.tiles)));
+            return Err(refuse(format!(
+                "--tiles is chosen when training; this model cuts images into {} tile(s) (0: by aspect ratio)",
+                train.tiles
+            )));
         }
         let mut extractor = Extractor::load(model.manifest.backbone, &installed_weights(model.manifest.backbone)?, &opts.device)?;
         model.check_backbone(extractor.kind(), &extractor.weights_sha256, path)?;
         extractor = extractor.with_stages(&stages)?.with_normalization(train.input_normalization).with_tiles(train.tiles);
         extractor.batch = opts.backbone_batch.max(1);
         if extractor.feature_dim() != model.flow.config.dim {
-            return Err(refuse(format!("the flow takes {} features but stages {stages:?} give {}", model.flow.config.dim, extractor.feature_dim())));
+            return Err(refuse(format!(
+                "the flow takes {} features but stages {stages:?} give {}",
+                model.flow.config.dim,
+                extractor.feature_dim()
+            )));
         }
         Ok(Detector { model, extractor, cache: opts.cache.clone() })
     }
@@ -135,7 +145,12 @@ impl Detector {
         let views = views.unwrap_or(self.model.manifest.test_views);
         let paths: Vec<PathBuf> = ds.test.iter().map(|s| s.path.clone()).collect();
         let scores = self.score_paths(&paths, &test_views(views), progress)?;
-        let samples = ds.test.iter().zip(scores).map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score }).collect();
+        let samples = ds
+            .test
+            .iter()
+            .zip(scores)
+            .map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score })
+            .collect();
         let m = &self.model.manifest;
         Ok(Evaluation::from_scores(m.backbone.id(), samples, views, m.score, m.threshold.as_ref().map(|t| t.value)))
     }
@@ -143,7 +158,12 @@ impl Detector {
     /// The gradient map (paper eq. 7) of a decoded image on the 448 × 448 network input,
     /// averaged over `views`.
     pub fn heat_map(&self, img: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
-        gradient_map(&self.extractor, &self.model.flow, &resize_bilinear(img, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE), views)
+        gradient_map(
+            &self.extractor,
+            &self.model.flow,
+            &resize_bilinear(img, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE),
+            views,
+        )
     }
 
     /// Heat map, overlay and mask of a decoded image at its own resolution.

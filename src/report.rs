@@ -29,12 +29,14 @@ pub fn ensure_font() -> Result<()> {
         .get_or_init(|| {
             let env = std::env::var_os("DIFFERNET_FONT").map(PathBuf::from);
             let path = env.iter().cloned().chain(FONT_CANDIDATES.iter().map(PathBuf::from)).find(|p| p.is_file()).ok_or_else(|| {
-                "no TrueType font for plot labels: install one (Debian: fonts-dejavu-core) or set DIFFERNET_FONT=/path/to/font.ttf".to_string()
+                "no TrueType font for plot labels: install one (Debian: fonts-dejavu-core) or set DIFFERNET_FONT=/path/to/font.ttf"
+                    .to_string()
             })?;
             let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             // plotters keeps fonts for the life of the process
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            plotters::style::register_font(FONT, FontStyle::Normal, bytes).map_err(|_| format!("{}: not a usable TrueType font", path.display()))
+            plotters::style::register_font(FONT, FontStyle::Normal, bytes)
+                .map_err(|_| format!("{}: not a usable TrueType font", path.display()))
         })
         .clone()
         .map_err(Error::Config)
@@ -50,7 +52,8 @@ pub enum Plot {
     Lines { title: String, x_label: String, y_label: String, series: Vec<(String, Vec<(f64, f64)>)> },
 }
 
-const PALETTE: [RGBColor; 5] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189)];
+const PALETTE: [RGBColor; 5] =
+    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189)];
 
 fn padded_range(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     let lo = values.clone().fold(f64::INFINITY, f64::min);
@@ -75,7 +78,13 @@ impl Plot {
                     .y_label_area_size(48)
                     .build_cartesian_2d(0f64..1f64, 0f64..1.001f64)
                     .map_err(e)?;
-                chart.configure_mesh().x_desc("false-positive rate").y_desc("true-positive rate").label_style((FONT, 12)).draw().map_err(e)?;
+                chart
+                    .configure_mesh()
+                    .x_desc("false-positive rate")
+                    .y_desc("true-positive rate")
+                    .label_style((FONT, 12))
+                    .draw()
+                    .map_err(e)?;
                 chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], RGBColor(170, 170, 170))).map_err(e)?;
                 chart.draw_series(LineSeries::new(curve.iter().copied(), PALETTE[0].stroke_width(2))).map_err(e)?;
             }
@@ -126,7 +135,13 @@ impl Plot {
                         .label(format!("threshold {t:.4}"))
                         .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(2)));
                 }
-                chart.configure_series_labels().label_font((FONT, 12)).background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(e)?;
+                chart
+                    .configure_series_labels()
+                    .label_font((FONT, 12))
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .draw()
+                    .map_err(e)?;
             }
             Plot::Lines { title, x_label, y_label, series } => {
                 let (x0, x1) = padded_range(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)));
@@ -147,7 +162,13 @@ impl Plot {
                         .label(name.as_str())
                         .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], color.stroke_width(2)));
                 }
-                chart.configure_series_labels().label_font((FONT, 12)).background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(e)?;
+                chart
+                    .configure_series_labels()
+                    .label_font((FONT, 12))
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .draw()
+                    .map_err(e)?;
             }
         }
         root.present().map_err(e)
@@ -235,7 +256,11 @@ impl Report<'_> {
         let labels: Vec<bool> = ev.samples.iter().map(|s| s.defect != "good").collect();
         let roc = Plot::Roc { curve: crate::metrics::roc_curve(&scores, &labels), auroc: ev.image_auroc };
         let (d, g): (Vec<&SampleScore>, Vec<&SampleScore>) = ev.samples.iter().partition(|s| s.defect != "good");
-        let hist = Plot::Histogram { good: g.iter().map(|s| s.score).collect(), defect: d.iter().map(|s| s.score).collect(), threshold: ev.threshold };
+        let hist = Plot::Histogram {
+            good: g.iter().map(|s| s.score).collect(),
+            defect: d.iter().map(|s| s.score).collect(),
+            threshold: ev.threshold,
+        };
         (roc, hist)
     }
 
@@ -264,19 +289,33 @@ impl Report<'_> {
 
     fn confusion_line(&self) -> String {
         match (self.evaluation.threshold, self.evaluation.confusion) {
-            (Some(t), Some((tp, fp, tn, fn_))) => format!("At the stored threshold {t:.5}: {tp} defects caught, {fn_} missed; {tn} good parts passed, {fp} rejected."),
+            (Some(t), Some((tp, fp, tn, fn_))) => {
+                format!("At the stored threshold {t:.5}: {tp} defects caught, {fn_} missed; {tn} good parts passed, {fp} rejected.")
+            }
             _ => "The model has no stored threshold (set one with `differnet calibrate`); no confusion counts.".into(),
         }
     }
 
     fn markdown(&self) -> String {
         let ev = self.evaluation;
-        let mut s = format!("# {}\n\nModel `{}`, backbone {}, {} test views, score {}.\n\n", self.title, self.model, ev.backbone, ev.test_views, score_name(ev.score_kind));
+        let mut s = format!(
+            "# {}\n\nModel `{}`, backbone {}, {} test views, score {}.\n\n",
+            self.title,
+            self.model,
+            ev.backbone,
+            ev.test_views,
+            score_name(ev.score_kind)
+        );
         s += "| defect type | images | image AUROC | pixel AUROC | AUPRO |\n|---|---|---|---|---|\n";
         for r in self.rows() {
             s += &format!("| {} |\n", r.join(" | "));
         }
-        s += &format!("\n{} ({} good, {} defective images.)\n\n![ROC curve](roc.png)\n![score histogram](histogram.png)\n", self.confusion_line(), ev.n_good, ev.n_defect);
+        s += &format!(
+            "\n{} ({} good, {} defective images.)\n\n![ROC curve](roc.png)\n![score histogram](histogram.png)\n",
+            self.confusion_line(),
+            ev.n_good,
+            ev.n_defect
+        );
         if !self.gallery.is_empty() {
             s += "\n## Cases to look at\n\n";
             for (i, g) in self.gallery.iter().enumerate() {
@@ -288,7 +327,8 @@ impl Report<'_> {
 
     fn html(&self, roc_svg: &str, hist_svg: &str) -> String {
         let ev = self.evaluation;
-        let mut table = String::from("<table><tr><th>defect type</th><th>images</th><th>image AUROC</th><th>pixel AUROC</th><th>AUPRO</th></tr>");
+        let mut table =
+            String::from("<table><tr><th>defect type</th><th>images</th><th>image AUROC</th><th>pixel AUROC</th><th>AUPRO</th></tr>");
         for r in self.rows() {
             table += "<tr>";
             for c in r {

@@ -4,9 +4,9 @@
 use crate::error::{Error, Result};
 use crate::features::{Extractor, FeatureCache};
 use crate::flow::NormalizingFlow;
+use crate::progress::Progress;
 use crate::transforms::View;
 use candle_core::{Device, Tensor};
-use crate::progress::Progress;
 
 /// How a view is scored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -85,7 +85,13 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
-    pub fn from_scores(backbone: &str, samples: Vec<SampleScore>, test_views: usize, score_kind: ScoreKind, threshold: Option<f64>) -> Self {
+    pub fn from_scores(
+        backbone: &str,
+        samples: Vec<SampleScore>,
+        test_views: usize,
+        score_kind: ScoreKind,
+        threshold: Option<f64>,
+    ) -> Self {
         use crate::metrics::{auroc, confusion};
         let scores: Vec<f64> = samples.iter().map(|s| s.score).collect();
         let labels: Vec<bool> = samples.iter().map(|s| s.defect != "good").collect();
@@ -122,7 +128,13 @@ impl Evaluation {
         }
         s += &format!(
             "{:<16} {:>8} {:>8.4}   ({} good, {} test views, score {:?}, backbone {})\n",
-            "ALL", self.n_good + self.n_defect, self.image_auroc, self.n_good, self.test_views, self.score_kind, self.backbone
+            "ALL",
+            self.n_good + self.n_defect,
+            self.image_auroc,
+            self.n_good,
+            self.test_views,
+            self.score_kind,
+            self.backbone
         );
         if let Some(p) = &self.pixel {
             s += &format!("\n{:<16} {:>11} {:>8}   (gradient maps, {} views)\n", "defect type", "pixel AUROC", "AUPRO", p.views);
@@ -140,7 +152,15 @@ impl Evaluation {
 
 /// Scores of image files (features from the cache when present), one per path. The flow runs
 /// on the views of several images at once: large matrix products are much faster than many small ones.
-pub fn score_images(flow: &NormalizingFlow, kind: ScoreKind, ex: &Extractor, cache: &FeatureCache, paths: &[std::path::PathBuf], views: &[View], bar: &dyn Progress) -> Result<Vec<f64>> {
+pub fn score_images(
+    flow: &NormalizingFlow,
+    kind: ScoreKind,
+    ex: &Extractor,
+    cache: &FeatureCache,
+    paths: &[std::path::PathBuf],
+    views: &[View],
+    bar: &dyn Progress,
+) -> Result<Vec<f64>> {
     if views.is_empty() {
         return Err(Error::Config("at least one test view is needed".into()));
     }
@@ -169,4 +189,3 @@ pub fn score_images(flow: &NormalizingFlow, kind: ScoreKind, ex: &Extractor, cac
     }
     Ok(out)
 }
-

@@ -153,7 +153,15 @@ impl AppState {
                 .map_err(|e| crate::Error::Config(format!("cannot start worker thread: {e}")))?;
         }
         let map: HashMap<String, Arc<ServedModel>> = models.into_iter().map(|m| (m.name.clone(), Arc::new(m))).collect();
-        Ok(Arc::new(AppState { models: RwLock::new(Arc::new(map)), default_model, limits, queue: tx, _jobs: rx, metrics: Metrics::default(), loader }))
+        Ok(Arc::new(AppState {
+            models: RwLock::new(Arc::new(map)),
+            default_model,
+            limits,
+            queue: tx,
+            _jobs: rx,
+            metrics: Metrics::default(),
+            loader,
+        }))
     }
 
     fn models(&self) -> Models {
@@ -208,10 +216,12 @@ fn score_job(job: &Job, limits: &Limits) -> std::result::Result<Vec<ImageVerdict
     let mut out = vec![];
     for (name, bytes) in &job.images {
         let t = Instant::now();
-        let original: Rgb8 = decode_rgb(bytes).map_err(|reason| (StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))?;
+        let original: Rgb8 =
+            decode_rgb(bytes).map_err(|reason| (StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))?;
         let decision = d.decide(d.score_image(&original, &views).map_err(internal)?);
         let overlay_png_base64 = if job.heatmap {
-            let pictures = d.localization_images(&original, &d.views(Some(limits.heatmap_views)), &MapStyle::official()).map_err(internal)?;
+            let pictures =
+                d.localization_images(&original, &d.views(Some(limits.heatmap_views)), &MapStyle::official()).map_err(internal)?;
             Some(base64::engine::general_purpose::STANDARD.encode(crate::localize::png_bytes(&pictures.overlay)))
         } else {
             None
@@ -280,9 +290,13 @@ async fn score_inner(state: &Arc<AppState>, q: ScoreQuery, headers: &HeaderMap, 
     let models = state.models();
     let name = q.model.unwrap_or_else(|| state.default_model.clone());
     let Some(model) = models.get(&name).cloned() else {
-        return error(StatusCode::NOT_FOUND, format!("no model named `{name}` (served: {})", models.keys().cloned().collect::<Vec<_>>().join(", ")));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no model named `{name}` (served: {})", models.keys().cloned().collect::<Vec<_>>().join(", ")),
+        );
     };
-    let is_multipart = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
+    let is_multipart =
+        headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
     let mut images = vec![];
     if is_multipart {
         let mut form = match Multipart::from_request(request, &()).await {
@@ -313,10 +327,17 @@ async fn score_inner(state: &Arc<AppState>, q: ScoreQuery, headers: &HeaderMap, 
     }
     for (name, bytes) in &images {
         match header_size(bytes) {
-            HeaderSize::Unreadable(reason) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")),
-            HeaderSize::TooLarge => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("{name}: the image header claims a size beyond the decoder's limits")),
+            HeaderSize::Unreadable(reason) => {
+                return error(StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}"))
+            }
+            HeaderSize::TooLarge => {
+                return error(StatusCode::PAYLOAD_TOO_LARGE, format!("{name}: the image header claims a size beyond the decoder's limits"))
+            }
             HeaderSize::Pixels(px) if px > state.limits.max_pixels => {
-                return error(StatusCode::PAYLOAD_TOO_LARGE, format!("{name}: {px} pixels, more than the limit of {}", state.limits.max_pixels))
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("{name}: {px} pixels, more than the limit of {}", state.limits.max_pixels),
+                )
             }
             HeaderSize::Pixels(_) => {}
         }
@@ -353,14 +374,21 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
-    let mut s = String::from("# HELP differnet_requests_total HTTP requests by route and status.\n# TYPE differnet_requests_total counter\n");
+    let mut s =
+        String::from("# HELP differnet_requests_total HTTP requests by route and status.\n# TYPE differnet_requests_total counter\n");
     for ((route, status), n) in m.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         s += &format!("differnet_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n");
     }
     s += &format!("# HELP differnet_images_scored_total Images scored.\n# TYPE differnet_images_scored_total counter\ndiffernet_images_scored_total {}\n", m.images.load(Ordering::Relaxed));
     s += &format!("# HELP differnet_rejected_busy_total Requests refused with 503 because the queue was full.\n# TYPE differnet_rejected_busy_total counter\ndiffernet_rejected_busy_total {}\n", m.rejected_busy.load(Ordering::Relaxed));
-    s += &format!("# HELP differnet_queue_depth Jobs waiting for a worker.\n# TYPE differnet_queue_depth gauge\ndiffernet_queue_depth {}\n", state.queue_depth());
-    s += &format!("# HELP differnet_reloads_total Model reloads (SIGHUP).\n# TYPE differnet_reloads_total counter\ndiffernet_reloads_total {}\n", m.reloads.load(Ordering::Relaxed));
+    s += &format!(
+        "# HELP differnet_queue_depth Jobs waiting for a worker.\n# TYPE differnet_queue_depth gauge\ndiffernet_queue_depth {}\n",
+        state.queue_depth()
+    );
+    s += &format!(
+        "# HELP differnet_reloads_total Model reloads (SIGHUP).\n# TYPE differnet_reloads_total counter\ndiffernet_reloads_total {}\n",
+        m.reloads.load(Ordering::Relaxed)
+    );
     s += &format!("# HELP differnet_reload_failures_total Failed model reloads.\n# TYPE differnet_reload_failures_total counter\ndiffernet_reload_failures_total {}\n", m.reload_failures.load(Ordering::Relaxed));
     s += "# HELP differnet_score_seconds Latency of successful /v1/score requests.\n# TYPE differnet_score_seconds histogram\n";
     for (b, bound) in m.latency_buckets.iter().zip(BUCKETS) {
@@ -368,7 +396,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
     let count = m.latency_count.load(Ordering::Relaxed);
     s += &format!("differnet_score_seconds_bucket{{le=\"+Inf\"}} {count}\n");
-    s += &format!("differnet_score_seconds_sum {}\ndiffernet_score_seconds_count {count}\n", m.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+    s += &format!(
+        "differnet_score_seconds_sum {}\ndiffernet_score_seconds_count {count}\n",
+        m.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+    );
     state.count("/metrics", StatusCode::OK);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
 }

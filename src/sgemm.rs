@@ -100,11 +100,25 @@ pub fn sgemm_with(backend: Backend, m: usize, n: usize, k: usize, dst: &mut [f32
         // SAFETY: the asserts above keep every index inside the three buffers.
         unsafe {
             gemm::gemm(
-                m, n, k,
-                dst.as_mut_ptr(), 1, n as isize, acc,
-                a.0.as_ptr(), a.2 as isize, a.1 as isize,
-                b.0.as_ptr(), b.2 as isize, b.1 as isize,
-                1.0, 1.0, false, false, false, par,
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                acc,
+                a.0.as_ptr(),
+                a.2 as isize,
+                a.1 as isize,
+                b.0.as_ptr(),
+                b.2 as isize,
+                b.1 as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
             )
         }
         return;
@@ -119,8 +133,22 @@ pub fn sgemm_with(backend: Backend, m: usize, n: usize, k: usize, dst: &mut [f32
         // SAFETY: columns j0..j0+cols of B and C lie inside their buffers (asserts above); jobs
         // write disjoint column ranges of C.
         unsafe {
-            f(101, ta, tb, m as i32, cols as i32, k as i32, 1.0, a.0.as_ptr(), lda, b.0.as_ptr().add(j0 * b.2), ldb,
-                if acc { 1.0 } else { 0.0 }, c.0.add(j0), ldc as i32)
+            f(
+                101,
+                ta,
+                tb,
+                m as i32,
+                cols as i32,
+                k as i32,
+                1.0,
+                a.0.as_ptr(),
+                lda,
+                b.0.as_ptr().add(j0 * b.2),
+                ldb,
+                if acc { 1.0 } else { 0.0 },
+                c.0.add(j0),
+                ldc as i32,
+            )
         }
     };
     if large && n >= 32 * threads {

@@ -114,11 +114,8 @@ pub const PART_DEFECTS: [&str; 3] = ["missing_hole", "scratch", "chip"];
 /// so that no rotation maps it onto itself.
 fn on_part(u: f32, v: f32, filled_hole: Option<usize>) -> bool {
     let (half_len, half_w) = (60.0f32, 26.0f32);
-    let body = if u.abs() <= half_len - half_w {
-        v.abs() <= half_w
-    } else {
-        (u.abs() - (half_len - half_w)).powi(2) + v * v <= half_w * half_w
-    };
+    let body =
+        if u.abs() <= half_len - half_w { v.abs() <= half_w } else { (u.abs() - (half_len - half_w)).powi(2) + v * v <= half_w * half_w };
     let holes = [(-34.0f32, 0.0f32, 11.0f32), (34.0, 0.0, 7.0)];
     let in_hole = holes.iter().enumerate().any(|(k, (hx, hy, r))| Some(k) != filled_hole && (u - hx).powi(2) + (v - hy).powi(2) <= r * r);
     let in_notch = (u - 8.0).abs() <= 7.0 && v <= -half_w + 10.0;

@@ -60,7 +60,9 @@ fn materialize(path: &Path, name: &str, dtype: &str, bytes: &[u8], offset: usize
         "FloatStorage" => TensorData::F32(idx.iter().map(|&i| f32::from_le_bytes(at(i).try_into().unwrap())).collect()),
         "DoubleStorage" => TensorData::F32(idx.iter().map(|&i| f64::from_le_bytes(at(i).try_into().unwrap()) as f32).collect()),
         "HalfStorage" => TensorData::F32(idx.iter().map(|&i| half_to_f32(u16::from_le_bytes(at(i).try_into().unwrap()))).collect()),
-        "BFloat16Storage" => TensorData::F32(idx.iter().map(|&i| f32::from_bits((u16::from_le_bytes(at(i).try_into().unwrap()) as u32) << 16)).collect()),
+        "BFloat16Storage" => {
+            TensorData::F32(idx.iter().map(|&i| f32::from_bits((u16::from_le_bytes(at(i).try_into().unwrap()) as u32) << 16)).collect())
+        }
         "LongStorage" => TensorData::I64(idx.iter().map(|&i| i64::from_le_bytes(at(i).try_into().unwrap())).collect()),
         "IntStorage" => TensorData::I64(idx.iter().map(|&i| i32::from_le_bytes(at(i).try_into().unwrap()) as i64).collect()),
         "ShortStorage" => TensorData::I64(idx.iter().map(|&i| i16::from_le_bytes(at(i).try_into().unwrap()) as i64).collect()),
@@ -78,7 +80,11 @@ fn half_to_f32(h: u16) -> f32 {
     let v = if exp == 0 {
         (man as f32) * 2f32.powi(-24)
     } else if exp == 31 {
-        if man == 0 { f32::INFINITY } else { f32::NAN }
+        if man == 0 {
+            f32::INFINITY
+        } else {
+            f32::NAN
+        }
     } else {
         f32::from_bits(((exp - 15 + 127) as u32) << 23 | man << 13)
     };
@@ -153,7 +159,10 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<Vec<(String, RawTensor)>> {
     let zerr = |e: zip::result::ZipError| Error::format(path, format!("zip: {e}"));
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(zerr)?;
     let names: Vec<String> = archive.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
-    let pkl = names.iter().find(|n| n.ends_with("/data.pkl") || *n == "data.pkl").cloned()
+    let pkl = names
+        .iter()
+        .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
+        .cloned()
         .ok_or_else(|| Error::format(path, "zip has no data.pkl: not a torch.save file"))?;
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
     let read = |archive: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>, name: &str| -> Result<Vec<u8>> {

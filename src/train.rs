@@ -7,9 +7,9 @@ use crate::features::{Extractor, FeatureCache};
 use crate::flow::{nll_loss, FlowConfig, NormalizingFlow};
 use crate::flow_grad::FlowTrainer;
 use crate::optim::{Adam, AdamConfig};
+use crate::progress::Progress;
 use crate::transforms::{Augment, InputNormalization, View};
 use candle_core::Tensor;
-use crate::progress::Progress;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -115,7 +115,11 @@ impl TrainConfig {
     }
     /// The pooled stages (the last one for models written before stages could be chosen).
     pub fn feature_stages(&self) -> Vec<usize> {
-        if self.stages.is_empty() { self.backbone.last_stage() } else { self.stages.clone() }
+        if self.stages.is_empty() {
+            self.backbone.last_stage()
+        } else {
+            self.stages.clone()
+        }
     }
 
     /// Sets the pooled stages and the flow's width to match.
@@ -133,7 +137,10 @@ impl TrainConfig {
             return Err(Error::Config("epochs, batch size and views per image must be at least 1".into()));
         }
         if self.cached_views < self.views_per_image {
-            return Err(Error::Config(format!("cached views ({}) must be at least the views per image ({})", self.cached_views, self.views_per_image)));
+            return Err(Error::Config(format!(
+                "cached views ({}) must be at least the views per image ({})",
+                self.cached_views, self.views_per_image
+            )));
         }
         Ok(())
     }
@@ -156,7 +163,13 @@ pub fn training_views(cfg: &TrainConfig, i: usize) -> Vec<View> {
 
 /// Extracts (or loads from cache) the training views' features: one [cached_views, dim] matrix per
 /// image, or per tile of each image when the extractor cuts images into tiles (tile by tile).
-pub fn training_features(images: &[PathBuf], cfg: &TrainConfig, ex: &Extractor, cache: &FeatureCache, bar: &dyn Progress) -> Result<Vec<Vec<f32>>> {
+pub fn training_features(
+    images: &[PathBuf],
+    cfg: &TrainConfig,
+    ex: &Extractor,
+    cache: &FeatureCache,
+    bar: &dyn Progress,
+) -> Result<Vec<Vec<f32>>> {
     use rayon::prelude::*;
     bar.set_length(images.len() as u64);
     // images in parallel: one image's decoding overlaps another's backbone pass
@@ -191,7 +204,12 @@ pub struct Checkpoint<'a> {
 }
 
 /// Trains a fresh flow on per-image feature matrices. The same seed gives the same flow.
-pub fn train_flow(features: &[Vec<f32>], cfg: &TrainConfig, ex_device: &candle_core::Device, bar: &dyn Progress) -> Result<(NormalizingFlow, TrainingSummary)> {
+pub fn train_flow(
+    features: &[Vec<f32>],
+    cfg: &TrainConfig,
+    ex_device: &candle_core::Device,
+    bar: &dyn Progress,
+) -> Result<(NormalizingFlow, TrainingSummary)> {
     train_flow_with_checkpoints(features, cfg, ex_device, bar, None)
 }
 
@@ -216,11 +234,8 @@ pub fn train_flow_with_checkpoints(
     // own copy of the parameters, and the candle flow is rebuilt from it only when saved, so its
     // parameters are not held twice; elsewhere with candle's autograd. Both compute the same
     // loss and gradients (tests/flow_reference.rs).
-    let (mut flow, mut fast) = if ex_device.is_cpu() {
-        (None, Some(FlowTrainer::new(cfg.flow.clone(), cfg.seed)?))
-    } else {
-        (Some(new_flow()?), None)
-    };
+    let (mut flow, mut fast) =
+        if ex_device.is_cpu() { (None, Some(FlowTrainer::new(cfg.flow.clone(), cfg.seed)?)) } else { (Some(new_flow()?), None) };
     let mut adam = flow.as_ref().map(|f| Adam::new(f.named_parameters().into_iter().map(|(_, v)| v.clone()).collect(), cfg.adam.clone()));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EED);
     let mut summary = TrainingSummary::default();
@@ -312,4 +327,3 @@ mod stage_tests {
         assert!(TrainConfig::new(BackboneKind::Alexnet).set_stages(&[1]).is_err());
     }
 }
-

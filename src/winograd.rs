@@ -47,7 +47,19 @@ const AT_2: [[f32; ALPHA]; 2] = [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0
 fn kernel_transform(k: usize) -> Vec<Vec<f64>> {
     let denominator = |j: usize| -> f64 { POINTS.iter().enumerate().filter(|(l, _)| *l != j).map(|(_, &p)| POINTS[j] - p).product() };
     (0..ALPHA)
-        .map(|j| (0..k).map(|t| if j < ALPHA - 1 { POINTS[j].powi(t as i32) / denominator(j) } else if t == k - 1 { 1.0 } else { 0.0 }).collect())
+        .map(|j| {
+            (0..k)
+                .map(|t| {
+                    if j < ALPHA - 1 {
+                        POINTS[j].powi(t as i32) / denominator(j)
+                    } else if t == k - 1 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        })
         .collect()
 }
 
@@ -84,9 +96,7 @@ impl WinogradConv {
         let mut u = vec![0f32; XI * o * c];
         for (oc, kernel) in weight.chunks_exact(k * k).enumerate() {
             // G·g (6×k), then (G·g)·Gᵀ (6×6), in f64
-            let gk: Vec<f64> = (0..ALPHA * k)
-                .map(|at| (0..k).map(|s| g[at / k][s] * kernel[s * k + at % k] as f64).sum())
-                .collect();
+            let gk: Vec<f64> = (0..ALPHA * k).map(|at| (0..k).map(|s| g[at / k][s] * kernel[s * k + at % k] as f64).sum()).collect();
             for (a, b) in (0..ALPHA).flat_map(|a| (0..ALPHA).map(move |b| (a, b))) {
                 let v: f64 = (0..k).map(|t| gk[a * k + t] * g[b][t]).sum();
                 u[(a * ALPHA + b) * o * c + oc] = v as f32;
@@ -115,7 +125,14 @@ impl WinogradConv {
     }
 
     /// [`Self::forward`] with tiles of M×M outputs and their Aᵀ.
-    fn forward_tiles<const M: usize>(&self, at: &[[f32; ALPHA]; M], inputs: &[InputMaps], outs: &mut [Vec<f32>], sc: &mut Scratch, parallel: bool) {
+    fn forward_tiles<const M: usize>(
+        &self,
+        at: &[[f32; ALPHA]; M],
+        inputs: &[InputMaps],
+        outs: &mut [Vec<f32>],
+        sc: &mut Scratch,
+        parallel: bool,
+    ) {
         let (c, o) = (self.inputs, self.outputs());
         // a tile reaches (6 − 1) / M sub-plane rows and columns beyond its own
         let reach = (ALPHA - 1) / M;
@@ -341,7 +358,13 @@ type OutputPlane<'a> = (Tiles, usize, &'a mut [f32]);
 /// [`output_channel`] compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn output_channel_avx2<const M: usize>(at: &[[f32; ALPHA]; M], rows: &mut [&mut [f32]], bias: f32, planes: &mut [OutputPlane], scratch: &mut Vec<f32>) {
+unsafe fn output_channel_avx2<const M: usize>(
+    at: &[[f32; ALPHA]; M],
+    rows: &mut [&mut [f32]],
+    bias: f32,
+    planes: &mut [OutputPlane],
+    scratch: &mut Vec<f32>,
+) {
     output_channel(at, rows, bias, planes, scratch)
 }
 
@@ -350,7 +373,13 @@ unsafe fn output_channel_avx2<const M: usize>(at: &[[f32; ALPHA]; M], rows: &mut
 /// edges). Both passes run over all columns at once; each output row then takes its M values per
 /// tile interleaved.
 #[inline(always)]
-fn output_channel<const M: usize>(at: &[[f32; ALPHA]; M], rows: &mut [&mut [f32]], bias: f32, planes: &mut [OutputPlane], scratch: &mut Vec<f32>) {
+fn output_channel<const M: usize>(
+    at: &[[f32; ALPHA]; M],
+    rows: &mut [&mut [f32]],
+    bias: f32,
+    planes: &mut [OutputPlane],
+    scratch: &mut Vec<f32>,
+) {
     let cols = rows[0].len();
     let (left, out) = grown(scratch, (ALPHA + 1) * M * cols).split_at_mut(ALPHA * M * cols);
     // Aᵀ·M: left[c][p] = Σ_i Aᵀ[p][i]·M_(i, c)
@@ -513,7 +542,9 @@ mod tests {
     /// relu(conv2d(x, g) + bias) by candle: the reference.
     fn direct(x: &Tensor, g: &[f32], bias: &[f32], k: usize, pad: usize, stride: usize) -> Result<Tensor> {
         let (o, c, dev) = (bias.len(), x.dim(1)?, x.device());
-        x.conv2d(&Tensor::from_slice(g, (o, c, k, k), dev)?, pad, stride, 1, 1)?.broadcast_add(&Tensor::from_slice(bias, (1, o, 1, 1), dev)?)?.relu()
+        x.conv2d(&Tensor::from_slice(g, (o, c, k, k), dev)?, pad, stride, 1, 1)?
+            .broadcast_add(&Tensor::from_slice(bias, (1, o, 1, 1), dev)?)?
+            .relu()
     }
 
     /// max |got − want| after checking that the shapes agree and that `want` has a value above
@@ -547,7 +578,21 @@ mod tests {
             assert_eq!(row.map(f64::from).to_vec(), want, "Bᵀ row {j}");
         }
         let at = |m: usize| -> Vec<Vec<f64>> {
-            (0..m).map(|i| (0..ALPHA).map(|j| if j < ALPHA - 1 { POINTS[j].powi(i as i32) } else if i == m - 1 { 1.0 } else { 0.0 }).collect()).collect()
+            (0..m)
+                .map(|i| {
+                    (0..ALPHA)
+                        .map(|j| {
+                            if j < ALPHA - 1 {
+                                POINTS[j].powi(i as i32)
+                            } else if i == m - 1 {
+                                1.0
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect()
+                })
+                .collect()
         };
         assert_eq!(AT_4.iter().map(|r| r.map(f64::from).to_vec()).collect::<Vec<_>>(), at(4));
         assert_eq!(AT_2.iter().map(|r| r.map(f64::from).to_vec()).collect::<Vec<_>>(), at(2));
@@ -584,7 +629,9 @@ mod tests {
             let weights = WinogradConv::new(&g, &bias, k);
             let xs: Vec<Tensor> = [(2, 27, 27), (2, 13, 13), (0, 6, 6), (2, 6, 6)]
                 .into_iter()
-                .map(|(n, h, w)| Tensor::from_vec((0..n * c * h * w).map(|i| ((i * 41 % 83) as f32 - 40.0) / 25.0).collect(), (n, c, h, w), dev))
+                .map(|(n, h, w)| {
+                    Tensor::from_vec((0..n * c * h * w).map(|i| ((i * 41 % 83) as f32 - 40.0) / 25.0).collect(), (n, c, h, w), dev)
+                })
                 .collect::<Result<_>>()?;
             // from this thread (spread over the pool) and from inside a pool job (sequential)
             let spread = conv_relu_each(&xs, &weights)?;

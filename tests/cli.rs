@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 
-
 #[test]
 fn train_test_predict_calibrate_and_errors() {
     let home = home_with_efficientnet();
@@ -13,9 +12,32 @@ fn train_test_predict_calibrate_and_errors() {
     let model = home.path().join("m.safetensors");
     let (d, m) = (data.to_str().unwrap(), model.to_str().unwrap());
 
-    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "train", "--data", d, "--out", m, "--epochs", "2", "--hidden", "32", "--cached-views", "2", "--views", "2", "--batch", "2", "--test-views", "2"]);
+    let (ok, _, err) = differnet_cli(
+        home.path(),
+        &[
+            "--quiet",
+            "train",
+            "--data",
+            d,
+            "--out",
+            m,
+            "--epochs",
+            "2",
+            "--hidden",
+            "32",
+            "--cached-views",
+            "2",
+            "--views",
+            "2",
+            "--batch",
+            "2",
+            "--test-views",
+            "2",
+        ],
+    );
     assert!(ok, "train failed: {err}");
-    let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "test", "--model", m, "--data", d, "--pixel-metrics", "--pixel-views", "1"]);
+    let (ok, out, err) =
+        differnet_cli(home.path(), &["--quiet", "--json", "test", "--model", m, "--data", d, "--pixel-metrics", "--pixel-views", "1"]);
     assert!(ok, "test failed: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let pixel = v["pixel"]["pixel_auroc"].as_f64().unwrap();
@@ -44,7 +66,10 @@ fn train_test_predict_calibrate_and_errors() {
     assert!(ok, "calibrate failed: {err}");
     let good = data.join("test/good");
     let maps = home.path().join("maps");
-    let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "predict", "--model", m, good.to_str().unwrap(), "--heatmaps", maps.to_str().unwrap(), "--views", "1"]);
+    let (ok, out, err) = differnet_cli(
+        home.path(),
+        &["--quiet", "--json", "predict", "--model", m, good.to_str().unwrap(), "--heatmaps", maps.to_str().unwrap(), "--views", "1"],
+    );
     assert!(ok, "predict failed: {err}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(rows.len(), 2);
@@ -58,24 +83,66 @@ fn train_test_predict_calibrate_and_errors() {
 
     // heat maps against good images: refused before calibration, then stored in the model
     let defect_dir = data.join("test/crack");
-    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--normalize", "good"]);
+    let (ok, _, err) = differnet_cli(
+        home.path(),
+        &["--quiet", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--normalize", "good"],
+    );
     assert!(!ok && err.contains("--localization-good"), "{err}");
-    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--pixel-threshold", "1.5"]);
+    let (ok, _, err) = differnet_cli(
+        home.path(),
+        &["--quiet", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--pixel-threshold", "1.5"],
+    );
     assert!(!ok && err.contains("--pixel-threshold"), "{err}");
     let train_good = data.join("train/good");
-    let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "calibrate", "--model", m, "--localization-good", train_good.to_str().unwrap(), "--pixel-views", "1"]);
+    let (ok, out, err) = differnet_cli(
+        home.path(),
+        &["--quiet", "--json", "calibrate", "--model", m, "--localization-good", train_good.to_str().unwrap(), "--pixel-views", "1"],
+    );
     assert!(ok, "calibrate --localization-good failed: {err}");
     let range: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(range["localization"]["high"].as_f64().unwrap() > range["localization"]["low"].as_f64().unwrap(), "{out}");
     assert_eq!(range["localization"]["images"], 4);
-    let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "localize", "--model", m, defect_dir.to_str().unwrap(), "--out", maps.to_str().unwrap(), "--normalize", "good", "--views", "1"]);
+    let (ok, out, err) = differnet_cli(
+        home.path(),
+        &[
+            "--quiet",
+            "--json",
+            "localize",
+            "--model",
+            m,
+            defect_dir.to_str().unwrap(),
+            "--out",
+            maps.to_str().unwrap(),
+            "--normalize",
+            "good",
+            "--views",
+            "1",
+        ],
+    );
     assert!(ok, "{err}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert!(image::open(rows[0]["mask"].as_str().unwrap()).is_ok());
 
     // a report folder: HTML, Markdown, plots, results
     let report = home.path().join("report");
-    let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "report", "--model", m, "--data", d, "--out", report.to_str().unwrap(), "--gallery", "1", "--gallery-views", "1"]);
+    let (ok, out, err) = differnet_cli(
+        home.path(),
+        &[
+            "--quiet",
+            "--json",
+            "report",
+            "--model",
+            m,
+            "--data",
+            d,
+            "--out",
+            report.to_str().unwrap(),
+            "--gallery",
+            "1",
+            "--gallery-views",
+            "1",
+        ],
+    );
     assert!(ok, "report failed: {err}");
     assert!(out.contains("index.html"), "{out}");
     for f in ["index.html", "summary.md", "results.json", "roc.png", "histogram.png", "gallery/00.png", "gallery/01.png"] {
@@ -118,11 +185,34 @@ fn bench_reports_the_issue_keys_and_an_end_to_end_run() {
     let home = home_with_efficientnet();
     let data = home.path().join("data");
     differnet::synth::generate(&data, 4, 2, 2, 3).unwrap();
-    let args = ["--quiet", "--json", "bench", "--views", "4", "--flow-steps", "1", "--flow-batch", "8", "--hidden", "32", "--data", data.to_str().unwrap(), "--e2e-epochs", "1"];
+    let args = [
+        "--quiet",
+        "--json",
+        "bench",
+        "--views",
+        "4",
+        "--flow-steps",
+        "1",
+        "--flow-batch",
+        "8",
+        "--hidden",
+        "32",
+        "--data",
+        data.to_str().unwrap(),
+        "--e2e-epochs",
+        "1",
+    ];
     let (ok, out, err) = differnet_cli(home.path(), &args);
     assert!(ok, "bench failed: {err}");
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
-    for key in ["conv_to_sgemm_ratio", "flow_train_samples_per_s", "test_seconds_per_image_64_views", "peak_rss_bytes", "e2e_seconds", "image_auroc"] {
+    for key in [
+        "conv_to_sgemm_ratio",
+        "flow_train_samples_per_s",
+        "test_seconds_per_image_64_views",
+        "peak_rss_bytes",
+        "e2e_seconds",
+        "image_auroc",
+    ] {
         assert!(r[key].as_f64().is_some_and(|v| v.is_finite() && v >= 0.0), "{key}: {}", r[key]);
     }
     assert!(r["backbone_views_per_s"].as_f64().unwrap() > 0.0);

@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-
 fn table(home: &Path, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--quiet", "--json", "experiment"];
     all.extend_from_slice(args);

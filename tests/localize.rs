@@ -13,7 +13,8 @@ use differnet::transforms::{load_rgb, resize_bilinear, test_views};
 
 #[test]
 fn heat_map_maximum_lies_in_the_painted_defect() {
-    let ex = Extractor::load(BackboneKind::EfficientnetLite0, &shared().join("fixtures/efficientnet_lite0.safetensors"), &Device::Cpu).unwrap();
+    let ex =
+        Extractor::load(BackboneKind::EfficientnetLite0, &shared().join("fixtures/efficientnet_lite0.safetensors"), &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("d");
     differnet::synth::generate(&root, 12, 0, 2, 21).unwrap();

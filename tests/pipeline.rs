@@ -123,7 +123,8 @@ fn model_round_trip_and_corruption_is_refused() {
     assert!(e.contains("trained with alexnet"), "{e}");
     // saving over an existing model replaces it whole and leaves no temp files
     m.save(&path).unwrap();
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
 }
 
@@ -283,7 +284,15 @@ fn cached_features_equal_fresh_ones_and_invalidate() {
     let paths: Vec<_> = (0..3).map(|i| dir.path().join(format!("e/train/good/{i:03}.png"))).collect();
     let batched = differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &views, &differnet::progress::Silent).unwrap();
     for (p, b) in paths.iter().zip(&batched) {
-        let alone = differnet::score::anomaly_score(&flow, &cache.features(&ex, p, &views).unwrap(), ex.feature_dim(), ScoreKind::Nll, views.len(), &Device::Cpu).unwrap();
+        let alone = differnet::score::anomaly_score(
+            &flow,
+            &cache.features(&ex, p, &views).unwrap(),
+            ex.feature_dim(),
+            ScoreKind::Nll,
+            views.len(),
+            &Device::Cpu,
+        )
+        .unwrap();
         // equal up to rounding: OpenBLAS's kernels may round differently for other batch sizes
         assert!((alone - b).abs() < 1e-6 * alone.abs().max(1.0), "{alone} vs {b}");
     }
@@ -316,14 +325,16 @@ fn checkpoints_equal_shorter_runs_with_the_same_seed() {
     use differnet::train::{train_flow_with_checkpoints, Checkpoint};
     let feats = random_features(5, 4, 12, 8);
     let mut seen = vec![];
-    let mut save = |epoch: usize, flow: &differnet::flow::NormalizingFlow, s: &differnet::train::TrainingSummary| -> differnet::Result<()> {
-        assert_eq!(s.epochs, epoch);
-        assert_eq!(s.epoch_losses.len(), epoch);
-        seen.push((epoch, params(flow)));
-        Ok(())
-    };
+    let mut save =
+        |epoch: usize, flow: &differnet::flow::NormalizingFlow, s: &differnet::train::TrainingSummary| -> differnet::Result<()> {
+            assert_eq!(s.epochs, epoch);
+            assert_eq!(s.epoch_losses.len(), epoch);
+            seen.push((epoch, params(flow)));
+            Ok(())
+        };
     let cfg = tiny_config(6);
-    train_flow_with_checkpoints(&feats, &cfg, &Device::Cpu, &differnet::progress::Silent, Some(Checkpoint { every: 2, save: &mut save })).unwrap();
+    train_flow_with_checkpoints(&feats, &cfg, &Device::Cpu, &differnet::progress::Silent, Some(Checkpoint { every: 2, save: &mut save }))
+        .unwrap();
     assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2, 4]);
     let mut short = cfg.clone();
     short.epochs = 2;
@@ -333,14 +344,18 @@ fn checkpoints_equal_shorter_runs_with_the_same_seed() {
 
 #[test]
 fn training_takes_mixed_images_and_a_single_one() {
-    let ex = Extractor::load(BackboneKind::EfficientnetLite0, &shared().join("fixtures/efficientnet_lite0.safetensors"), &Device::Cpu).unwrap();
+    let ex =
+        Extractor::load(BackboneKind::EfficientnetLite0, &shared().join("fixtures/efficientnet_lite0.safetensors"), &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let gray = dir.path().join("gray.png");
     image::GrayImage::from_fn(30, 20, |x, y| image::Luma([(x * 7 + y) as u8])).save(&gray).unwrap();
     let rgba = dir.path().join("rgba.png");
     image::RgbaImage::from_fn(50, 70, |x, y| image::Rgba([x as u8, y as u8, 7, 100])).save(&rgba).unwrap();
     let deep = dir.path().join("deep.tif");
-    image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 0]))).to_rgb16().save(&deep).unwrap();
+    image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 0])))
+        .to_rgb16()
+        .save(&deep)
+        .unwrap();
     let mut cfg = tiny_config(0);
     cfg.backbone = BackboneKind::EfficientnetLite0;
     cfg.set_stages(ex.stages()).unwrap();

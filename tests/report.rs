@@ -12,7 +12,11 @@ fn evaluation() -> Evaluation {
     }
     for i in 0..20 {
         let defect = if i % 2 == 0 { "crack" } else { "spot" };
-        samples.push(SampleScore { path: format!("test/{defect}/{i:03}.png"), defect: defect.into(), score: 1.6 + (i as f64 * 0.53) % 1.5 });
+        samples.push(SampleScore {
+            path: format!("test/{defect}/{i:03}.png"),
+            defect: defect.into(),
+            score: 1.6 + (i as f64 * 0.53) % 1.5,
+        });
     }
     Evaluation::from_scores("efficientnet-lite0", samples, 16, ScoreKind::MeanZ2, Some(2.0))
 }
@@ -32,7 +36,10 @@ fn gallery(ev: &Evaluation) -> Vec<GalleryItem> {
 
 fn find_chromium() -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
-    ["chromium", "chromium-browser", "google-chrome"].iter().flat_map(|name| std::env::split_paths(&path).map(move |d| d.join(name))).find(|p| p.is_file())
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|name| std::env::split_paths(&path).map(move |d| d.join(name)))
+        .find(|p| p.is_file())
 }
 
 #[test]

@@ -12,8 +12,13 @@ use std::sync::Arc;
 use tower::ServiceExt;
 
 fn served(name: &str, seed: u64) -> ServedModel {
-    let extractor = Extractor::load(differnet::backbone::BackboneKind::EfficientnetLite0, &efficientnet_weights(), &candle_core::Device::Cpu).unwrap();
-    let detector = differnet::pipeline::Detector::new(efficientnet_model(16, Some(1.0), seed), extractor, differnet::features::FeatureCache { dir: None });
+    let extractor =
+        Extractor::load(differnet::backbone::BackboneKind::EfficientnetLite0, &efficientnet_weights(), &candle_core::Device::Cpu).unwrap();
+    let detector = differnet::pipeline::Detector::new(
+        efficientnet_model(16, Some(1.0), seed),
+        extractor,
+        differnet::features::FeatureCache { dir: None },
+    );
     ServedModel { name: name.into(), detector }
 }
 
@@ -59,7 +64,12 @@ fn multipart(parts: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
     let boundary = "differnet-test-boundary";
     let mut body = vec![];
     for (name, bytes) in parts {
-        body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\n").as_bytes());
+        body.extend(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\n"
+            )
+            .as_bytes(),
+        );
         body.extend(bytes);
         body.extend(b"\r\n");
     }

@@ -36,7 +36,12 @@ fn sighup_reloads_and_sigterm_finishes_requests_in_flight() {
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
-    let port: u16 = line.rsplit("http://127.0.0.1:").next().and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no address in {line:?}"));
+    let port: u16 = line
+        .rsplit("http://127.0.0.1:")
+        .next()
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
     // keep draining the server's log so it never blocks on a full pipe
     std::thread::spawn(move || for _ in stderr.lines() {});
 

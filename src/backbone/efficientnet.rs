@@ -56,11 +56,7 @@ fn fold(tensors: &HashMap<String, Tensor>, conv: &str, bn: &str, path: &Path) ->
         bias[o] = (beta[o] as f64 - mean[o] as f64 * scale) as f32;
     }
     let dev = w.device();
-    Ok(FoldedConv {
-        weight: Tensor::from_vec(folded.clone(), dims.as_slice(), dev)?,
-        weight_vec: folded.into(),
-        bias_vec: bias.into(),
-    })
+    Ok(FoldedConv { weight: Tensor::from_vec(folded.clone(), dims.as_slice(), dev)?, weight_vec: folded.into(), bias_vec: bias.into() })
 }
 
 /// TF "SAME" padding for one axis: (before, after).
@@ -96,7 +92,14 @@ struct MbConv {
 impl MbConv {
     fn new(expand: Option<FoldedConv>, depthwise: FoldedConv, project: FoldedConv, kernel: usize, stride: usize, residual: bool) -> Self {
         let pair = |c: &FoldedConv| (c.weight_vec.clone(), c.bias_vec.clone());
-        let fused = MbConvWeights { expand: expand.as_ref().map(pair), depthwise: pair(&depthwise), project: pair(&project), kernel, stride, residual };
+        let fused = MbConvWeights {
+            expand: expand.as_ref().map(pair),
+            depthwise: pair(&depthwise),
+            project: pair(&project),
+            kernel,
+            stride,
+            residual,
+        };
         MbConv { expand, depthwise, project, kernel, stride, residual, fused }
     }
 

@@ -118,8 +118,8 @@ pub trait Backbone: Send + Sync {
 
 /// Loads a backbone from a safetensors weights file.
 pub fn load(kind: BackboneKind, weights: &Path, device: &Device) -> Result<Box<dyn Backbone>> {
-    let tensors = candle_core::safetensors::load(weights, device)
-        .map_err(|e| Error::format(weights, format!("cannot read safetensors: {e}")))?;
+    let tensors =
+        candle_core::safetensors::load(weights, device).map_err(|e| Error::format(weights, format!("cannot read safetensors: {e}")))?;
     load_from_tensors(kind, &tensors, weights)
 }
 
@@ -133,10 +133,7 @@ pub fn load_from_tensors(kind: BackboneKind, tensors: &HashMap<String, Tensor>, 
 }
 
 pub(crate) fn get(tensors: &HashMap<String, Tensor>, name: &str, path: &Path) -> Result<Tensor> {
-    tensors
-        .get(name)
-        .cloned()
-        .ok_or_else(|| Error::format(path, format!("weights file lacks tensor `{name}`")))
+    tensors.get(name).cloned().ok_or_else(|| Error::format(path, format!("weights file lacks tensor `{name}`")))
 }
 
 pub(crate) fn expect_shape(t: &Tensor, dims: &[usize], name: &str, path: &Path) -> Result<()> {

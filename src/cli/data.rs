@@ -60,7 +60,13 @@ pub fn validation_set(cli: &Cli, a: &ValidationSetArgs) -> Result<()> {
     if cli.json {
         print_json(&v);
     } else if !cli.quiet {
-        println!("{}: {} images to fit, {} held out good, {} with synthetic defects", v.root.display(), v.fit_images, v.held_out_images, v.synthetic_defects);
+        println!(
+            "{}: {} images to fit, {} held out good, {} with synthetic defects",
+            v.root.display(),
+            v.fit_images,
+            v.held_out_images,
+            v.synthetic_defects
+        );
     }
     Ok(())
 }

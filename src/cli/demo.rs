@@ -30,7 +30,15 @@ fn demo_training(data: PathBuf, out: PathBuf, epochs: usize, seed: u64) -> super
     super::train::TrainArgs {
         data,
         out,
-        backbone: BackboneArgs { backbone: Some(super::BackboneArg::EfficientnetLite0), cache_dir: None, no_cache: false, backbone_batch: 4, stages: None, input_norm: None, tiles: None },
+        backbone: BackboneArgs {
+            backbone: Some(super::BackboneArg::EfficientnetLite0),
+            cache_dir: None,
+            no_cache: false,
+            backbone_batch: 4,
+            stages: None,
+            input_norm: None,
+            tiles: None,
+        },
         schedule: super::train::Schedule::Paper,
         epochs: Some(epochs),
         views: Some(4),
@@ -80,7 +88,12 @@ pub fn run(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
     let results = a.out.join("results.json");
     differnet::error::write_atomic(&results, serde_json::to_string_pretty(&ev)?.as_bytes())?;
     let gallery = differnet::report::gallery(&d.extractor, &d.model.flow, &ev, 2, &d.views(Some(4)), &MapStyle::official(), &Silent)?;
-    let report = differnet::report::Report { title: "DifferNet demo (synthetic textures)".into(), model: model_path.display().to_string(), evaluation: &ev, gallery };
+    let report = differnet::report::Report {
+        title: "DifferNet demo (synthetic textures)".into(),
+        model: model_path.display().to_string(),
+        evaluation: &ev,
+        gallery,
+    };
     let report = differnet::report::write_report(&a.out.join("report"), &report)?.html;
     if cli.json {
         let pixel = ev.pixel.as_ref();
@@ -91,7 +104,14 @@ pub fn run(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
     } else {
         print!("{}", ev.table());
         println!("image AUROC {:.4} on the synthetic demo set ({:.0} s)", ev.image_auroc, t0.elapsed().as_secs_f64());
-        println!("model:    {}\nresults:  {}\nreport:   {}\nheatmaps: {}\ndata:     {}", model_path.display(), results.display(), report.display(), heatmaps.display(), data.display());
+        println!(
+            "model:    {}\nresults:  {}\nreport:   {}\nheatmaps: {}\ndata:     {}",
+            model_path.display(),
+            results.display(),
+            report.display(),
+            heatmaps.display(),
+            data.display()
+        );
     }
     Ok(())
 }

@@ -115,8 +115,19 @@ fn evaluate_and_report(cli: &Cli, a: &EvalArgs, report: Option<&Path>, dev: &can
     let ev = evaluate(cli, &d, &ds, a.views, a.pixel_metrics.then_some(a.pixel_views))?;
     if let Some(dir) = report {
         let style = a.maps.style(&d.model)?;
-        let gallery = differnet::report::gallery(&d.extractor, &d.model.flow, &ev, a.gallery, &d.views(Some(a.gallery_views)), &style, &Bar::new(cli, "gallery"))?;
-        let title = format!("DifferNet report: {}", a.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| a.data.display().to_string()));
+        let gallery = differnet::report::gallery(
+            &d.extractor,
+            &d.model.flow,
+            &ev,
+            a.gallery,
+            &d.views(Some(a.gallery_views)),
+            &style,
+            &Bar::new(cli, "gallery"),
+        )?;
+        let title = format!(
+            "DifferNet report: {}",
+            a.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| a.data.display().to_string())
+        );
         let r = differnet::report::Report { title, model: a.model.display().to_string(), evaluation: &ev, gallery };
         differnet::report::write_report(dir, &r)?;
     }
@@ -169,7 +180,13 @@ pub fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Res
     let range = match &a.localization_good {
         Some(dir) => {
             let paths = expand_inputs(std::slice::from_ref(dir))?;
-            Some(differnet::localize::good_map_range(&d.extractor, &d.model.flow, &paths, &d.views(Some(a.pixel_views)), &Bar::new(cli, "good maps"))?)
+            Some(differnet::localize::good_map_range(
+                &d.extractor,
+                &d.model.flow,
+                &paths,
+                &d.views(Some(a.pixel_views)),
+                &Bar::new(cli, "good maps"),
+            )?)
         }
         None => None,
     };

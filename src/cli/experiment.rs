@@ -122,7 +122,8 @@ pub fn run(cli: &Cli, a: &ExperimentArgs, dev: &candle_core::Device) -> Result<(
     train.augment = a.jitter.augment(a.rotate == Switch::On);
     train.seed = a.seed;
     train.validate()?;
-    let config = ExperimentConfig { train, test_views: a.test_views, shots: a.shots.clone(), subsets: a.subsets.max(1), multimodal_blocks: 12 };
+    let config =
+        ExperimentConfig { train, test_views: a.test_views, shots: a.shots.clone(), subsets: a.subsets.max(1), multimodal_blocks: 12 };
     let settings = serde_json::to_value(&config)?;
     let bar = Bar::new(cli, a.experiment.name());
     let runner = Runner { ex: &ex, cache: &opts.cache, config, out: a.out.clone(), bar: &bar };

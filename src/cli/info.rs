@@ -32,12 +32,48 @@ pub fn summary(m: &Manifest, bytes: u64) -> String {
     };
     let last_loss = m.training.epoch_losses.last().map(|l| format!(", last loss {l:.4}")).unwrap_or_default();
     [
-        format!("backbone      {} (weights sha256 {}…), stages {:?}, {} input normalization, {tiles}", m.backbone.id(), &m.backbone_weights_sha256[..12.min(m.backbone_weights_sha256.len())], t.feature_stages(), t.input_normalization.id()),
-        format!("flow          {} coupling blocks, width {}, alpha {}, {} features in, ~{:.1} M parameters", f.blocks, f.hidden, f.alpha, f.dim, params as f64 / 1e6),
-        format!("schedule      {} epochs, batch {} images x {} views (from {} cached), rotation {}{jitter}, lr {:e}, seed {}", t.epochs, t.batch_images, t.views_per_image, t.cached_views, if a.rotate { "on" } else { "off" }, t.adam.lr, t.seed),
+        format!(
+            "backbone      {} (weights sha256 {}…), stages {:?}, {} input normalization, {tiles}",
+            m.backbone.id(),
+            &m.backbone_weights_sha256[..12.min(m.backbone_weights_sha256.len())],
+            t.feature_stages(),
+            t.input_normalization.id()
+        ),
+        format!(
+            "flow          {} coupling blocks, width {}, alpha {}, {} features in, ~{:.1} M parameters",
+            f.blocks,
+            f.hidden,
+            f.alpha,
+            f.dim,
+            params as f64 / 1e6
+        ),
+        format!(
+            "schedule      {} epochs, batch {} images x {} views (from {} cached), rotation {}{jitter}, lr {:e}, seed {}",
+            t.epochs,
+            t.batch_images,
+            t.views_per_image,
+            t.cached_views,
+            if a.rotate { "on" } else { "off" },
+            t.adam.lr,
+            t.seed
+        ),
         format!("scoring       {:?}, {} test view(s); threshold {threshold}; heat maps {heat_maps}", m.score, m.test_views),
-        format!("training data {} images from {} (sha256 {}…); {:.0} s features, {:.0} s flow{last_loss}", m.training_data.n_images, m.training_data.root, &m.training_data.images_sha256[..12.min(m.training_data.images_sha256.len())], m.training.feature_seconds, m.training.flow_seconds),
-        format!("file          {:.1} MB, differnet {}, format {} v{}, parameters sha256 {}…", bytes as f64 / 1e6, m.library_version, m.format, m.format_version, &m.parameters_sha256[..12.min(m.parameters_sha256.len())]),
+        format!(
+            "training data {} images from {} (sha256 {}…); {:.0} s features, {:.0} s flow{last_loss}",
+            m.training_data.n_images,
+            m.training_data.root,
+            &m.training_data.images_sha256[..12.min(m.training_data.images_sha256.len())],
+            m.training.feature_seconds,
+            m.training.flow_seconds
+        ),
+        format!(
+            "file          {:.1} MB, differnet {}, format {} v{}, parameters sha256 {}…",
+            bytes as f64 / 1e6,
+            m.library_version,
+            m.format,
+            m.format_version,
+            &m.parameters_sha256[..12.min(m.parameters_sha256.len())]
+        ),
     ]
     .join("\n")
 }

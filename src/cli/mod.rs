@@ -118,7 +118,9 @@ impl Bar {
             return Bar(ProgressBar::hidden());
         }
         let b = ProgressBar::new(0);
-        b.set_style(ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed}/{duration} {msg}").unwrap().progress_chars("=> "));
+        b.set_style(
+            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed}/{duration} {msg}").unwrap().progress_chars("=> "),
+        );
         b.set_prefix(what.to_string());
         Bar(b)
     }
@@ -251,7 +253,12 @@ impl BackboneArgs {
         match self.tiles.as_deref() {
             None => Ok(None),
             Some("auto") => Ok(Some(0)),
-            Some(n) => Ok(Some(n.parse::<usize>().ok().filter(|n| *n >= 1).with_context(|| format!("--tiles {n}: expected `auto` or a number of at least 1"))?)),
+            Some(n) => Ok(Some(
+                n.parse::<usize>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .with_context(|| format!("--tiles {n}: expected `auto` or a number of at least 1"))?,
+            )),
         }
     }
 
@@ -337,6 +344,10 @@ impl MapArgs {
 
     pub fn style(&self, model: &differnet::model::Model) -> Result<differnet::localize::MapStyle> {
         self.check(model.manifest.localization.is_some())?;
-        Ok(differnet::localize::MapStyle { normalization: self.normalization(), good: model.manifest.localization.clone(), pixel_threshold: self.pixel_threshold })
+        Ok(differnet::localize::MapStyle {
+            normalization: self.normalization(),
+            good: model.manifest.localization.clone(),
+            pixel_threshold: self.pixel_threshold,
+        })
     }
 }

@@ -50,11 +50,19 @@ pub fn run(a: &ServeArgs, dev: &candle_core::Device) -> Result<()> {
     if a.workers == 0 || a.queue == 0 {
         bail!("--workers and --queue must be at least 1");
     }
-    let opts = OpenOptions { device: dev.clone(), backbone_batch: a.backbone_batch, cache: FeatureCache { dir: None }, ..OpenOptions::default() };
+    let opts =
+        OpenOptions { device: dev.clone(), backbone_batch: a.backbone_batch, cache: FeatureCache { dir: None }, ..OpenOptions::default() };
     let files = ModelFiles { models, opts };
     let served = files.open()?;
     let names: Vec<String> = served.iter().map(|m| m.name.clone()).collect();
-    let limits = Limits { max_body_bytes: a.max_body_bytes, max_pixels: a.max_pixels, queue: a.queue, workers: a.workers, views: a.views, heatmap_views: a.heatmap_views };
+    let limits = Limits {
+        max_body_bytes: a.max_body_bytes,
+        max_pixels: a.max_pixels,
+        queue: a.queue,
+        workers: a.workers,
+        views: a.views,
+        heatmap_views: a.heatmap_views,
+    };
     let state = AppState::start(served, limits, Some(files.loader()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {

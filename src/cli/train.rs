@@ -159,7 +159,12 @@ pub fn run(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<()> {
     if cli.json {
         super::print_json(&model.manifest);
     } else {
-        println!("model written to {} ({} parameters, backbone {})", a.out.display(), model.flow.parameter_count(), model.manifest.backbone.id());
+        println!(
+            "model written to {} ({} parameters, backbone {})",
+            a.out.display(),
+            model.flow.parameter_count(),
+            model.manifest.backbone.id()
+        );
     }
     Ok(())
 }

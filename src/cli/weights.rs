@@ -58,7 +58,12 @@ pub fn run(cli: &Cli, w: &WeightsCommand) -> Result<()> {
                 print_json(&rows);
             } else {
                 for r in rows {
-                    println!("{:<20} {:<10} {}", r["backbone"].as_str().unwrap(), if r["installed"].as_bool().unwrap() { "installed" } else { "missing" }, r["path"].as_str().unwrap_or(""));
+                    println!(
+                        "{:<20} {:<10} {}",
+                        r["backbone"].as_str().unwrap(),
+                        if r["installed"].as_bool().unwrap() { "installed" } else { "missing" },
+                        r["path"].as_str().unwrap_or("")
+                    );
                 }
             }
         }

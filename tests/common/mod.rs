@@ -7,9 +7,7 @@ use std::path::PathBuf;
 
 /// `../shared` beside the checkout (override with DIFFERNET_SHARED).
 pub fn shared() -> PathBuf {
-    std::env::var_os("DIFFERNET_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+    std::env::var_os("DIFFERNET_SHARED").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
 pub fn fixture(name: &str) -> HashMap<String, Tensor> {
@@ -72,7 +70,8 @@ pub fn efficientnet_model(hidden: usize, threshold: Option<f64>, seed: u64) -> d
     cfg.cached_views = 4;
     cfg.seed = seed;
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
-    let feats: Vec<Vec<f32>> = (0..8).map(|_| (0..4 * cfg.flow.dim).map(|_| rand::Rng::random_range(&mut rng, 0.0..1.0)).collect()).collect();
+    let feats: Vec<Vec<f32>> =
+        (0..8).map(|_| (0..4 * cfg.flow.dim).map(|_| rand::Rng::random_range(&mut rng, 0.0..1.0)).collect()).collect();
     let (flow, summary) = differnet::train::train_flow(&feats, &cfg, &Device::Cpu, &differnet::progress::Silent).unwrap();
     let manifest = Manifest {
         format: FORMAT.into(),
@@ -96,13 +95,16 @@ pub fn efficientnet_model(hidden: usize, threshold: Option<f64>, seed: u64) -> d
 
 /// PNG bytes of a generated RGB image.
 pub fn png_image(width: u32, height: u32, seed: u8) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x * 3) as u8 ^ seed, (y * 5) as u8, ((x + y) as u8).wrapping_mul(seed)]));
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x * 3) as u8 ^ seed, (y * 5) as u8, ((x + y) as u8).wrapping_mul(seed)])
+    });
     differnet::localize::png_bytes(&img)
 }
 
 /// Runs the `differnet` binary with `DIFFERNET_HOME=home`: (success, stdout, stderr).
 pub fn differnet_cli(home: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_differnet")).args(args).env("DIFFERNET_HOME", home).output().expect("run differnet");
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_differnet")).args(args).env("DIFFERNET_HOME", home).output().expect("run differnet");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
