@@ -19,9 +19,12 @@ pub struct TrainArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub backbone: BackboneArgs,
-    /// Schedule: `fast` (default: upright views only, 1 per image, 16 epochs, 1 test view) or
-    /// `paper` (random rotations, 4 views per image from 16 cached, 192 epochs, 64 test views).
-    /// The flags below override single settings of either.
+    /// Schedule. `fast` (default): upright views only, 1 per image, 16 epochs, 1 test view; use it
+    /// when parts arrive in a fixed pose (a fixture, a conveyor with guides). `paper` (section 4.2):
+    /// random rotations, 4 views per image and epoch from 16 cached, 192 epochs, 64 test views; use
+    /// it when parts arrive in any orientation (many times the cost; e.g. `--epochs 16
+    /// --cached-views 8 --test-views 16` for a cheaper rotation-trained model). The flags below
+    /// override single settings of either.
     #[arg(long, value_enum, default_value = "fast")]
     pub schedule: Schedule,
     /// Training epochs (fast: 16, paper: 192).
