@@ -160,7 +160,9 @@ impl FeatureCache {
             InputNormalization::Imagenet => String::new(),
             other => format!("|{}", other.id()),
         };
-        let norm = if ex.tiles != 1 { format!("{norm}|tiles={}", ex.tiles) } else { norm };
+        // the tiles this image is cut into: an image that stays whole has the key it had before tiles
+        let tiles = if ex.tiles == 0 { image_size(image_bytes).map_or(0, |(w, h)| auto_tiles(w, h)) } else { ex.tiles };
+        let norm = if tiles != 1 { format!("{norm}|tiles={tiles}") } else { norm };
         sha256_hex(format!("{image}|{}|{}|{:?}|{spec}{norm}", ex.kind().id(), ex.weights_sha256, ex.stages).as_bytes())
     }
 

@@ -173,7 +173,8 @@ fn train_test_predict_calibrate_and_errors() {
     assert!(ok, "{err}");
     let (ok, out, _) = differnet_cli(home.path(), &["--json", "weights", "list"]);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-    assert!(ok && rows.iter().all(|r| r["installed"] == true), "{out}");
+    assert!(ok && rows[..2].iter().all(|r| r["installed"] == true), "{out}");
+    assert_eq!((rows[2]["backbone"].as_str(), rows[2]["installed"].as_bool()), (Some("vgg16"), Some(false)), "{out}");
     assert_eq!(rows[1]["info"]["source_sha256"], "f06ee7fd234fa31e624c46d94e3b9da841ad6466587a913bba3f50b2a4995b87");
     // the model is still the good one after the failed runs
     let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "test", "--model", m, "--data", d]);

@@ -123,7 +123,7 @@ impl TrainArgs {
         if let Some(n) = self.backbone.input_norm {
             cfg.input_normalization = n.into();
         }
-        cfg.tiles = self.backbone.tiles()?.unwrap_or(1);
+        cfg.tiles = self.backbone.tiles()?.unwrap_or(differnet::train::DEFAULT_TILES);
         cfg.flow.blocks = self.blocks;
         cfg.flow.hidden = self.hidden;
         cfg.flow.alpha = self.alpha;
