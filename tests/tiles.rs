@@ -61,7 +61,7 @@ fn tall_images_are_scored_tile_by_tile() {
     assert_eq!(whole, per_tile.iter().copied().fold(f64::NEG_INFINITY, f64::max));
     assert!(per_tile.iter().any(|s| *s != whole), "the tiles differ: {per_tile:?}");
     // cached scoring of the file gives the same score
-    assert_eq!(d.score_paths(&[path.clone()], &views, &Silent).unwrap(), vec![whole]);
+    assert_eq!(d.score_paths(std::slice::from_ref(&path), &views, &Silent).unwrap(), vec![whole]);
     assert_eq!(d.score_paths(&[path], &views, &Silent).unwrap(), vec![whole]); // from the cache
     let ev = d.evaluate(&differnet::data::Dataset::open(&data).unwrap(), None, &Silent).unwrap();
     assert_eq!((ev.n_good, ev.n_defect), (1, 1));
