@@ -156,14 +156,16 @@ impl FeatureCache {
     pub fn key(image_bytes: &[u8], ex: &Extractor, views: &[View]) -> String {
         let spec = serde_json::to_string(views).expect("views serialize");
         let image = sha256_hex(image_bytes);
-        let norm = match ex.normalization {
+        let mut suffix = match ex.normalization {
             InputNormalization::Imagenet => String::new(),
             other => format!("|{}", other.id()),
         };
         // the tiles this image is cut into: an image that stays whole has the key it had before tiles
         let tiles = if ex.tiles == 0 { image_size(image_bytes).map_or(0, |(w, h)| auto_tiles(w, h)) } else { ex.tiles };
-        let norm = if tiles != 1 { format!("{norm}|tiles={tiles}") } else { norm };
-        sha256_hex(format!("{image}|{}|{}|{:?}|{spec}{norm}", ex.kind().id(), ex.weights_sha256, ex.stages).as_bytes())
+        if tiles != 1 {
+            suffix += &format!("|tiles={tiles}");
+        }
+        sha256_hex(format!("{image}|{}|{}|{:?}|{spec}{suffix}", ex.kind().id(), ex.weights_sha256, ex.stages).as_bytes())
     }
 
     fn file(&self, key: &str) -> Option<PathBuf> {

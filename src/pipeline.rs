@@ -86,11 +86,8 @@ impl Detector {
                 train.input_normalization.id()
             )));
         }
-        if opts.expect_tiles.is_some() {
-            return Err(refuse(format!(
-                "--tiles is chosen when training; this model cuts images into {} tile(s) (0: by aspect ratio)",
-                train.tiles
-            )));
+        if opts.expect_tiles.is_some_and(|t| t != train.tiles) {
+            return Err(refuse(format!("trained with {} tile(s) per image (0: by aspect ratio); --tiles cannot change them", train.tiles)));
         }
         let mut extractor = Extractor::load(model.manifest.backbone, &installed_weights(model.manifest.backbone)?, &opts.device)?;
         model.check_backbone(extractor.kind(), &extractor.weights_sha256, path)?;
