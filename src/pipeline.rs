@@ -69,6 +69,16 @@ pub fn installed_weights(kind: BackboneKind) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The installed backbone of a training configuration, with its stages, normalization and tiles.
+fn extractor_for(cfg: &TrainConfig, opts: &OpenOptions) -> Result<Extractor> {
+    let mut ex = Extractor::load(cfg.backbone, &installed_weights(cfg.backbone)?, &opts.device)?
+        .with_stages(&cfg.feature_stages())?
+        .with_normalization(cfg.input_normalization)
+        .with_tiles(cfg.tiles);
+    ex.batch = opts.backbone_batch.max(1);
+    Ok(ex)
+}
+
 impl Detector {
     /// Opens a model file and its backbone (the installed weights must be the ones it was
     /// trained with: checked by sha256), with the stages, normalization and tiles it was trained on.
@@ -89,10 +99,8 @@ impl Detector {
         if opts.expect_tiles.is_some_and(|t| t != train.tiles) {
             return Err(refuse(format!("trained with {} tile(s) per image (0: by aspect ratio); --tiles cannot change them", train.tiles)));
         }
-        let mut extractor = Extractor::load(model.manifest.backbone, &installed_weights(model.manifest.backbone)?, &opts.device)?;
+        let extractor = extractor_for(train, opts)?;
         model.check_backbone(extractor.kind(), &extractor.weights_sha256, path)?;
-        extractor = extractor.with_stages(&stages)?.with_normalization(train.input_normalization).with_tiles(train.tiles);
-        extractor.batch = opts.backbone_batch.max(1);
         if extractor.feature_dim() != model.flow.config.dim {
             return Err(refuse(format!(
                 "the flow takes {} features but stages {stages:?} give {}",
@@ -208,12 +216,7 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress) 
     let cfg = &opts.config;
     cfg.validate()?;
     let kind = cfg.backbone;
-    let weights = installed_weights(kind)?;
-    let mut ex = Extractor::load(kind, &weights, &opts.open.device)?
-        .with_stages(&cfg.feature_stages())?
-        .with_normalization(cfg.input_normalization)
-        .with_tiles(cfg.tiles);
-    ex.batch = opts.open.backbone_batch.max(1);
+    let ex = extractor_for(cfg, &opts.open)?;
     let ds = Dataset::open(&opts.data)?;
     ds.require_train()?;
     let mut images = ds.train.clone();

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use differnet::model::Model;
 use differnet::pipeline::TrainOptions;
-use differnet::train::TrainConfig;
+use differnet::train::{SchedulePlan, TrainConfig};
 use std::path::PathBuf;
 
 #[derive(Args, Clone)]
@@ -92,23 +92,14 @@ impl From<Schedule> for differnet::train::Schedule {
     }
 }
 
-/// The settings a schedule fixes, after the user's overrides.
-pub struct Plan {
-    pub epochs: usize,
-    pub views: usize,
-    pub cached_views: usize,
-    pub test_views: usize,
-    pub rotate: bool,
-}
-
 impl TrainArgs {
     /// The schedule's settings (`differnet::train::Schedule`) with the user's overrides.
-    pub fn plan(&self) -> Plan {
+    pub fn plan(&self) -> SchedulePlan {
         let base = differnet::train::Schedule::from(self.schedule).plan();
         let views = self.views.unwrap_or(base.views_per_image);
-        Plan {
+        SchedulePlan {
             epochs: self.epochs.unwrap_or(base.epochs),
-            views,
+            views_per_image: views,
             cached_views: self.cached_views.unwrap_or(base.cached_views.max(views)),
             test_views: self.test_views.unwrap_or(base.test_views),
             rotate: self.rotate.map_or(base.rotate, |r| r == Switch::On),
@@ -131,7 +122,7 @@ impl TrainArgs {
         let plan = self.plan();
         cfg.epochs = plan.epochs;
         cfg.batch_images = self.batch;
-        cfg.views_per_image = plan.views;
+        cfg.views_per_image = plan.views_per_image;
         cfg.cached_views = plan.cached_views;
         cfg.augment = self.jitter.augment(plan.rotate);
         cfg.seed = self.seed;
