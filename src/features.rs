@@ -1,8 +1,9 @@
 //! Features of image views: decode → resize to 448 → view (rotation/jitter) → normalize →
 //! multi-scale backbone features, with an on-disk cache keyed by image content, backbone and view.
 
-use crate::backbone::{self, multiscale_features, Backbone, BackboneKind, INPUT_SIZE};
+use crate::backbone::{self, multiscale_features, multiscale_features_and_local, Backbone, BackboneKind, INPUT_SIZE};
 use crate::error::{write_atomic, Error, Result};
+use crate::local_density::{DistanceGrid, LocalGaussian};
 use crate::transforms::{
     auto_tiles, image_size, resize_bilinear, square_tiles, to_normalized_chw, to_normalized_chw_into, InputNormalization, Rgb8, View,
 };
@@ -116,24 +117,64 @@ impl Extractor {
 
     /// Multi-scale features of each view of an image resized to 448×448: [views, dim] row-major.
     pub fn view_features(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
-        use rayon::prelude::*;
-        if (resized.width, resized.height) != (INPUT_SIZE, INPUT_SIZE) {
-            return Err(Error::Config(format!(
-                "view_features needs a {INPUT_SIZE}x{INPUT_SIZE} image, got {}x{}",
-                resized.width, resized.height
-            )));
-        }
-        let mut out = Vec::with_capacity(views.len() * self.feature_dim());
-        let per_view = 3 * INPUT_SIZE * INPUT_SIZE;
+        Ok(self.run_views(resized, views, None)?.0)
+    }
+
+    /// [`Self::view_features`] and, from the same forward passes, each view's grid of local
+    /// distances under `density` (the first scale's stage maps, not rotated back).
+    pub fn view_features_and_distances(
+        &self,
+        resized: &Rgb8,
+        views: &[View],
+        density: &LocalGaussian,
+    ) -> Result<(Vec<f32>, Vec<DistanceGrid>)> {
+        self.run_views(resized, views, Some(density))
+    }
+
+    /// The first scale's local vectors of each view (stage maps of the 448 input only, for
+    /// fitting the local density): [views × positions, channels] row-major.
+    pub fn local_vectors(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
+        let mut out = vec![];
         for chunk in views.chunks(self.batch.max(1)) {
-            // each view written straight into its part of the batch (no per-view tensors to join)
-            let mut batch = vec![0f32; chunk.len() * per_view];
-            batch.par_chunks_mut(per_view).zip(chunk).for_each(|(dst, v)| to_normalized_chw_into(&v.apply(resized), &self.lut, dst));
-            let x = Tensor::from_vec(batch, (chunk.len(), 3, INPUT_SIZE, INPUT_SIZE), &self.device)?;
-            let y = self.features(&x)?;
-            out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+            let x = self.batch_input(resized, chunk)?;
+            let maps = self.backbone.stage_maps(&x, &self.stages)?;
+            out.extend(backbone::local_vectors(&maps)?.vectors.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
+    }
+
+    /// Channels of a local vector: the stages' channels together.
+    pub fn local_dim(&self) -> usize {
+        self.stages.iter().map(|&s| self.kind().stage_channels()[s]).sum()
+    }
+
+    /// The network inputs of `views` of a 448×448 image, [views, 3, 448, 448].
+    fn batch_input(&self, resized: &Rgb8, views: &[View]) -> Result<Tensor> {
+        use rayon::prelude::*;
+        if (resized.width, resized.height) != (INPUT_SIZE, INPUT_SIZE) {
+            return Err(Error::Config(format!("views need a {INPUT_SIZE}x{INPUT_SIZE} image, got {}x{}", resized.width, resized.height)));
+        }
+        let per_view = 3 * INPUT_SIZE * INPUT_SIZE;
+        // each view written straight into its part of the batch (no per-view tensors to join)
+        let mut batch = vec![0f32; views.len() * per_view];
+        batch.par_chunks_mut(per_view).zip(views).for_each(|(dst, v)| to_normalized_chw_into(&v.apply(resized), &self.lut, dst));
+        Ok(Tensor::from_vec(batch, (views.len(), 3, INPUT_SIZE, INPUT_SIZE), &self.device)?)
+    }
+
+    fn run_views(&self, resized: &Rgb8, views: &[View], density: Option<&LocalGaussian>) -> Result<(Vec<f32>, Vec<DistanceGrid>)> {
+        let mut out = Vec::with_capacity(views.len() * self.feature_dim());
+        let mut grids = vec![];
+        for chunk in views.chunks(self.batch.max(1)) {
+            let x = self.batch_input(resized, chunk)?;
+            let (y, local) = multiscale_features_and_local(self.backbone.as_ref(), &self.stages, &x, density.is_some())?;
+            out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+            if let (Some(g), Some(l)) = (density, local) {
+                let v = l.vectors.flatten_all()?.to_vec1::<f32>()?;
+                let per_view = l.height * l.width * g.dim;
+                grids.extend(v.chunks_exact(per_view).map(|v| DistanceGrid { width: l.width, height: l.height, values: g.distances(v) }));
+            }
+        }
+        Ok((out, grids))
     }
 }
 

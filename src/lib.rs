@@ -14,6 +14,7 @@ pub mod features;
 pub mod flow;
 pub mod flow_grad;
 pub mod fuzzing;
+pub mod local_density;
 pub mod localize;
 pub mod metrics;
 pub mod model;

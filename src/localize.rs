@@ -1,16 +1,58 @@
-//! Defect localization (paper section 3.3, eq. 7): gradients of each view's loss with respect to
-//! the input pixels, blurred, summed over channels, rotated back and averaged; heat-map images.
+//! Defect localization: gradient maps (paper section 3.3, eq. 7: gradients of each view's loss
+//! with respect to the pixels), feature maps (local densities, see `local_density`), heat maps.
 
 use crate::backbone::INPUT_SIZE;
 use crate::error::{Error, Result};
 use crate::features::Extractor;
 use crate::flow::{nll_loss, NormalizingFlow};
+use crate::local_density::DistanceGrid;
 use crate::transforms::{rotate_pixels, Rgb8, View};
 use candle_core::Var;
 use std::path::Path;
 
 /// σ of the Gaussian blur applied to the gradients, in pixels of the 448×448 input.
 pub const BLUR_SIGMA: f32 = 3.0;
+
+/// σ of the Gaussian blur of feature maps, in pixels of the 448×448 input (PaDiM's and
+/// PatchCore's 4).
+pub const FEATURE_MAP_SIGMA: f32 = 4.0;
+
+/// Which anomaly map localizes the defect.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MapKind {
+    /// Gradients of the flow's loss with respect to the pixels (paper eq. 7): a backward pass
+    /// through the backbone per view.
+    #[default]
+    Gradient,
+    /// Distances of the backbone's local feature vectors under the model's local density:
+    /// forward-only, from the same pass that scores the image.
+    Features,
+}
+
+impl MapKind {
+    pub fn id(self) -> &'static str {
+        match self {
+            MapKind::Gradient => "gradient",
+            MapKind::Features => "features",
+        }
+    }
+}
+
+/// The feature map of one 448×448 input from its views' distance grids: each grid resized to
+/// 448×448 (bilinear), rotated back, averaged over views, blurred with [`FEATURE_MAP_SIGMA`].
+pub fn feature_map(grids: &[DistanceGrid], views: &[View]) -> Vec<f32> {
+    let n = INPUT_SIZE * INPUT_SIZE;
+    let mut acc = vec![0f32; n];
+    for (g, view) in grids.iter().zip(views) {
+        let up = resize_plane(&g.values, g.width, g.height, INPUT_SIZE, INPUT_SIZE);
+        let back = if view.degrees == 0.0 { up } else { rotate_pixels(&up, INPUT_SIZE, INPUT_SIZE, 1, -view.degrees) };
+        acc.iter_mut().zip(&back).for_each(|(a, b)| *a += b);
+    }
+    let k = grids.len().max(1) as f32;
+    acc.iter_mut().for_each(|a| *a /= k);
+    gaussian_blur(&acc, INPUT_SIZE, INPUT_SIZE, FEATURE_MAP_SIGMA)
+}
 
 /// Separable Gaussian blur of a w×h plane, kernel truncated at 4σ, mirrored edges (scipy's
 /// `gaussian_filter` defaults: mode `reflect`, truncate 4).
@@ -81,9 +123,36 @@ pub fn normalize_min_max(map: &[f32]) -> Vec<f32> {
 
 /// Bilinear resize of a square 448 map to the image's own size.
 pub fn resize_map(map: &[f32], width: usize, height: usize) -> Vec<f32> {
-    let img = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(INPUT_SIZE as u32, INPUT_SIZE as u32, map.to_vec())
-        .expect("448x448 map");
-    image::imageops::resize(&img, width as u32, height as u32, image::imageops::FilterType::Triangle).into_raw()
+    resize_plane(map, INPUT_SIZE, INPUT_SIZE, width, height)
+}
+
+/// Bilinear resize of a w×h plane (row-major) to dw×dh, pixel centres aligned (half-pixel
+/// convention, edges clamped). Values are not clamped (the `image` crate's f32 resize clamps
+/// to [0, 1]).
+pub fn resize_plane(plane: &[f32], w: usize, h: usize, dw: usize, dh: usize) -> Vec<f32> {
+    if (w, h) == (dw, dh) {
+        return plane.to_vec();
+    }
+    // source coordinate of each destination column / row: (index, weight of the next one)
+    let taps = |n: usize, dn: usize| -> Vec<(usize, usize, f32)> {
+        (0..dn)
+            .map(|i| {
+                let x = ((i as f32 + 0.5) * n as f32 / dn as f32 - 0.5).clamp(0.0, (n - 1) as f32);
+                let x0 = x.floor() as usize;
+                (x0, (x0 + 1).min(n - 1), x - x0 as f32)
+            })
+            .collect()
+    };
+    let (cols, rows) = (taps(w, dw), taps(h, dh));
+    let mut out = Vec::with_capacity(dw * dh);
+    for &(y0, y1, fy) in &rows {
+        for &(x0, x1, fx) in &cols {
+            let top = plane[y0 * w + x0] * (1.0 - fx) + plane[y0 * w + x1] * fx;
+            let bottom = plane[y1 * w + x0] * (1.0 - fx) + plane[y1 * w + x1] * fx;
+            out.push(top * (1.0 - fy) + bottom * fy);
+        }
+    }
+    out
 }
 
 /// A perceptual colour map (dark blue → red → yellow) of a value in [0, 1].
@@ -109,10 +178,13 @@ pub enum MapNormalization {
     Good,
 }
 
-/// Value range of the gradient maps of good images, stored in the model for
+/// Value range of the maps of good images, stored in the model for
 /// [`MapNormalization::Good`].
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GoodMapRange {
+    /// The kind of map measured (gradient maps in models written before feature maps existed).
+    #[serde(default)]
+    pub map: MapKind,
     /// Median pixel value of the good maps: drawn as 0.
     pub low: f32,
     /// Largest pixel value of any good map: drawn as 1.
@@ -122,7 +194,7 @@ pub struct GoodMapRange {
 }
 
 impl GoodMapRange {
-    pub fn from_maps(maps: &[Vec<f32>], views: usize) -> Option<Self> {
+    pub fn from_maps(map: MapKind, maps: &[Vec<f32>], views: usize) -> Option<Self> {
         let mut all: Vec<f32> = maps.iter().flatten().copied().filter(|v| v.is_finite()).collect();
         if all.is_empty() {
             return None;
@@ -131,7 +203,7 @@ impl GoodMapRange {
         let (_, low, _) = all.select_nth_unstable_by(mid, f32::total_cmp);
         let low = *low;
         let high = all.iter().copied().fold(f32::MIN, f32::max);
-        Some(GoodMapRange { low, high, images: maps.len(), views })
+        Some(GoodMapRange { map, low, high, images: maps.len(), views })
     }
 
     pub fn normalize(&self, map: &[f32]) -> Vec<f32> {
@@ -140,14 +212,17 @@ impl GoodMapRange {
     }
 }
 
-/// Scales a map to [0, 1] as chosen; `Good` needs the model's [`GoodMapRange`].
-pub fn normalize_map(map: &[f32], how: MapNormalization, good: Option<&GoodMapRange>) -> Result<Vec<f32>> {
+/// Scales a map of kind `kind` to [0, 1] as chosen; `Good` needs the model's [`GoodMapRange`]
+/// of that kind.
+pub fn normalize_map(map: &[f32], kind: MapKind, how: MapNormalization, good: Option<&GoodMapRange>) -> Result<Vec<f32>> {
     match (how, good) {
         (MapNormalization::Image, _) => Ok(normalize_min_max(map)),
-        (MapNormalization::Good, Some(r)) => Ok(r.normalize(map)),
-        (MapNormalization::Good, None) => Err(Error::Config(
-            "the model has no range of good-image maps; run `differnet calibrate --model MODEL --localization-good DIR` first".into(),
-        )),
+        (MapNormalization::Good, Some(r)) if r.map == kind => Ok(r.normalize(map)),
+        (MapNormalization::Good, _) => Err(Error::Config(format!(
+            "the model has no range of good images' {} maps; run `differnet calibrate --model MODEL --localization-good DIR --map {}` first",
+            kind.id(),
+            kind.id()
+        ))),
     }
 }
 
@@ -164,10 +239,10 @@ pub struct LocalizationImages {
 /// Colour of the region contour drawn on overlays.
 const CONTOUR: [u8; 3] = [0, 255, 128];
 
-/// Heat map, overlay with contour and binary mask of a normalized 448×448 map.
-pub fn render_localization(original: &Rgb8, normalized_448: &[f32], pixel_threshold: f32) -> LocalizationImages {
+/// Heat map, overlay with contour and binary mask of a normalized map at the image's resolution.
+pub fn render_localization(original: &Rgb8, normalized: &[f32], pixel_threshold: f32) -> LocalizationImages {
     let (w, h) = (original.width, original.height);
-    let m = resize_map(normalized_448, w, h);
+    let m = normalized;
     let inside: Vec<bool> = m.iter().map(|v| *v >= pixel_threshold).collect();
     let heat: Vec<u8> = m.iter().flat_map(|v| colormap(*v)).collect();
     let mut overlay: Vec<u8> = original.data.iter().zip(&heat).map(|(a, b)| ((*a as u16 + *b as u16) / 2) as u8).collect();
@@ -226,9 +301,12 @@ pub fn write_heatmaps(images: &LocalizationImages, out_dir: &Path, stem: &str) -
     Ok(files)
 }
 
-/// Pixel AUROC and AUPRO (FPR ≤ 0.3) of the gradient maps against the ground-truth masks.
+/// Pixel AUROC and AUPRO (FPR ≤ 0.3) of anomaly maps against the ground-truth masks.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PixelMetrics {
+    /// The kind of map measured.
+    #[serde(default)]
+    pub map: MapKind,
     pub pixel_auroc: f64,
     pub aupro: f64,
     /// Per defect type (its images plus all good images): (pixel AUROC, AUPRO).
@@ -239,7 +317,7 @@ pub struct PixelMetrics {
 
 impl PixelMetrics {
     /// From (defect type, map at mask resolution, mask, width) per test image.
-    pub fn compute(items: &[(String, Vec<f32>, Vec<bool>, usize)], views: usize) -> Self {
+    pub fn compute(map: MapKind, items: &[(String, Vec<f32>, Vec<bool>, usize)], views: usize) -> Self {
         use crate::metrics::{aupro, pixel_auroc, PixelSample};
         fn sample(i: &(String, Vec<f32>, Vec<bool>, usize)) -> PixelSample<'_> {
             PixelSample { map: &i.1, mask: &i.2, width: i.3 }
@@ -251,21 +329,15 @@ impl PixelMetrics {
             let subset: Vec<PixelSample> = items.iter().filter(|i| i.0 == "good" || i.0 == t).map(sample).collect();
             per_defect.insert(t.to_string(), (pixel_auroc(&subset).unwrap_or(f64::NAN), aupro(&subset)));
         }
-        PixelMetrics { pixel_auroc: pixel_auroc(&all).unwrap_or(f64::NAN), aupro: aupro(&all), per_defect, views }
+        PixelMetrics { map, pixel_auroc: pixel_auroc(&all).unwrap_or(f64::NAN), aupro: aupro(&all), per_defect, views }
     }
 }
 
-/// Gradient map of an image file at 448×448, with the decoded original.
-pub fn localize_image(ex: &Extractor, flow: &NormalizingFlow, path: &Path, views: &[View]) -> Result<(Rgb8, Vec<f32>)> {
-    let original = crate::transforms::load_rgb(path)?;
-    let resized = crate::transforms::resize_bilinear(&original, INPUT_SIZE, INPUT_SIZE);
-    let map = gradient_map(ex, flow, &resized, views)?;
-    Ok((original, map))
-}
-
-/// How maps are drawn: normalization and the pixel threshold of the mask and contour.
+/// Which map is drawn and how: its kind, normalization and the pixel threshold of the mask
+/// and contour.
 #[derive(Clone, Debug)]
 pub struct MapStyle {
+    pub kind: MapKind,
     pub normalization: MapNormalization,
     pub good: Option<GoodMapRange>,
     /// Threshold on the normalized map, in [0, 1].
@@ -273,78 +345,23 @@ pub struct MapStyle {
 }
 
 impl MapStyle {
-    /// Per-image min-max normalization, contour at 0.5.
+    /// Gradient maps with per-image min-max normalization, contour at 0.5 (the official code's).
     pub fn official() -> Self {
-        MapStyle { normalization: MapNormalization::Image, good: None, pixel_threshold: 0.5 }
+        MapStyle { kind: MapKind::Gradient, normalization: MapNormalization::Image, good: None, pixel_threshold: 0.5 }
     }
-    pub fn render(&self, original: &Rgb8, map_448: &[f32]) -> Result<LocalizationImages> {
-        Ok(render_localization(original, &normalize_map(map_448, self.normalization, self.good.as_ref())?, self.pixel_threshold))
-    }
-}
 
-/// Localizes an image file and writes its heat map, overlay and mask into `out`.
-pub fn write_localization(
-    ex: &Extractor,
-    flow: &NormalizingFlow,
-    path: &Path,
-    views: &[View],
-    style: &MapStyle,
-    out: &Path,
-) -> Result<LocalizationFiles> {
-    let (original, map) = localize_image(ex, flow, path, views)?;
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-    write_heatmaps(&style.render(&original, &map)?, out, &stem)
-}
-
-/// The range of the gradient maps of good images, for [`MapNormalization::Good`].
-pub fn good_map_range(
-    ex: &Extractor,
-    flow: &NormalizingFlow,
-    paths: &[std::path::PathBuf],
-    views: &[View],
-    bar: &dyn crate::progress::Progress,
-) -> Result<GoodMapRange> {
-    let mut maps = vec![];
-    for p in paths {
-        maps.push(localize_image(ex, flow, p, views)?.1);
-        bar.inc(1);
+    /// `kind` drawn against the model's range of good maps when it has one of that kind, else
+    /// by each image's own range; contour at 0.5.
+    pub fn for_model(kind: MapKind, good: Option<&GoodMapRange>) -> Self {
+        let good = good.filter(|g| g.map == kind).cloned();
+        let normalization = if good.is_some() { MapNormalization::Good } else { MapNormalization::Image };
+        MapStyle { kind, normalization, good, pixel_threshold: 0.5 }
     }
-    GoodMapRange::from_maps(&maps, views.len()).ok_or_else(|| Error::Config("no good images to calibrate the heat maps on".into()))
-}
 
-/// Gradient maps of all test images with masks (and all good ones) at the masks' resolution,
-/// and their pixel metrics. Defective images without a mask are skipped.
-pub fn pixel_metrics(
-    ex: &Extractor,
-    flow: &NormalizingFlow,
-    ds: &crate::data::Dataset,
-    views: usize,
-    bar: &dyn crate::progress::Progress,
-) -> Result<PixelMetrics> {
-    let v = crate::transforms::test_views(views);
-    let mut items = vec![];
-    for s in &ds.test {
-        bar.inc(1);
-        if s.is_defect() && s.mask.is_none() {
-            continue;
-        }
-        let (original, map) = localize_image(ex, flow, &s.path, &v)?;
-        let mask: Vec<bool> = match &s.mask {
-            Some(m) => {
-                let m = crate::transforms::load_rgb(m)?;
-                if (m.width, m.height) != (original.width, original.height) {
-                    return Err(Error::Dataset {
-                        path: s.path.clone(),
-                        reason: format!("mask is {}x{}, image is {}x{}", m.width, m.height, original.width, original.height),
-                    });
-                }
-                m.channel(0).iter().map(|&v| v > 127).collect()
-            }
-            None => vec![false; original.width * original.height],
-        };
-        items.push((s.defect.clone(), resize_map(&map, original.width, original.height), mask, original.width));
+    /// The pictures of `map`, a map of this style's kind at the image's resolution.
+    pub fn render(&self, original: &Rgb8, map: &[f32]) -> Result<LocalizationImages> {
+        Ok(render_localization(original, &normalize_map(map, self.kind, self.normalization, self.good.as_ref())?, self.pixel_threshold))
     }
-    Ok(PixelMetrics::compute(&items, views))
 }
 
 #[cfg(test)]
@@ -366,10 +383,11 @@ mod tests {
     #[test]
     fn good_range_keeps_good_maps_calm_and_contours_the_region() {
         let good = vec![vec![0.0, 1.0, 1.0, 2.0], vec![1.0, 1.0, 1.0, 3.0]];
-        let r = GoodMapRange::from_maps(&good, 4).unwrap();
+        let r = GoodMapRange::from_maps(MapKind::Gradient, &good, 4).unwrap();
         assert_eq!((r.low, r.high), (1.0, 3.0));
         assert_eq!(r.normalize(&[0.0, 2.0, 3.0, 9.0]), vec![0.0, 0.5, 1.0, 1.0]);
-        assert!(normalize_map(&[1.0], MapNormalization::Good, None).is_err());
+        assert!(normalize_map(&[1.0], MapKind::Gradient, MapNormalization::Good, None).is_err());
+        assert!(normalize_map(&[1.0], MapKind::Features, MapNormalization::Good, Some(&r)).is_err(), "a range of another kind used");
         // a 100×100 square of ones at (100..200)² of a 448×448 image: its 396 border pixels are contour
         let n = INPUT_SIZE;
         let sq = |i: usize| (100..200).contains(&(i / n)) && (100..200).contains(&(i % n));
@@ -381,6 +399,16 @@ mod tests {
         let contour = |x: u32, y: u32| pics.overlay.get_pixel(x, y).0 == CONTOUR;
         assert_eq!((0..n * n).filter(|&i| contour((i % n) as u32, (i / n) as u32)).count(), 396);
         assert!(contour(100, 150) && contour(199, 199) && !contour(150, 150) && !contour(99, 150));
+    }
+
+    #[test]
+    fn resizing_keeps_values_beyond_one_and_interpolates_linearly() {
+        // a ramp 0, 10, 20, 30 doubled: half-pixel centres give 0, 2.5, 7.5, ... 30 at the ends
+        let up = resize_plane(&[0.0, 10.0, 20.0, 30.0], 4, 1, 8, 1);
+        assert_eq!(up, vec![0.0, 2.5, 7.5, 12.5, 17.5, 22.5, 27.5, 30.0]);
+        assert_eq!(resize_plane(&[5.0; 6], 3, 2, 7, 5), vec![5.0; 35]);
+        let down = resize_plane(&up, 8, 1, 4, 1);
+        assert!(down.iter().zip([1.25f32, 10.0, 20.0, 28.75]).all(|(a, b)| (a - b).abs() < 1e-5), "{down:?}");
     }
 
     #[test]

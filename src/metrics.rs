@@ -64,6 +64,31 @@ pub fn threshold_for_fpr(good_scores: &[f64], fpr: f64) -> Option<f64> {
     Some(if allowed >= s.len() { s[s.len() - 1] } else { next_up(s[allowed]) })
 }
 
+/// The standard normal quantile Φ⁻¹(p) for p in (0, 1) (Acklam's rational approximation,
+/// relative error below 1.2e-9).
+pub fn normal_quantile(p: f64) -> f64 {
+    const A: [f64; 6] =
+        [-3.969683028665376e1, 2.209460984245205e2, -2.759285104469687e2, 1.383577518672690e2, -3.066479806614716e1, 2.506628277459239];
+    const B: [f64; 5] = [-5.447609879822406e1, 1.615858368580409e2, -1.556989798598866e2, 6.680131188771972e1, -1.328068155288572e1];
+    const C: [f64; 6] =
+        [-7.784894002430293e-3, -3.223964580411365e-1, -2.400758277161838, -2.549732539343734, 4.374664141464968, 2.938163982698783];
+    const D: [f64; 4] = [7.784695709041462e-3, 3.224671290700398e-1, 2.445134137142996, 3.754408661907416];
+    let p = p.clamp(1e-300, 1.0 - 1e-16);
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5]) / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    if p < 0.02425 {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - 0.02425 {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    }
+}
+
 fn next_up(x: f64) -> f64 {
     if x.is_nan() || x == f64::INFINITY {
         return x;
@@ -315,6 +340,10 @@ mod tests {
         let t = threshold_for_fpr(&good, 0.1).unwrap();
         assert_eq!(good.iter().filter(|&&s| s >= t).count(), 1);
         let t = threshold_for_fpr(&good, 0.0).unwrap();
+        // Φ⁻¹ at known points (tables: 0.99 → 2.326348, 0.975 → 1.959964, 0.5 → 0)
+        assert!((normal_quantile(0.99) - 2.326348).abs() < 1e-6);
+        assert!((normal_quantile(0.975) - 1.959964).abs() < 1e-6);
+        assert!(normal_quantile(0.5).abs() < 1e-12 && (normal_quantile(0.01) + 2.326348).abs() < 1e-6);
         assert_eq!(good.iter().filter(|&&s| s >= t).count(), 0);
         let (t, f1) = best_f1_threshold(&[0.1, 0.2, 0.7, 0.8], &[false, false, true, true]).unwrap();
         assert_eq!((t, f1), (0.7, 1.0));

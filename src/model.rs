@@ -4,6 +4,7 @@
 use crate::backbone::BackboneKind;
 use crate::error::{write_atomic, Error, Result};
 use crate::flow::{FlowConfig, NormalizingFlow};
+use crate::local_density::LocalGaussian;
 use crate::score::ScoreKind;
 use crate::train::{TrainConfig, TrainingSummary};
 use candle_core::Device;
@@ -20,6 +21,28 @@ pub struct Threshold {
     pub value: f64,
     /// `user`, `fpr=<rate> on <n> good images`, or `best-f1 on <n> labelled images`.
     pub method: String,
+}
+
+/// The range of anomaly scores of held-out good images (or of those `calibrate` saw): with the
+/// threshold θ it gives anomalib's normalized score clamp((s − θ)/(max − min) + 0.5, 0, 1).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScoreRange {
+    pub min: f64,
+    pub max: f64,
+}
+
+impl ScoreRange {
+    /// The range of `scores` (`None` when empty or not finite).
+    pub fn of(scores: &[f64]) -> Option<Self> {
+        let (min, max) = scores.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &s| (a.min(s), b.max(s)));
+        (min.is_finite() && max.is_finite()).then_some(ScoreRange { min, max })
+    }
+
+    /// `pred_score` of a score at threshold θ: 0.5 at θ, clamped to [0, 1].
+    pub fn normalize(&self, score: f64, threshold: f64) -> f64 {
+        let span = (self.max - self.min).max(f64::EPSILON * threshold.abs().max(1.0));
+        ((score - threshold) / span + 0.5).clamp(0.0, 1.0)
+    }
 }
 
 /// What the model was trained on.
@@ -45,7 +68,13 @@ pub struct Manifest {
     pub test_views: usize,
     pub train: TrainConfig,
     pub threshold: Option<Threshold>,
-    /// Range of good images' gradient maps, for heat maps normalized against good parts.
+    /// Scores of good images the flow was not fitted on, for `pred_score`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_range: Option<ScoreRange>,
+    /// The local feature density behind feature maps, when the model has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_density: Option<crate::local_density::LocalDensityInfo>,
+    /// Range of good images' maps, for heat maps normalized against good parts.
     #[serde(default)]
     pub localization: Option<crate::localize::GoodMapRange>,
     pub training_data: TrainingData,
@@ -87,6 +116,8 @@ fn manifest_from_header(header: &[u8], path: &Path) -> Result<Manifest> {
 pub struct Model {
     pub manifest: Manifest,
     pub flow: NormalizingFlow,
+    /// The density of local feature vectors (feature maps), when fitted.
+    pub local: Option<LocalGaussian>,
 }
 
 fn parameters_sha256(flow: &NormalizingFlow) -> Result<String> {
@@ -100,19 +131,32 @@ fn parameters_sha256(flow: &NormalizingFlow) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The manifest with the flow's parameter checksum and permutations filled in.
-fn describe(mut manifest: Manifest, flow: &NormalizingFlow) -> Result<Manifest> {
+/// The manifest with the flow's parameter checksum and permutations filled in, and the local
+/// density's checksum when there is one.
+fn describe(mut manifest: Manifest, flow: &NormalizingFlow, local: Option<&LocalGaussian>) -> Result<Manifest> {
     manifest.parameters_sha256 = parameters_sha256(flow)?;
     manifest.permutations = flow.blocks.iter().map(|b| b.perm.clone()).collect();
+    match (local, &mut manifest.local_density) {
+        (Some(g), Some(info)) => {
+            info.sha256 = g.sha256();
+            info.dim = g.dim;
+        }
+        (None, None) => {}
+        _ => return Err(Error::Config("a local density and its manifest entry go together".into())),
+    }
     Ok(manifest)
 }
 
-/// Writes `flow` with `manifest` (its checksum and permutations filled in) to `path` atomically:
-/// an existing file is replaced whole or not at all. Returns the manifest as written.
-pub fn write(path: &Path, manifest: Manifest, flow: &NormalizingFlow) -> Result<Manifest> {
-    let manifest = describe(manifest, flow)?;
+/// Writes `flow` (and the local density, if any) with `manifest` (checksums and permutations
+/// filled in) to `path` atomically: an existing file is replaced whole or not at all. Returns the
+/// manifest as written.
+pub fn write(path: &Path, manifest: Manifest, flow: &NormalizingFlow, local: Option<&LocalGaussian>) -> Result<Manifest> {
+    let manifest = describe(manifest, flow, local)?;
     let params = flow.named_parameters();
-    let data: Vec<(String, candle_core::Tensor)> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let mut data: Vec<(String, candle_core::Tensor)> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    if let Some(g) = local {
+        data.extend(g.tensors()?);
+    }
     let mut meta = HashMap::new();
     meta.insert(MANIFEST_KEY.to_string(), serde_json::to_string(&manifest).expect("manifest serializes"));
     let buf = safetensors::serialize(data.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
@@ -123,12 +167,12 @@ pub fn write(path: &Path, manifest: Manifest, flow: &NormalizingFlow) -> Result<
 
 impl Model {
     pub fn new(manifest: Manifest, flow: NormalizingFlow) -> Result<Self> {
-        Ok(Model { manifest: describe(manifest, &flow)?, flow })
+        Ok(Model { manifest: describe(manifest, &flow, None)?, flow, local: None })
     }
 
     /// Writes the model atomically (see [`write`]).
     pub fn save(&self, path: &Path) -> Result<()> {
-        write(path, self.manifest.clone(), &self.flow).map(|_| ())
+        write(path, self.manifest.clone(), &self.flow, self.local.as_ref()).map(|_| ())
     }
 
     /// Reads only the manifest (cheap).
@@ -176,7 +220,17 @@ impl Model {
         if sha != manifest.parameters_sha256 {
             return Err(bad("parameter checksum mismatch: the file is corrupted or was edited".into()));
         }
-        Ok(Model { manifest, flow })
+        let local = match &manifest.local_density {
+            Some(info) => {
+                let g = LocalGaussian::from_tensors(&tensors, info.dim, path)?;
+                if g.sha256() != info.sha256 {
+                    return Err(bad("local density checksum mismatch: the file is corrupted or was edited".into()));
+                }
+                Some(g)
+            }
+            None => None,
+        };
+        Ok(Model { manifest, flow, local })
     }
 
     /// Refuses a backbone whose kind or weights differ from the ones the model was trained with.

@@ -7,12 +7,16 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::features::{Extractor, FeatureCache};
 use crate::flow::NormalizingFlow;
-use crate::localize::{gradient_map, LocalizationFiles, LocalizationImages, MapStyle};
-use crate::model::{Manifest, Model, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
+use crate::local_density::{GaussianFit, LocalDensityInfo, LocalGaussian, SHRINKAGE};
+use crate::localize::{
+    feature_map, gradient_map, resize_plane, write_heatmaps, GoodMapRange, LocalizationFiles, LocalizationImages, MapKind, MapStyle,
+    PixelMetrics,
+};
+use crate::model::{Manifest, Model, ScoreRange, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
 use crate::progress::Progress;
 use crate::score::{anomaly_score, score_images, Evaluation, SampleScore, ScoreKind};
 use crate::train::{train_flow_with_checkpoints, training_features, Checkpoint, TrainConfig, TrainingSummary};
-use crate::transforms::{decode_rgb, resize_bilinear, test_views, InputNormalization, Rgb8, View};
+use crate::transforms::{decode_rgb, resize_bilinear, square_tiles, test_views, tile_origins, InputNormalization, Rgb8, View};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 
@@ -51,6 +55,19 @@ pub struct Decision {
     pub score: f64,
     pub threshold: Option<f64>,
     pub is_anomaly: Option<bool>,
+    /// The score normalized as anomalib does, clamp((s − θ)/(max − min) + 0.5, 0, 1) with the
+    /// model's threshold θ and the score range of good images: 0.5 at the threshold. `None`
+    /// without a threshold or range.
+    pub pred_score: Option<f64>,
+}
+
+/// An anomaly map at an image's own resolution, row-major; larger is more anomalous.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnomalyMap {
+    pub kind: MapKind,
+    pub width: usize,
+    pub height: usize,
+    pub values: Vec<f32>,
 }
 
 /// A model with the backbone it was trained on and the feature cache.
@@ -123,14 +140,83 @@ impl Detector {
 
     /// The decision for an anomaly score at the model's threshold.
     pub fn decide(&self, score: f64) -> Decision {
-        let threshold = self.model.manifest.threshold.as_ref().map(|t| t.value);
-        Decision { score, threshold, is_anomaly: threshold.map(|t| score >= t) }
+        let m = &self.model.manifest;
+        let threshold = m.threshold.as_ref().map(|t| t.value);
+        let pred_score = threshold.zip(m.score_range).map(|(t, r)| r.normalize(score, t));
+        Decision { score, threshold, is_anomaly: threshold.map(|t| score >= t), pred_score }
+    }
+
+    /// The map drawn when none is asked for: feature maps when the model has a local density,
+    /// gradient maps otherwise.
+    pub fn default_map(&self) -> MapKind {
+        if self.model.local.is_some() {
+            MapKind::Features
+        } else {
+            MapKind::Gradient
+        }
+    }
+
+    /// How maps of `kind` (default: [`Self::default_map`]) are drawn by default: against the
+    /// model's range of good maps of that kind when it has one, else per image.
+    pub fn map_style(&self, kind: Option<MapKind>) -> MapStyle {
+        MapStyle::for_model(kind.unwrap_or(self.default_map()), self.model.manifest.localization.as_ref())
     }
 
     /// τ(x) of a decoded image over `views` (each tile's mean, the largest over tiles).
     pub fn score_image(&self, img: &Rgb8, views: &[View]) -> Result<f64> {
-        let feats = self.extractor.image_features(img, views)?;
-        anomaly_score(&self.model.flow, &feats, self.model.flow.config.dim, self.model.manifest.score, views.len(), &self.extractor.device)
+        Ok(self.inspect(img, views, None)?.0)
+    }
+
+    /// The anomaly score of a decoded image and, when `map` is given, its anomaly map of that
+    /// kind at the image's resolution. Feature maps come from the same backbone passes as the
+    /// score; tiles are mapped one by one and put back where they came from (the larger value
+    /// where two overlap).
+    pub fn inspect(&self, img: &Rgb8, views: &[View], map: Option<MapKind>) -> Result<(f64, Option<AnomalyMap>)> {
+        let tiles = self.extractor.tiles_for(img.width, img.height);
+        let mut feats = vec![];
+        let mut full = map.map(|_| vec![f32::NEG_INFINITY; img.width * img.height]);
+        for (tile, (x0, y0, side)) in square_tiles(img, tiles).iter().zip(tile_origins(img.width, img.height, tiles)) {
+            let resized = resize_bilinear(tile, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE);
+            let m448 = match map {
+                None => {
+                    feats.extend(self.extractor.view_features(&resized, views)?);
+                    continue;
+                }
+                Some(MapKind::Features) => {
+                    let (f, grids) = self.extractor.view_features_and_distances(&resized, views, self.local_density()?)?;
+                    feats.extend(f);
+                    feature_map(&grids, views)
+                }
+                Some(MapKind::Gradient) => {
+                    feats.extend(self.extractor.view_features(&resized, views)?);
+                    gradient_map(&self.extractor, &self.model.flow, &resized, views)?
+                }
+            };
+            let full = full.as_mut().expect("a map is asked for");
+            let n = crate::backbone::INPUT_SIZE;
+            if tiles == 1 {
+                *full = resize_plane(&m448, n, n, img.width, img.height);
+            } else {
+                let part = resize_plane(&m448, n, n, side, side);
+                for y in 0..side {
+                    let row = &mut full[(y0 + y) * img.width + x0..][..side];
+                    row.iter_mut().zip(&part[y * side..(y + 1) * side]).for_each(|(a, b)| *a = a.max(*b));
+                }
+            }
+        }
+        let m = &self.model;
+        let score = anomaly_score(&m.flow, &feats, m.flow.config.dim, m.manifest.score, views.len(), &self.extractor.device)?;
+        let map = map.zip(full).map(|(kind, values)| AnomalyMap { kind, width: img.width, height: img.height, values });
+        Ok((score, map))
+    }
+
+    /// The model's local feature density, or an error saying the model has none.
+    fn local_density(&self) -> Result<&LocalGaussian> {
+        self.model.local.as_ref().ok_or_else(|| {
+            Error::Config(
+                "the model has no local feature density (trained before feature maps existed): retrain it, or use --map gradient".into(),
+            )
+        })
     }
 
     /// Scores of image files (features from the cache when present), one per path.
@@ -154,31 +240,76 @@ impl Detector {
             .test
             .iter()
             .zip(scores)
-            .map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score })
+            .map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score, map_max: None })
             .collect();
         let m = &self.model.manifest;
         Ok(Evaluation::from_scores(m.backbone.id(), samples, views, m.score, m.threshold.as_ref().map(|t| t.value)))
     }
 
-    /// The gradient map (paper eq. 7) of a decoded image on the 448 × 448 network input,
-    /// averaged over `views`.
-    pub fn heat_map(&self, img: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
-        gradient_map(
-            &self.extractor,
-            &self.model.flow,
-            &resize_bilinear(img, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE),
-            views,
-        )
+    /// The anomaly map of kind `kind` of a decoded image at its resolution, over `views`.
+    pub fn anomaly_map(&self, img: &Rgb8, views: &[View], kind: MapKind) -> Result<AnomalyMap> {
+        Ok(self.inspect(img, views, Some(kind))?.1.expect("a map was asked for"))
     }
 
-    /// Heat map, overlay and mask of a decoded image at its own resolution.
+    /// Heat map, overlay and mask of a decoded image at its own resolution, of the style's kind.
     pub fn localization_images(&self, img: &Rgb8, views: &[View], style: &MapStyle) -> Result<LocalizationImages> {
-        style.render(img, &self.heat_map(img, views)?)
+        style.render(img, &self.anomaly_map(img, views, style.kind)?.values)
     }
 
     /// Writes `<stem>_heatmap.png`, `_overlay.png` and `_mask.png` of an image file into `out`.
     pub fn write_localization(&self, path: &Path, views: &[View], style: &MapStyle, out: &Path) -> Result<LocalizationFiles> {
-        crate::localize::write_localization(&self.extractor, &self.model.flow, path, views, style, out)
+        let pictures = self.localization_images(&Self::read_image(path)?, views, style)?;
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        write_heatmaps(&pictures, out, &stem)
+    }
+
+    /// The range of the maps of kind `kind` of good images, for heat maps drawn against good parts.
+    pub fn good_map_range(&self, paths: &[PathBuf], views: &[View], kind: MapKind, progress: &dyn Progress) -> Result<GoodMapRange> {
+        progress.set_length(paths.len() as u64);
+        let mut maps = vec![];
+        for p in paths {
+            maps.push(self.anomaly_map(&Self::read_image(p)?, views, kind)?.values);
+            progress.inc(1);
+        }
+        GoodMapRange::from_maps(kind, &maps, views.len())
+            .ok_or_else(|| Error::Config("no good images to calibrate the heat maps on".into()))
+    }
+
+    /// Maps of kind `kind` over `views` of every test image: pixel AUROC and AUPRO against the
+    /// masks (overall and per defect type; defective images without a mask are left out of
+    /// them), each sample's map maximum and the image AUROC of those maxima, all stored in `ev`.
+    pub fn add_pixel_metrics(&self, ev: &mut Evaluation, ds: &Dataset, views: usize, kind: MapKind, progress: &dyn Progress) -> Result<()> {
+        let v = test_views(views);
+        progress.set_length(ds.test.len() as u64);
+        let mut items = vec![];
+        let mut maxima = std::collections::HashMap::new();
+        for s in &ds.test {
+            let map = self.anomaly_map(&Self::read_image(&s.path)?, &v, kind)?;
+            maxima.insert(s.path.display().to_string(), map.values.iter().fold(f32::MIN, |a, b| a.max(*b)) as f64);
+            progress.inc(1);
+            let mask: Vec<bool> = match &s.mask {
+                Some(m) => {
+                    let m = Self::read_image(m)?;
+                    if (m.width, m.height) != (map.width, map.height) {
+                        return Err(Error::Dataset {
+                            path: s.path.clone(),
+                            reason: format!("mask is {}x{}, image is {}x{}", m.width, m.height, map.width, map.height),
+                        });
+                    }
+                    m.channel(0).iter().map(|&v| v > 127).collect()
+                }
+                None if s.is_defect() => continue,
+                None => vec![false; map.width * map.height],
+            };
+            items.push((s.defect.clone(), map.values, mask, map.width));
+        }
+        ev.pixel = Some(PixelMetrics::compute(kind, &items, views));
+        for sample in &mut ev.samples {
+            sample.map_max = maxima.get(&sample.path).copied();
+        }
+        let (m, labels): (Vec<f64>, Vec<bool>) = ev.samples.iter().filter_map(|s| Some((s.map_max?, s.defect != "good"))).unzip();
+        ev.map_max_auroc = crate::metrics::auroc(&m, &labels);
+        Ok(())
     }
 
     /// Decodes an image file (the error names it).
@@ -206,13 +337,47 @@ pub struct TrainOptions {
     pub max_images: Option<usize>,
     /// Also write the model every N epochs, as `out` with `.epochN` before the extension.
     pub checkpoint_every: Option<usize>,
+    /// Fraction of the training images kept out of the flow's fit; their scores set the
+    /// threshold (unless `threshold` is given), the score range of `pred_score` and the range of
+    /// good heat maps. `None`: every image is fitted and nothing is calibrated.
+    pub holdout: Option<f64>,
+    /// The false-positive rate the stored threshold allows (on the held-out images).
+    pub target_fpr: f64,
+    /// Fit the local feature density that feature maps need.
+    pub feature_maps: bool,
     pub open: OpenOptions,
+}
+
+/// `train`'s default held-out fraction of the training images.
+pub const DEFAULT_HOLDOUT: f64 = 0.15;
+/// At least this many images are held out (more than the fraction gives when there are few).
+pub const MIN_HELD_OUT: usize = 3;
+/// With fewer training images nothing is held out (the flow needs them all); `train` warns.
+pub const MIN_IMAGES_FOR_HOLDOUT: usize = 10;
+/// `train`'s default false-positive rate of the stored threshold.
+pub const DEFAULT_TARGET_FPR: f64 = 0.01;
+/// Views of each image the local density is fitted on, at most: the model's first test views.
+const LOCAL_FIT_VIEWS: usize = 4;
+
+/// The threshold for a false-positive rate `fpr` on good scores the flow was not fitted on: the
+/// larger of the empirical one (at most ⌊fpr·n⌋ of them reach it) and the Gaussian estimate
+/// mean + z₁₋fpr·std, which keeps a few held-out images from setting the threshold at their
+/// maximum alone. Returns the value and how it was chosen.
+pub fn holdout_threshold(good: &[f64], fpr: f64) -> Option<Threshold> {
+    let empirical = crate::metrics::threshold_for_fpr(good, fpr)?;
+    let n = good.len() as f64;
+    let mean = good.iter().sum::<f64>() / n;
+    let std = (good.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
+    let gaussian = mean + crate::metrics::normal_quantile(1.0 - fpr) * std;
+    let (value, how) = if gaussian > empirical { (gaussian, "gaussian") } else { (empirical, "empirical") };
+    Some(Threshold { value, method: format!("fpr={fpr} on {} held-out good images ({how})", good.len()) })
 }
 
 /// Trains a model on the good images of a dataset and writes it (atomically) to `opts.out`:
 /// features of the training views (cached), the flow, and a manifest with everything needed to
-/// reproduce and check it. `features` and `flow` receive the progress of the two phases.
-pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress) -> Result<Model> {
+/// reproduce and check it. `features`, `flow` and `after` receive the progress of the phases:
+/// training features, the flow's epochs, then the local density and the held-out images.
+pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, after: &dyn Progress) -> Result<Model> {
     let cfg = &opts.config;
     cfg.validate()?;
     let kind = cfg.backbone;
@@ -223,7 +388,32 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress) 
     if let Some(n) = opts.max_images {
         images.truncate(n);
     }
-    tracing::info!(backbone = kind.id(), images = images.len(), "training");
+    let held_out = match opts.holdout {
+        Some(f) if images.len() >= MIN_IMAGES_FOR_HOLDOUT => {
+            let f = f.max(MIN_HELD_OUT as f64 / images.len() as f64);
+            let split = crate::validation::holdout_split(&images, f, cfg.seed)?;
+            images = split.fit;
+            split.held_out
+        }
+        Some(_) => {
+            tracing::warn!(
+                images = images.len(),
+                "too few training images to hold any out (need {MIN_IMAGES_FOR_HOLDOUT}): no threshold is stored; set one with --threshold or `differnet calibrate`"
+            );
+            vec![]
+        }
+        None => vec![],
+    };
+    if !held_out.is_empty() && (held_out.len() as f64) * opts.target_fpr < 1.0 {
+        tracing::warn!(
+            held_out = held_out.len(),
+            fpr = opts.target_fpr,
+            "too few held-out images to measure a false-positive rate of {} (needs {}): the threshold leans on a Gaussian fit of their scores",
+            opts.target_fpr,
+            (1.0 / opts.target_fpr).ceil()
+        );
+    }
+    tracing::info!(backbone = kind.id(), images = images.len(), held_out = held_out.len(), "training");
     let t0 = std::time::Instant::now();
     let feats = training_features(&images, cfg, &ex, &opts.open.cache, features)?;
     features.finish();
@@ -247,6 +437,8 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress) 
         test_views: opts.test_views,
         train: cfg.clone(),
         threshold: opts.threshold.map(|value| Threshold { value, method: "user".into() }),
+        score_range: None,
+        local_density: None,
         localization: None,
         training_data: training_data.clone(),
         training: TrainingSummary { feature_seconds, ..summary },
@@ -256,14 +448,76 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress) 
         let mut c = cfg.clone();
         c.epochs = epoch;
         let path = opts.out.with_extension(format!("epoch{epoch}.safetensors"));
-        crate::model::write(&path, manifest(&c, summary.clone()), flow)?;
+        crate::model::write(&path, manifest(&c, summary.clone()), flow, None)?;
         tracing::info!(epoch, path = %path.display(), "checkpoint written");
         Ok(())
     };
     let checkpoint = opts.checkpoint_every.map(|every| Checkpoint { every, save: &mut save_checkpoint });
     let (trained, summary) = train_flow_with_checkpoints(&feats, cfg, &opts.open.device, flow, checkpoint)?;
     flow.finish();
-    // `write` fills in the parameter checksum and permutations, hashing the parameters once
-    let manifest = crate::model::write(&opts.out, manifest(cfg, summary), &trained)?;
-    Ok(Model { manifest, flow: trained })
+    let mut manifest = manifest(cfg, summary);
+    let local = if opts.feature_maps {
+        let views = test_views(opts.test_views.clamp(1, LOCAL_FIT_VIEWS));
+        let g = fit_local_density(&ex, &images, &views, after)?;
+        manifest.local_density =
+            Some(LocalDensityInfo { dim: g.0.dim, vectors: g.1, images: images.len(), shrinkage: SHRINKAGE, sha256: String::new() });
+        Some(g.0)
+    } else {
+        None
+    };
+    let mut detector = Detector::new(Model { manifest, flow: trained, local }, ex, opts.open.cache.clone());
+    if !held_out.is_empty() {
+        calibrate_on_held_out(&mut detector, &held_out, opts, after)?;
+    }
+    // `write` fills in the checksums and permutations, hashing the parameters once
+    let m = detector.model;
+    let manifest = crate::model::write(&opts.out, m.manifest, &m.flow, m.local.as_ref())?;
+    Ok(Model { manifest, flow: m.flow, local: m.local })
+}
+
+/// The local feature density of the training images: the first scale's stage maps of `views` of
+/// every tile. Returns it with the number of vectors fitted.
+fn fit_local_density(ex: &Extractor, images: &[PathBuf], views: &[View], progress: &dyn Progress) -> Result<(LocalGaussian, u64)> {
+    tracing::info!(images = images.len(), views = views.len(), "fitting the local feature density");
+    progress.set_message("local density");
+    progress.set_length(images.len() as u64);
+    let mut fit = GaussianFit::new(ex.local_dim());
+    for p in images {
+        let img = Detector::read_image(p)?;
+        for tile in square_tiles(&img, ex.tiles_for(img.width, img.height)) {
+            fit.add(&ex.local_vectors(&resize_bilinear(&tile, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE), views)?);
+        }
+        progress.inc(1);
+    }
+    Ok((fit.finish()?, fit.count()))
+}
+
+/// Scores (and maps) the held-out good images and stores in the model what they set: the
+/// threshold for the target false-positive rate (unless the user gave one), the score range of
+/// `pred_score`, and the range of good maps of the default kind.
+fn calibrate_on_held_out(d: &mut Detector, held_out: &[PathBuf], opts: &TrainOptions, progress: &dyn Progress) -> Result<()> {
+    let views = d.views(None);
+    let kind = d.model.local.is_some().then_some(MapKind::Features);
+    progress.set_message("held-out images");
+    progress.set_length(held_out.len() as u64);
+    let (mut scores, mut maps) = (vec![], vec![]);
+    for p in held_out {
+        let (score, map) = d.inspect(&Detector::read_image(p)?, &views, kind)?;
+        scores.push(score);
+        maps.extend(map.map(|m| m.values));
+        progress.inc(1);
+    }
+    progress.finish();
+    let m = &mut d.model.manifest;
+    if m.threshold.is_none() {
+        m.threshold = holdout_threshold(&scores, opts.target_fpr);
+    }
+    m.score_range = ScoreRange::of(&scores);
+    if let Some(kind) = kind {
+        m.localization = GoodMapRange::from_maps(kind, &maps, views.len());
+    }
+    if let (Some(t), Some(r)) = (&m.threshold, &m.score_range) {
+        tracing::info!(threshold = t.value, method = %t.method, min = r.min, max = r.max, "held-out good images scored");
+    }
+    Ok(())
 }

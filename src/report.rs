@@ -399,10 +399,9 @@ pub fn write_report(dir: &Path, report: &Report) -> Result<ReportFiles> {
     Ok(files)
 }
 
-/// Overlays of the [`hard_cases`] of an evaluation, from gradient maps over `views`.
+/// Overlays of the [`hard_cases`] of an evaluation, from maps of the style's kind over `views`.
 pub fn gallery(
-    ex: &crate::features::Extractor,
-    flow: &crate::flow::NormalizingFlow,
+    d: &crate::pipeline::Detector,
     ev: &Evaluation,
     k: usize,
     views: &[crate::transforms::View],
@@ -413,8 +412,7 @@ pub fn gallery(
     bar.set_length(cases.len() as u64);
     let mut out = vec![];
     for (sample, reason) in cases {
-        let (original, map) = crate::localize::localize_image(ex, flow, Path::new(&sample.path), views)?;
-        let pictures = style.render(&original, &map)?;
+        let pictures = d.localization_images(&crate::pipeline::Detector::read_image(Path::new(&sample.path))?, views, style)?;
         out.push(GalleryItem { sample, reason, overlay_png: crate::localize::png_bytes(&pictures.overlay) });
         bar.inc(1);
     }

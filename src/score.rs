@@ -62,6 +62,37 @@ pub struct SampleScore {
     pub path: String,
     pub defect: String,
     pub score: f64,
+    /// The maximum of the image's anomaly map, when maps were computed (`test --pixel-metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_max: Option<f64>,
+}
+
+/// Recall of defective images at a threshold that flags at most `fpr` of the good ones.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OperatingPoint {
+    pub fpr: f64,
+    pub threshold: f64,
+    pub recall: f64,
+}
+
+/// The false-positive rates of [`Evaluation::operating_points`].
+pub const OPERATING_FPRS: [f64; 3] = [0.0, 0.01, 0.05];
+
+/// Operating points of scores at [`OPERATING_FPRS`] (empty without good or defective scores).
+pub fn operating_points(scores: &[f64], is_defect: &[bool]) -> Vec<OperatingPoint> {
+    let good: Vec<f64> = scores.iter().zip(is_defect).filter(|(_, d)| !**d).map(|(s, _)| *s).collect();
+    let bad: Vec<f64> = scores.iter().zip(is_defect).filter(|(_, d)| **d).map(|(s, _)| *s).collect();
+    if bad.is_empty() {
+        return vec![];
+    }
+    OPERATING_FPRS
+        .iter()
+        .filter_map(|&fpr| {
+            let threshold = crate::metrics::threshold_for_fpr(&good, fpr)?;
+            let recall = bad.iter().filter(|s| **s >= threshold).count() as f64 / bad.len() as f64;
+            Some(OperatingPoint { fpr, threshold, recall })
+        })
+        .collect()
 }
 
 /// Image-level results on a labelled test set.
@@ -79,8 +110,15 @@ pub struct Evaluation {
     pub threshold: Option<f64>,
     /// (true positives, false positives, true negatives, false negatives) at the threshold.
     pub confusion: Option<(usize, usize, usize, usize)>,
+    /// Recall of defective images at false-positive rates 0, 1% and 5% of the good test images
+    /// (the thresholds are chosen on this test set: operating points, not a calibration).
+    #[serde(default)]
+    pub operating_points: Vec<OperatingPoint>,
     /// Pixel-level localization metrics, when computed (`test --pixel-metrics`).
     pub pixel: Option<crate::localize::PixelMetrics>,
+    /// Image AUROC of the anomaly maps' maxima, when maps were computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_max_auroc: Option<f64>,
     pub samples: Vec<SampleScore>,
 }
 
@@ -114,7 +152,9 @@ impl Evaluation {
             score_kind,
             threshold,
             confusion: threshold.map(|t| confusion(&scores, &labels, t)),
+            operating_points: operating_points(&scores, &labels),
             pixel: None,
+            map_max_auroc: None,
             samples,
         }
     }
@@ -137,14 +177,23 @@ impl Evaluation {
             self.backbone
         );
         if let Some(p) = &self.pixel {
-            s += &format!("\n{:<16} {:>11} {:>8}   (gradient maps, {} views)\n", "defect type", "pixel AUROC", "AUPRO", p.views);
+            s += &format!("\n{:<16} {:>11} {:>8}   ({} maps, {} views)\n", "defect type", "pixel AUROC", "AUPRO", p.map.id(), p.views);
             for (t, (a, pro)) in &p.per_defect {
                 s += &format!("{:<16} {:>11.4} {:>8.4}\n", t, a, pro);
             }
             s += &format!("{:<16} {:>11.4} {:>8.4}\n", "ALL", p.pixel_auroc, p.aupro);
+            if let Some(a) = self.map_max_auroc {
+                s += &format!("image AUROC of the maps' maxima {a:.4}\n");
+            }
         }
         if let (Some(t), Some((tp, fp, tn, fn_))) = (self.threshold, self.confusion) {
-            s += &format!("at threshold {t:.5}: TP {tp}  FP {fp}  TN {tn}  FN {fn_}\n");
+            let fpr = fp as f64 / (fp + tn).max(1) as f64;
+            let recall = tp as f64 / (tp + fn_).max(1) as f64;
+            s += &format!("at the model's threshold {t:.5}: TP {tp}  FP {fp}  TN {tn}  FN {fn_}  (FPR {fpr:.3}, recall {recall:.3})\n");
+        }
+        if !self.operating_points.is_empty() {
+            let points: Vec<String> = self.operating_points.iter().map(|p| format!("{:.3} at FPR {}%", p.recall, p.fpr * 100.0)).collect();
+            s += &format!("recall {}\n", points.join(", "));
         }
         s
     }

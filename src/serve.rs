@@ -1,7 +1,7 @@
 //! The inspection service (`differnet serve`): POST part images, get a score and verdict each.
 //! Bounded queue and worker pool, size limits checked before decoding, metrics, SIGHUP reload.
 
-use crate::localize::MapStyle;
+use crate::localize::MapKind;
 use crate::pipeline::{Detector, OpenOptions};
 use crate::transforms::{decode_rgb, Rgb8};
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request, State};
@@ -81,6 +81,12 @@ type Models = Arc<HashMap<String, Arc<ServedModel>>>;
 pub struct ImageVerdict {
     pub name: String,
     pub score: f64,
+    /// The score normalized to [0, 1], 0.5 at the threshold (see [`crate::pipeline::Decision`]).
+    #[serde(default)]
+    pub pred_score: Option<f64>,
+    /// Whether the score reaches the threshold (anomalib's name for `is_anomaly`).
+    #[serde(default)]
+    pub pred_label: Option<bool>,
     pub is_anomaly: Option<bool>,
     pub threshold: Option<f64>,
     pub model: String,
@@ -218,17 +224,26 @@ fn score_job(job: &Job, limits: &Limits) -> std::result::Result<Vec<ImageVerdict
         let t = Instant::now();
         let original: Rgb8 =
             decode_rgb(bytes).map_err(|reason| (StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))?;
-        let decision = d.decide(d.score_image(&original, &views).map_err(internal)?);
-        let overlay_png_base64 = if job.heatmap {
-            let pictures =
-                d.localization_images(&original, &d.views(Some(limits.heatmap_views)), &MapStyle::official()).map_err(internal)?;
-            Some(base64::engine::general_purpose::STANDARD.encode(crate::localize::png_bytes(&pictures.overlay)))
-        } else {
-            None
+        let style = d.map_style(None);
+        // feature maps come from the scoring passes themselves; gradient maps need their own
+        let (score, pictures) = match (job.heatmap, style.kind) {
+            (false, _) => (d.score_image(&original, &views).map_err(internal)?, None),
+            (true, MapKind::Features) => {
+                let (score, map) = d.inspect(&original, &views, Some(MapKind::Features)).map_err(internal)?;
+                (score, Some(style.render(&original, &map.expect("a map was asked for").values).map_err(internal)?))
+            }
+            (true, MapKind::Gradient) => {
+                let score = d.score_image(&original, &views).map_err(internal)?;
+                (score, Some(d.localization_images(&original, &d.views(Some(limits.heatmap_views)), &style).map_err(internal)?))
+            }
         };
+        let decision = d.decide(score);
+        let overlay_png_base64 = pictures.map(|p| base64::engine::general_purpose::STANDARD.encode(crate::localize::png_bytes(&p.overlay)));
         out.push(ImageVerdict {
             name: name.clone(),
             score: decision.score,
+            pred_score: decision.pred_score,
+            pred_label: decision.is_anomaly,
             is_anomaly: decision.is_anomaly,
             threshold: decision.threshold,
             model: m.name.clone(),

@@ -244,18 +244,33 @@ pub fn square_tiles(img: &Rgb8, n: usize) -> Vec<Rgb8> {
     if n <= 1 {
         return vec![img.clone()];
     }
-    let side = img.width.min(img.height);
-    let long = img.width.max(img.height);
-    (0..n)
-        .map(|i| {
-            let offset = if n == 1 { 0 } else { i * (long - side) / (n - 1) };
-            let (x0, y0) = if img.width >= img.height { (offset, 0) } else { (0, offset) };
+    tile_origins(img.width, img.height, n)
+        .into_iter()
+        .map(|(x0, y0, side)| {
             let mut data = Vec::with_capacity(side * side * 3);
             for y in y0..y0 + side {
                 let row = (y * img.width + x0) * 3;
                 data.extend_from_slice(&img.data[row..row + side * 3]);
             }
             Rgb8 { width: side, height: side, data }
+        })
+        .collect()
+}
+
+/// Where the tiles of [`square_tiles`] lie in a width × height image: (x, y, side) of each; one
+/// tile of the whole image's short side at (0, 0) when `n` ≤ 1 (that tile is then the whole image).
+pub fn tile_origins(width: usize, height: usize, n: usize) -> Vec<(usize, usize, usize)> {
+    let side = width.min(height);
+    let long = width.max(height);
+    let n = n.max(1);
+    (0..n)
+        .map(|i| {
+            let offset = if n == 1 { 0 } else { i * (long - side) / (n - 1) };
+            if width >= height {
+                (offset, 0, side)
+            } else {
+                (0, offset, side)
+            }
         })
         .collect()
 }

@@ -67,6 +67,8 @@ fn tiny_model() -> Model {
         test_views: 4,
         train: cfg,
         threshold: None,
+        score_range: None,
+        local_density: None,
         localization: None,
         training_data: TrainingData { root: "x".into(), n_images: 4, images_sha256: "0".into() },
         training: summary,

@@ -8,7 +8,12 @@ use differnet::transforms::Rgb8;
 fn evaluation() -> Evaluation {
     let mut samples = vec![];
     for i in 0..30 {
-        samples.push(SampleScore { path: format!("test/good/{i:03}.png"), defect: "good".into(), score: 1.0 + (i as f64 * 0.37) % 1.0 });
+        samples.push(SampleScore {
+            path: format!("test/good/{i:03}.png"),
+            defect: "good".into(),
+            score: 1.0 + (i as f64 * 0.37) % 1.0,
+            map_max: None,
+        });
     }
     for i in 0..20 {
         let defect = if i % 2 == 0 { "crack" } else { "spot" };
@@ -16,6 +21,7 @@ fn evaluation() -> Evaluation {
             path: format!("test/{defect}/{i:03}.png"),
             defect: defect.into(),
             score: 1.6 + (i as f64 * 0.53) % 1.5,
+            map_max: None,
         });
     }
     Evaluation::from_scores("efficientnet-lite0", samples, 16, ScoreKind::MeanZ2, Some(2.0))

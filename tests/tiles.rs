@@ -39,9 +39,12 @@ fn tall_images_are_scored_tile_by_tile() {
         threshold: None,
         max_images: None,
         checkpoint_every: None,
+        holdout: None,
+        target_fpr: differnet::pipeline::DEFAULT_TARGET_FPR,
+        feature_maps: false,
         open: open.clone(),
     };
-    let model = differnet::pipeline::train(&opts, &Silent, &Silent).unwrap();
+    let model = differnet::pipeline::train(&opts, &Silent, &Silent, &Silent).unwrap();
     assert_eq!(model.manifest.train.tiles, 0);
     let d = Detector::open(&out, &open).unwrap();
     assert_eq!(d.extractor.tiles_for(40, 100), 3);

@@ -168,12 +168,52 @@ pub fn downsample_nearest(x: &Tensor, factor: usize) -> Result<Tensor> {
 /// Multi-scale features f_ex(x) (paper fig. 2): [N, 3, 448, 448] -> [N, 3·C], C the channels of
 /// `stages` together; ordered by scale, then stage.
 pub fn multiscale_features(backbone: &dyn Backbone, stages: &[usize], x: &Tensor) -> Result<Tensor> {
+    Ok(multiscale_features_and_local(backbone, stages, x, false)?.0)
+}
+
+/// Local feature vectors of one batch at one scale: [N, H·W, C] and the grid (H, W).
+pub struct LocalVectors {
+    pub vectors: Tensor,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// [`multiscale_features`] and, when `local` is set, the local vectors of the first scale (the
+/// 448 input) from the same forward pass (see [`local_vectors`]).
+pub fn multiscale_features_and_local(
+    backbone: &dyn Backbone,
+    stages: &[usize],
+    x: &Tensor,
+    local: bool,
+) -> Result<(Tensor, Option<LocalVectors>)> {
     let scales: Vec<Tensor> = (0..N_SCALES).map(|s| downsample_nearest(x, 1 << s)).collect::<Result<_>>()?;
     let mut pooled = Vec::with_capacity(N_SCALES * stages.len());
-    for maps in backbone.stage_maps_of_each(&scales, stages)? {
-        for map in maps {
+    let mut first = None;
+    for (s, maps) in backbone.stage_maps_of_each(&scales, stages)?.into_iter().enumerate() {
+        for map in &maps {
             pooled.push(map.mean((2, 3))?);
         }
+        if local && s == 0 {
+            first = Some(local_vectors(&maps)?);
+        }
     }
-    Ok(Tensor::cat(&pooled, 1)?)
+    Ok((Tensor::cat(&pooled, 1)?, first))
+}
+
+/// The maps of several stages of one scale as vectors per position: each map brought to the
+/// largest map's grid (nearest neighbour), concatenated by channel, [N, C, H, W] -> [N, H·W, C].
+pub fn local_vectors(maps: &[Tensor]) -> Result<LocalVectors> {
+    let (mut height, mut width) = (0, 0);
+    for m in maps {
+        let (_, _, h, w) = m.dims4()?;
+        (height, width) = (height.max(h), width.max(w));
+    }
+    let same: Vec<Tensor> = maps
+        .iter()
+        .map(|m| if m.dims()[2..] == [height, width] { Ok(m.clone()) } else { m.upsample_nearest2d(height, width) })
+        .collect::<candle_core::Result<_>>()?;
+    let all = Tensor::cat(&same, 1)?;
+    let (n, c, _, _) = all.dims4()?;
+    let vectors = all.permute((0, 2, 3, 1))?.contiguous()?.reshape((n, height * width, c))?;
+    Ok(LocalVectors { vectors, height, width })
 }

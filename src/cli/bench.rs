@@ -62,10 +62,13 @@ pub fn run(cli: &Cli, a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
             threshold: None,
             max_images: None,
             checkpoint_every: None,
+            holdout: Some(differnet::pipeline::DEFAULT_HOLDOUT),
+            target_fpr: differnet::pipeline::DEFAULT_TARGET_FPR,
+            feature_maps: true,
             open: open.clone(),
         };
         let t = std::time::Instant::now();
-        let model = differnet::pipeline::train(&opts, &Bar::new(cli, "features"), &Bar::new(cli, "flow"))?;
+        let model = differnet::pipeline::train(&opts, &Bar::new(cli, "features"), &Bar::new(cli, "flow"), &Bar::new(cli, "calibrate"))?;
         let d = Detector::open(&opts.out, &open)?;
         let ev = d.evaluate(&differnet::data::Dataset::open(data)?, None, &Bar::new(cli, "scoring"))?;
         r.e2e_seconds = Some(t.elapsed().as_secs_f64());

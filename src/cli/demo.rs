@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 use differnet::backbone::BackboneKind;
 use differnet::data::Dataset;
-use differnet::localize::MapStyle;
 use differnet::pipeline::Detector;
 use differnet::progress::Silent;
 use differnet::weights;
@@ -53,6 +52,10 @@ fn demo_training(data: PathBuf, out: PathBuf, epochs: usize, seed: u64) -> super
         rotate: None,
         score: ScoreArg::MeanZ2,
         threshold: None,
+        holdout: differnet::pipeline::DEFAULT_HOLDOUT,
+        no_holdout: false,
+        target_fpr: differnet::pipeline::DEFAULT_TARGET_FPR,
+        no_feature_maps: false,
         max_images: None,
         seed,
         checkpoint_every: None,
@@ -74,12 +77,12 @@ pub fn run(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
     super::train::train(cli, &args, dev)?;
     let d = Detector::open(&model_path, &args.backbone.open_options(dev)?)?;
     let ds = Dataset::open(&data)?;
-    let ev = super::evaluate::evaluate(cli, &d, &ds, None, Some(4))?;
+    let ev = super::evaluate::evaluate(cli, &d, &ds, None, Some((d.default_map(), 4)))?;
     // overlays of the first image of each defect type
     let heatmaps = a.out.join("heatmaps");
     for t in differnet::synth::DEFECTS {
         let img = data.join("test").join(t).join("000.png");
-        let files = d.write_localization(&img, &d.views(Some(4)), &MapStyle::official(), &heatmaps)?;
+        let files = d.write_localization(&img, &d.views(Some(4)), &d.map_style(None), &heatmaps)?;
         for (kind, written) in [("heatmap", files.heatmap), ("overlay", files.overlay), ("mask", files.mask)] {
             let named = heatmaps.join(format!("{t}_{kind}.png"));
             std::fs::rename(&written, &named).with_context(|| format!("renaming {}", written.display()))?;
@@ -87,7 +90,7 @@ pub fn run(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
     }
     let results = a.out.join("results.json");
     differnet::error::write_atomic(&results, serde_json::to_string_pretty(&ev)?.as_bytes())?;
-    let gallery = differnet::report::gallery(&d.extractor, &d.model.flow, &ev, 2, &d.views(Some(4)), &MapStyle::official(), &Silent)?;
+    let gallery = differnet::report::gallery(&d, &ev, 2, &d.views(Some(4)), &d.map_style(None), &Silent)?;
     let report = differnet::report::Report {
         title: "DifferNet demo (synthetic textures)".into(),
         model: model_path.display().to_string(),

@@ -5,8 +5,9 @@ use super::{print_json, BackboneArgs, Bar, Cli, MapArgs, ScoreArg};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use differnet::data::{expand_inputs, Dataset};
+use differnet::localize::MapKind;
 use differnet::metrics;
-use differnet::model::{Model, Threshold};
+use differnet::model::{Model, ScoreRange, Threshold};
 use differnet::pipeline::Detector;
 use differnet::score::Evaluation;
 use std::path::{Path, PathBuf};
@@ -24,13 +25,13 @@ pub struct EvalArgs {
     /// Override the per-view score stored in the model.
     #[arg(long, value_enum)]
     pub score: Option<ScoreArg>,
-    /// Also compute gradient maps of every test image and pixel AUROC / AUPRO against the
-    /// ground-truth masks (slow: one backward pass per view).
+    /// Also compute the anomaly maps (--map) of every test image and pixel AUROC / AUPRO
+    /// against the ground-truth masks (gradient maps are slow: one backward pass per view).
     #[arg(long)]
     pub pixel_metrics: bool,
-    /// Views averaged per gradient map for --pixel-metrics.
-    #[arg(long, default_value_t = 8)]
-    pub pixel_views: usize,
+    /// Views averaged per map for --pixel-metrics (default: the model's test views).
+    #[arg(long)]
+    pub pixel_views: Option<usize>,
     /// Hard cases of each kind (high-scoring good, low-scoring defective) shown with heat maps in a report.
     #[arg(long, default_value_t = 4)]
     pub gallery: usize,
@@ -82,48 +83,45 @@ pub struct CalibrateArgs {
     pub best_f1: bool,
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Store the range of the heat maps of these good images, for `--normalize good`.
+    /// Store the range of the heat maps (--map) of these good images, for `--normalize good`.
     #[arg(long)]
     pub localization_good: Option<PathBuf>,
-    /// Views averaged per heat map for --localization-good.
-    #[arg(long, default_value_t = 4)]
-    pub pixel_views: usize,
+    /// Views averaged per heat map for --localization-good (default: the model's test views).
+    #[arg(long)]
+    pub pixel_views: Option<usize>,
+    /// Which maps --localization-good measures (default: the model's, see `localize --map`).
+    #[arg(long, value_enum)]
+    pub map: Option<super::MapKindArg>,
     #[command(flatten)]
     pub backbone: BackboneArgs,
 }
 
-/// Image metrics (and pixel metrics when asked) of a detector on a dataset.
-pub fn evaluate(cli: &Cli, d: &Detector, ds: &Dataset, views: Option<usize>, pixel_views: Option<usize>) -> Result<Evaluation> {
+/// Image metrics (and pixel metrics of maps of kind `pixel.0` over `pixel.1` views, when asked)
+/// of a detector on a dataset.
+pub fn evaluate(cli: &Cli, d: &Detector, ds: &Dataset, views: Option<usize>, pixel: Option<(MapKind, usize)>) -> Result<Evaluation> {
     let mut ev = d.evaluate(ds, views, &Bar::new(cli, "scoring"))?;
-    if let Some(v) = pixel_views {
-        ev.pixel = Some(differnet::localize::pixel_metrics(&d.extractor, &d.model.flow, ds, v, &Bar::new(cli, "pixel maps"))?);
+    if let Some((kind, v)) = pixel {
+        d.add_pixel_metrics(&mut ev, ds, v, kind, &Bar::new(cli, "pixel maps"))?;
     }
     Ok(ev)
 }
 
 /// `test` and `report`: image metrics, optionally pixel metrics, and a report folder.
 fn evaluate_and_report(cli: &Cli, a: &EvalArgs, report: Option<&Path>, dev: &candle_core::Device) -> Result<Evaluation> {
-    if report.is_some() {
+    if report.is_some() || a.pixel_metrics {
         // refuse bad heat-map settings before the long evaluation, not after it
-        a.maps.check(Model::read_manifest(&a.model)?.localization.is_some())?;
+        a.maps.check(&Model::read_manifest(&a.model)?)?;
     }
     let mut d = Detector::open(&a.model, &a.backbone.open_options(dev)?)?;
     if let Some(s) = a.score {
         d.model.manifest.score = s.into();
     }
     let ds = Dataset::open(&a.data)?;
-    let ev = evaluate(cli, &d, &ds, a.views, a.pixel_metrics.then_some(a.pixel_views))?;
+    let pixel_views = a.pixel_views.unwrap_or(d.model.manifest.test_views);
+    let ev = evaluate(cli, &d, &ds, a.views, a.pixel_metrics.then_some((a.maps.kind(&d.model.manifest), pixel_views)))?;
     if let Some(dir) = report {
-        let style = a.maps.style(&d.model)?;
-        let gallery = differnet::report::gallery(
-            &d.extractor,
-            &d.model.flow,
-            &ev,
-            a.gallery,
-            &d.views(Some(a.gallery_views)),
-            &style,
-            &Bar::new(cli, "gallery"),
-        )?;
+        let style = a.maps.style(&d)?;
+        let gallery = differnet::report::gallery(&d, &ev, a.gallery, &d.views(Some(a.gallery_views)), &style, &Bar::new(cli, "gallery"))?;
         let title = format!(
             "DifferNet report: {}",
             a.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| a.data.display().to_string())
@@ -161,12 +159,14 @@ pub fn report(cli: &Cli, a: &ReportArgs, dev: &candle_core::Device) -> Result<()
 pub fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Result<()> {
     let mut d = Detector::open(&a.model, &a.backbone.open_options(dev)?)?;
     let views = d.views(None);
+    let mut score_range = None;
     let threshold = if let Some(v) = a.value {
         Some(Threshold { value: v, method: "user".into() })
     } else if let (Some(fpr), Some(good)) = (a.fpr, &a.good) {
         let paths = expand_inputs(std::slice::from_ref(good))?;
         let scores = d.score_paths(&paths, &views, &Bar::new(cli, "scoring"))?;
         let value = metrics::threshold_for_fpr(&scores, fpr).context("no good images")?;
+        score_range = ScoreRange::of(&scores);
         Some(Threshold { value, method: format!("fpr={fpr} on {} good images", paths.len()) })
     } else if let (true, Some(data)) = (a.best_f1, &a.data) {
         let ev = evaluate(cli, &d, &Dataset::open(data)?, None, None)?;
@@ -180,13 +180,8 @@ pub fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Res
     let range = match &a.localization_good {
         Some(dir) => {
             let paths = expand_inputs(std::slice::from_ref(dir))?;
-            Some(differnet::localize::good_map_range(
-                &d.extractor,
-                &d.model.flow,
-                &paths,
-                &d.views(Some(a.pixel_views)),
-                &Bar::new(cli, "good maps"),
-            )?)
+            let kind = a.map.map(MapKind::from).unwrap_or(d.default_map());
+            Some(d.good_map_range(&paths, &d.views(a.pixel_views), kind, &Bar::new(cli, "good maps"))?)
         }
         None => None,
     };
@@ -195,6 +190,9 @@ pub fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Res
     }
     if let Some(t) = &threshold {
         d.model.manifest.threshold = Some(t.clone());
+    }
+    if score_range.is_some() {
+        d.model.manifest.score_range = score_range;
     }
     if let Some(r) = &range {
         d.model.manifest.localization = Some(r.clone());
@@ -207,7 +205,7 @@ pub fn calibrate(cli: &Cli, a: &CalibrateArgs, dev: &candle_core::Device) -> Res
             println!("threshold {:.6} ({}) stored in {}", t.value, t.method, a.model.display());
         }
         if let Some(r) = &range {
-            println!("heat-map range {:.4e}..{:.4e} of {} good images stored in {}", r.low, r.high, r.images, a.model.display());
+            println!("{} map range {:.4e}..{:.4e} of {} good images stored in {}", r.map.id(), r.low, r.high, r.images, a.model.display());
         }
     }
     Ok(())

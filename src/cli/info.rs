@@ -26,9 +26,10 @@ pub fn summary(m: &Manifest, bytes: u64) -> String {
         Some(th) => format!("{:.6} ({})", th.value, th.method),
         None => "none (set one with `differnet calibrate`)".into(),
     };
+    let kind = if m.local_density.is_some() { "feature maps" } else { "gradient maps" };
     let heat_maps = match &m.localization {
-        Some(r) => format!("scaled against {} good images' maps ({} views)", r.images, r.views),
-        None => "scaled per image".into(),
+        Some(r) => format!("{kind}, scaled against {} good images' {} maps ({} views)", r.images, r.map.id(), r.views),
+        None => format!("{kind}, scaled per image"),
     };
     let last_loss = m.training.epoch_losses.last().map(|l| format!(", last loss {l:.4}")).unwrap_or_default();
     [

@@ -16,7 +16,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use differnet::backbone::BackboneKind;
 use differnet::features::FeatureCache;
-use differnet::localize::MapNormalization;
+use differnet::localize::{MapKind, MapNormalization, MapStyle};
+use differnet::model::Manifest;
+use differnet::pipeline::Detector;
 use differnet::pipeline::OpenOptions;
 use differnet::score::ScoreKind;
 use differnet::transforms::InputNormalization;
@@ -312,43 +314,78 @@ pub enum MapNormArg {
     Good,
 }
 
-/// How heat maps are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MapKindArg {
+    /// Gradients of the flow's loss with respect to the pixels (paper eq. 7; a backward pass per view).
+    Gradient,
+    /// Distances of the backbone's local feature vectors under the model's local density (forward-only).
+    Features,
+}
+
+impl From<MapKindArg> for MapKind {
+    fn from(k: MapKindArg) -> Self {
+        match k {
+            MapKindArg::Gradient => MapKind::Gradient,
+            MapKindArg::Features => MapKind::Features,
+        }
+    }
+}
+
+/// Which heat maps, and how they are drawn.
 #[derive(Args, Clone)]
 pub struct MapArgs {
-    /// Heat-map scaling: per image (official; every map has a hot spot) or against the maps of
-    /// good images stored in the model (`calibrate --localization-good DIR`; good parts stay calm).
-    #[arg(long, value_enum, default_value = "image")]
-    pub normalize: MapNormArg,
+    /// Which map: `features` (default when the model has a local feature density, as `train`
+    /// fits by default) or `gradient` (paper eq. 7; the default for older models).
+    #[arg(long, value_enum)]
+    pub map: Option<MapKindArg>,
+    /// Heat-map scaling: `good`, against the range of good images' maps stored in the model (set
+    /// by `train` from its held-out images, or by `calibrate --localization-good DIR`; good parts
+    /// stay calm), the default when the model has that range for the map drawn; or `image`, per
+    /// image (the official code's; every map has a hot spot).
+    #[arg(long, value_enum)]
+    pub normalize: Option<MapNormArg>,
     /// Threshold on the normalized heat map (0..1) for the mask PNG and the overlay's contour.
     #[arg(long, default_value_t = 0.5)]
     pub pixel_threshold: f32,
 }
 
 impl MapArgs {
-    pub fn normalization(&self) -> MapNormalization {
-        match self.normalize {
-            MapNormArg::Image => MapNormalization::Image,
-            MapNormArg::Good => MapNormalization::Good,
-        }
+    /// The map asked for, or the model's default (see [`Detector::default_map`]).
+    pub fn kind(&self, manifest: &Manifest) -> MapKind {
+        self.map.map(MapKind::from).unwrap_or(if manifest.local_density.is_some() { MapKind::Features } else { MapKind::Gradient })
     }
 
     /// Refuses settings the model cannot draw, before any long work.
-    pub fn check(&self, has_good_range: bool) -> Result<()> {
+    pub fn check(&self, manifest: &Manifest) -> Result<()> {
         if !(0.0..=1.0).contains(&self.pixel_threshold) {
             bail!("--pixel-threshold must be within 0..1 (it applies to the normalized heat map), got {}", self.pixel_threshold);
         }
-        if self.normalization() == MapNormalization::Good && !has_good_range {
-            bail!("--normalize good needs the range of good images' heat maps in the model: run `differnet calibrate --model MODEL --localization-good DIR` first");
+        let kind = self.kind(manifest);
+        if kind == MapKind::Features && manifest.local_density.is_none() {
+            bail!("--map features needs a model with a local feature density (trained with this version's `differnet train`); use --map gradient");
+        }
+        let has_range = manifest.localization.as_ref().is_some_and(|r| r.map == kind);
+        if self.normalize == Some(MapNormArg::Good) && !has_range {
+            bail!(
+                "--normalize good needs the range of good images' {} maps in the model: run `differnet calibrate --model MODEL --localization-good DIR --map {}` first",
+                kind.id(),
+                kind.id()
+            );
         }
         Ok(())
     }
 
-    pub fn style(&self, model: &differnet::model::Model) -> Result<differnet::localize::MapStyle> {
-        self.check(model.manifest.localization.is_some())?;
-        Ok(differnet::localize::MapStyle {
-            normalization: self.normalization(),
-            good: model.manifest.localization.clone(),
-            pixel_threshold: self.pixel_threshold,
-        })
+    /// The style of the maps drawn with `d`.
+    pub fn style(&self, d: &Detector) -> Result<MapStyle> {
+        self.check(&d.model.manifest)?;
+        let mut style = d.map_style(Some(self.kind(&d.model.manifest)));
+        if let Some(n) = self.normalize {
+            style.normalization = match n {
+                MapNormArg::Image => MapNormalization::Image,
+                MapNormArg::Good => MapNormalization::Good,
+            };
+        }
+        style.pixel_threshold = self.pixel_threshold;
+        Ok(style)
     }
 }

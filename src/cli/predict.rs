@@ -4,7 +4,7 @@ use super::{print_json, BackboneArgs, Bar, Cli, MapArgs};
 use anyhow::Result;
 use clap::Args;
 use differnet::data::expand_inputs;
-use differnet::pipeline::Detector;
+use differnet::pipeline::{Decision, Detector};
 use differnet::progress::Progress;
 use std::path::PathBuf;
 
@@ -20,6 +20,11 @@ pub struct PredictArgs {
     /// Also write heat maps, overlays and masks (as `localize` does) into this folder.
     #[arg(long)]
     pub heatmaps: Option<PathBuf>,
+    /// Also write the results to this CSV file: `image_path,pred_score,pred_label,score`, one row
+    /// per image; pred_score in [0, 1] (0.5 at the threshold), pred_label 1 for a defect, 0 for
+    /// good; both empty when the model has no threshold.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
     #[command(flatten)]
     pub maps: MapArgs,
     #[command(flatten)]
@@ -47,15 +52,21 @@ pub struct LocalizeArgs {
 
 pub fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<()> {
     let d = Detector::open(&a.model, &a.backbone.open_options(dev)?)?;
-    let style = a.maps.style(&d.model)?;
+    let style = a.maps.style(&d)?;
     let paths = expand_inputs(&a.inputs)?;
     let views = d.views(a.views);
     let decisions = d.predict_paths(&paths, &views, &Bar::new(cli, "scoring"))?;
     let mut rows: Vec<serde_json::Value> = paths
         .iter()
         .zip(&decisions)
-        .map(|(p, v)| serde_json::json!({"path": p.display().to_string(), "score": v.score, "is_anomaly": v.is_anomaly, "threshold": v.threshold}))
+        .map(|(p, v)| {
+            serde_json::json!({"path": p.display().to_string(), "score": v.score, "pred_score": v.pred_score,
+                "pred_label": v.is_anomaly, "is_anomaly": v.is_anomaly, "threshold": v.threshold})
+        })
         .collect();
+    if let Some(file) = &a.csv {
+        differnet::error::write_atomic(file, csv(&paths, &decisions).as_bytes())?;
+    }
     if let Some(dir) = &a.heatmaps {
         let b = Bar::new(cli, "localize");
         b.set_length(paths.len() as u64);
@@ -76,7 +87,8 @@ pub fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<
                 Some(false) => "ok",
                 None => "-",
             };
-            println!("{:>12.6}  {:<6}  {}", v.score, verdict, p.display());
+            let pred = v.pred_score.map_or("-".to_string(), |s| format!("{s:.3}"));
+            println!("{:>12.6}  {:>5}  {:<6}  {}", v.score, pred, verdict, p.display());
         }
     }
     Ok(())
@@ -84,7 +96,7 @@ pub fn predict(cli: &Cli, a: &PredictArgs, dev: &candle_core::Device) -> Result<
 
 pub fn localize(cli: &Cli, a: &LocalizeArgs, dev: &candle_core::Device) -> Result<()> {
     let d = Detector::open(&a.model, &a.backbone.open_options(dev)?)?;
-    let style = a.maps.style(&d.model)?;
+    let style = a.maps.style(&d)?;
     let paths = expand_inputs(&a.inputs)?;
     let views = d.views(a.views);
     let b = Bar::new(cli, "localize");
@@ -102,4 +114,18 @@ pub fn localize(cli: &Cli, a: &LocalizeArgs, dev: &candle_core::Device) -> Resul
         println!("{} heat maps written to {}", rows.len(), a.out.display())
     }
     Ok(())
+}
+
+/// The CSV of `predict --csv`: a header, then one row per image (paths quoted when they hold a
+/// comma, a quote or a line break, quotes doubled, as RFC 4180 has it).
+pub fn csv(paths: &[PathBuf], decisions: &[Decision]) -> String {
+    let mut out = String::from("image_path,pred_score,pred_label,score\n");
+    for (p, d) in paths.iter().zip(decisions) {
+        let path = p.display().to_string();
+        let path = if path.contains([',', '"', '\n', '\r']) { format!("\"{}\"", path.replace('"', "\"\"")) } else { path };
+        let pred = d.pred_score.map_or(String::new(), |s| format!("{s}"));
+        let label = d.is_anomaly.map_or(String::new(), |l| if l { "1".into() } else { "0".into() });
+        out += &format!("{path},{pred},{label},{}\n", d.score);
+    }
+    out
 }

@@ -62,9 +62,25 @@ pub struct TrainArgs {
     /// Per-view score stored with the model.
     #[arg(long, value_enum, default_value = "mean-z2")]
     pub score: ScoreArg,
-    /// Decision threshold on the anomaly score.
+    /// Decision threshold on the anomaly score (default: chosen on the held-out images for
+    /// --target-fpr).
     #[arg(long)]
     pub threshold: Option<f64>,
+    /// Fraction of the training images kept out of the flow's fit (seeded, at least 3): their
+    /// scores set the threshold, the range of pred_score and of good heat maps. With fewer than
+    /// 10 training images nothing is held out and no threshold is stored.
+    #[arg(long, default_value_t = differnet::pipeline::DEFAULT_HOLDOUT, conflicts_with = "no_holdout")]
+    pub holdout: f64,
+    /// Fit the flow on every training image; store no threshold (unless --threshold) and no ranges.
+    #[arg(long)]
+    pub no_holdout: bool,
+    /// False-positive rate of good parts the stored threshold allows, measured on the held-out
+    /// images (with fewer than 1/RATE of them, a Gaussian fit of their scores sets it).
+    #[arg(long, default_value_t = differnet::pipeline::DEFAULT_TARGET_FPR)]
+    pub target_fpr: f64,
+    /// Do not fit the local feature density (no feature maps; heat maps are gradient maps).
+    #[arg(long)]
+    pub no_feature_maps: bool,
     /// Use only the first N training images (sorted by name).
     #[arg(long)]
     pub max_images: Option<usize>,
@@ -137,15 +153,21 @@ impl TrainArgs {
             threshold: self.threshold,
             max_images: self.max_images,
             checkpoint_every: self.checkpoint_every,
+            holdout: (!self.no_holdout).then_some(self.holdout),
+            target_fpr: self.target_fpr,
+            feature_maps: !self.no_feature_maps,
             open,
         })
     }
 }
 
-/// Trains with progress bars for the two phases.
+/// Trains with progress bars for the phases.
 pub fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
     let opts = a.options(dev)?;
-    Ok(differnet::pipeline::train(&opts, &Bar::new(cli, "features"), &Bar::new(cli, "flow"))?)
+    if !(opts.target_fpr > 0.0 && opts.target_fpr < 1.0) {
+        anyhow::bail!("--target-fpr must be between 0 and 1, got {}", opts.target_fpr);
+    }
+    Ok(differnet::pipeline::train(&opts, &Bar::new(cli, "features"), &Bar::new(cli, "flow"), &Bar::new(cli, "calibrate"))?)
 }
 
 pub fn run(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<()> {

@@ -85,6 +85,8 @@ pub fn efficientnet_model(hidden: usize, threshold: Option<f64>, seed: u64) -> d
         test_views: 1,
         train: cfg,
         threshold: threshold.map(|value| Threshold { value, method: "user".into() }),
+        score_range: None,
+        local_density: None,
         localization: None,
         training_data: TrainingData { root: "random".into(), n_images: 8, images_sha256: "0".into() },
         training: summary,

@@ -1,0 +1,263 @@
+//! Localization from the features the flow sees, before pooling: one Gaussian of the backbone's
+//! local feature vectors, shared by every position, fitted on good images; a pixel's anomaly is
+//! the Mahalanobis distance of its vector. Forward-only: a map costs the backbone pass it reuses.
+//!
+//! Shared rather than per position (PaDiM): a part may arrive in any orientation or offset, and
+//! tiles of a long image see different places of it, so "what a good vector looks like" must not
+//! depend on where it is.
+
+use crate::error::{Error, Result};
+
+/// Ridge added to the covariance, relative to its mean variance (trace / dim): keeps it
+/// invertible when there are fewer independent vectors than dimensions.
+pub const SHRINKAGE: f64 = 0.01;
+
+/// The fitted density: mean μ and precision Σ⁻¹ of the local vectors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalGaussian {
+    pub dim: usize,
+    pub mean: Vec<f32>,
+    /// Σ⁻¹, dim × dim row-major (symmetric).
+    pub precision: Vec<f32>,
+}
+
+/// Running sums of local vectors for [`LocalGaussian`]: the vectors are shifted by the first
+/// batch's mean before their outer products are summed (in f64), so large means do not cancel
+/// the covariance away.
+#[derive(Clone, Debug)]
+pub struct GaussianFit {
+    dim: usize,
+    count: u64,
+    shift: Option<Vec<f32>>,
+    sum: Vec<f64>,
+    outer: Vec<f64>,
+}
+
+impl GaussianFit {
+    pub fn new(dim: usize) -> Self {
+        GaussianFit { dim, count: 0, shift: None, sum: vec![0.0; dim], outer: vec![0.0; dim * dim] }
+    }
+
+    /// Vectors added so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Adds `vectors`, rows × dim row-major.
+    pub fn add(&mut self, vectors: &[f32]) {
+        let d = self.dim;
+        let rows = vectors.len() / d;
+        if rows == 0 {
+            return;
+        }
+        let shift = self.shift.get_or_insert_with(|| {
+            let mut m = vec![0f32; d];
+            vectors.chunks_exact(d).for_each(|v| m.iter_mut().zip(v).for_each(|(a, b)| *a += b));
+            m.iter_mut().for_each(|a| *a /= rows as f32);
+            m
+        });
+        let centred: Vec<f32> = vectors.chunks_exact(d).flat_map(|v| v.iter().zip(shift.iter()).map(|(a, b)| a - b)).collect();
+        for v in centred.chunks_exact(d) {
+            self.sum.iter_mut().zip(v).for_each(|(s, x)| *s += *x as f64);
+        }
+        // XᵀX of this batch in f32 (rows are few), summed in f64
+        let mut xtx = vec![0f32; d * d];
+        crate::sgemm::sgemm(d, d, rows, &mut xtx, false, (&centred, 1, d), (&centred, d, 1));
+        self.outer.iter_mut().zip(&xtx).for_each(|(o, x)| *o += *x as f64);
+        self.count += rows as u64;
+    }
+
+    /// The Gaussian of the vectors added: Σ = E[(x−c)(x−c)ᵀ] − (μ−c)(μ−c)ᵀ + ridge.
+    pub fn finish(&self) -> Result<LocalGaussian> {
+        let d = self.dim;
+        if self.count < 2 {
+            return Err(Error::Config(format!("fitting the local feature density needs at least 2 vectors, got {}", self.count)));
+        }
+        let n = self.count as f64;
+        let shift = self.shift.as_ref().expect("set with the first vectors");
+        let m: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let mut cov: Vec<f64> = (0..d * d).map(|i| self.outer[i] / n - m[i / d] * m[i % d]).collect();
+        let ridge = SHRINKAGE * (0..d).map(|i| cov[i * d + i]).sum::<f64>() / d as f64;
+        (0..d).for_each(|i| cov[i * d + i] += ridge.max(1e-12));
+        let precision = invert_spd(&cov, d)
+            .ok_or_else(|| Error::Config("the local feature covariance is not positive definite (constant images?)".into()))?;
+        Ok(LocalGaussian {
+            dim: d,
+            mean: m.iter().zip(shift).map(|(a, c)| (a + *c as f64) as f32).collect(),
+            precision: precision.iter().map(|v| *v as f32).collect(),
+        })
+    }
+}
+
+/// Inverse of a symmetric positive definite n × n matrix (Cholesky, f64); `None` if it is not.
+pub fn invert_spd(a: &[f64], n: usize) -> Option<Vec<f64>> {
+    // a = L·Lᵀ
+    let mut l = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let s: f64 = a[i * n + j] - (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum::<f64>();
+            if i == j {
+                if !(s > 0.0) || !s.is_finite() {
+                    return None;
+                }
+                l[i * n + i] = s.sqrt();
+            } else {
+                l[i * n + j] = s / l[j * n + j];
+            }
+        }
+    }
+    // L⁻¹ (lower triangular), then a⁻¹ = L⁻ᵀ·L⁻¹
+    let mut li = vec![0f64; n * n];
+    for j in 0..n {
+        li[j * n + j] = 1.0 / l[j * n + j];
+        for i in j + 1..n {
+            let s: f64 = (j..i).map(|k| l[i * n + k] * li[k * n + j]).sum();
+            li[i * n + j] = -s / l[i * n + i];
+        }
+    }
+    let mut inv = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let s: f64 = (i..n).map(|k| li[k * n + i] * li[k * n + j]).sum();
+            inv[i * n + j] = s;
+            inv[j * n + i] = s;
+        }
+    }
+    Some(inv)
+}
+
+impl LocalGaussian {
+    /// Mahalanobis distance √((x−μ)ᵀ Σ⁻¹ (x−μ)) of each row of `vectors` (rows × dim).
+    pub fn distances(&self, vectors: &[f32]) -> Vec<f32> {
+        let d = self.dim;
+        let rows = vectors.len() / d;
+        let centred: Vec<f32> = vectors.chunks_exact(d).flat_map(|v| v.iter().zip(&self.mean).map(|(a, b)| a - b)).collect();
+        let mut y = vec![0f32; rows * d];
+        crate::sgemm::sgemm(rows, d, d, &mut y, false, (&centred, d, 1), (&self.precision, d, 1));
+        centred
+            .chunks_exact(d)
+            .zip(y.chunks_exact(d))
+            .map(|(c, y)| c.iter().zip(y).map(|(a, b)| a * b).sum::<f32>().max(0.0).sqrt())
+            .collect()
+    }
+
+    /// Named tensors for the model file.
+    pub fn tensors(&self) -> Result<Vec<(String, candle_core::Tensor)>> {
+        let dev = candle_core::Device::Cpu;
+        Ok(vec![
+            (MEAN_TENSOR.into(), candle_core::Tensor::from_slice(&self.mean, self.dim, &dev)?),
+            (PRECISION_TENSOR.into(), candle_core::Tensor::from_slice(&self.precision, (self.dim, self.dim), &dev)?),
+        ])
+    }
+
+    /// From the tensors of a model file (`path` names it in errors).
+    pub fn from_tensors(
+        tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+        dim: usize,
+        path: &std::path::Path,
+    ) -> Result<Self> {
+        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = tensors.get(name).ok_or_else(|| Error::format(path, format!("missing local density tensor `{name}`")))?;
+            if t.dims() != shape {
+                return Err(Error::format(path, format!("`{name}` has shape {:?}, expected {shape:?}", t.dims())));
+            }
+            Ok(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+        };
+        Ok(LocalGaussian { dim, mean: get(MEAN_TENSOR, &[dim])?, precision: get(PRECISION_TENSOR, &[dim, dim])? })
+    }
+
+    /// sha256 over the mean and precision (f32 little-endian), recorded in the manifest.
+    pub fn sha256(&self) -> String {
+        let bytes: Vec<u8> = self.mean.iter().chain(&self.precision).flat_map(|v| v.to_le_bytes()).collect();
+        crate::weights::sha256_hex(&bytes)
+    }
+}
+
+/// Distances of one view's local vectors, on the backbone's grid (row-major).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DistanceGrid {
+    pub width: usize,
+    pub height: usize,
+    pub values: Vec<f32>,
+}
+
+pub const MEAN_TENSOR: &str = "local_density.mean";
+pub const PRECISION_TENSOR: &str = "local_density.precision";
+
+/// What the manifest records of a model's local density.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LocalDensityInfo {
+    /// Length of a local vector: the pooled stages' channels together.
+    pub dim: usize,
+    /// Local vectors (positions × views × images) it was fitted on.
+    pub vectors: u64,
+    pub images: usize,
+    pub shrinkage: f64,
+    /// sha256 of the mean and precision tensors.
+    pub sha256: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn inverse_is_exact_on_a_known_matrix() {
+        // a = [[4, 2], [2, 3]], a⁻¹ = [[3, -2], [-2, 4]] / 8
+        let inv = invert_spd(&[4.0, 2.0, 2.0, 3.0], 2).unwrap();
+        let want = [0.375, -0.25, -0.25, 0.5];
+        inv.iter().zip(want).for_each(|(a, b)| assert!((a - b).abs() < 1e-12, "{inv:?}"));
+        assert!(invert_spd(&[1.0, 2.0, 2.0, 1.0], 2).is_none(), "indefinite matrix accepted");
+        // a random SPD 7×7: a·a⁻¹ = I
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let n = 7;
+        let b: Vec<f64> = (0..n * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let a: Vec<f64> = (0..n * n)
+            .map(|i| (0..n).map(|k| b[(i / n) * n + k] * b[(i % n) * n + k]).sum::<f64>() + if i / n == i % n { 0.5 } else { 0.0 })
+            .collect();
+        let inv = invert_spd(&a, n).unwrap();
+        for i in 0..n {
+            for j in 0..n {
+                let p: f64 = (0..n).map(|k| a[i * n + k] * inv[k * n + j]).sum();
+                assert!((p - if i == j { 1.0 } else { 0.0 }).abs() < 1e-9);
+            }
+        }
+    }
+
+    #[test]
+    fn fitted_gaussian_matches_the_closed_form() {
+        // independent coordinates with means (100, -3, 7) and stds (2, 0.5, 1): the distance of a
+        // point is √Σ((x−μ)/σ)² up to sampling error and the 1% ridge
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (mu, sd) = ([100.0f32, -3.0, 7.0], [2.0f32, 0.5, 1.0]);
+        let mut fit = GaussianFit::new(3);
+        for _ in 0..40 {
+            let batch: Vec<f32> = (0..500 * 3)
+                .map(|i| {
+                    let g: f32 = (0..12).map(|_| rng.random::<f32>()).sum::<f32>() - 6.0;
+                    mu[i % 3] + sd[i % 3] * g
+                })
+                .collect();
+            fit.add(&batch);
+        }
+        assert_eq!(fit.count(), 20_000);
+        let g = fit.finish().unwrap();
+        for c in 0..3 {
+            assert!((g.mean[c] - mu[c]).abs() < 0.05 * sd[c], "mean {:?}", g.mean);
+        }
+        let x = [104.0f32, -2.0, 4.0];
+        let want = ((2.0f32).powi(2) + 2.0f32.powi(2) + 3.0f32.powi(2)).sqrt();
+        let got = g.distances(&x)[0];
+        assert!((got - want).abs() / want < 0.03, "distance {got}, closed form {want}");
+        assert!(g.distances(&mu)[0] < 0.1);
+    }
+
+    #[test]
+    fn tensors_round_trip() {
+        let g = LocalGaussian { dim: 2, mean: vec![1.0, 2.0], precision: vec![1.0, 0.5, 0.5, 2.0] };
+        let map: std::collections::HashMap<_, _> = g.tensors().unwrap().into_iter().collect();
+        assert_eq!(LocalGaussian::from_tensors(&map, 2, std::path::Path::new("m")).unwrap(), g);
+        assert!(LocalGaussian::from_tensors(&map, 3, std::path::Path::new("m")).is_err());
+    }
+}

@@ -1,0 +1,122 @@
+//! `train`'s held-out calibration and the feature maps: the held-out split is deterministic and
+//! kept out of the fit, the stored threshold meets the target false-positive rate on it,
+//! `pred_score` is 0.5 at the threshold, and the feature map of a painted defect peaks inside it.
+
+mod common;
+use common::*;
+use differnet::backbone::BackboneKind;
+use differnet::data::Dataset;
+use differnet::localize::MapKind;
+use differnet::pipeline::{Detector, OpenOptions, TrainOptions, DEFAULT_TARGET_FPR};
+use differnet::progress::Silent;
+use differnet::train::{Schedule, TrainConfig};
+use rand::SeedableRng;
+
+fn options(data: &std::path::Path, out: &std::path::Path, cache: &std::path::Path, seed: u64) -> TrainOptions {
+    let mut config = TrainConfig::with_schedule(BackboneKind::EfficientnetLite0, Schedule::Fast);
+    (config.epochs, config.flow.hidden, config.batch_images, config.seed) = (2, 32, 4, seed);
+    TrainOptions {
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        config,
+        score: differnet::score::ScoreKind::MeanZ2,
+        test_views: 1,
+        threshold: None,
+        max_images: None,
+        checkpoint_every: None,
+        holdout: Some(differnet::pipeline::DEFAULT_HOLDOUT),
+        target_fpr: DEFAULT_TARGET_FPR,
+        feature_maps: true,
+        open: OpenOptions { cache: differnet::features::FeatureCache { dir: Some(cache.to_path_buf()) }, ..OpenOptions::default() },
+    }
+}
+
+// one test: the process-wide DIFFERNET_HOME is set once
+#[test]
+fn held_out_calibration_and_feature_maps() {
+    let home = home_with_efficientnet();
+    std::env::set_var("DIFFERNET_HOME", home.path());
+    held_out_images_set_the_threshold_and_feature_maps_find_a_painted_defect(home.path());
+    few_images_are_all_fitted_and_no_threshold_is_stored(home.path());
+}
+
+fn held_out_images_set_the_threshold_and_feature_maps_find_a_painted_defect(home: &std::path::Path) {
+    let data = home.join("data");
+    differnet::synth::generate(&data, 12, 2, 1, 5).unwrap();
+    let out = home.join("m.safetensors");
+    let opts = options(&data, &out, &home.join("cache"), 0);
+    let model = differnet::pipeline::train(&opts, &Silent, &Silent, &Silent).unwrap();
+    let m = &model.manifest;
+
+    // 15% of 12 is fewer than 3, so 3 are held out; the fit is the other 9, and only them
+    let all = Dataset::open(&data).unwrap().train;
+    let split = differnet::validation::holdout_split(&all, 3.0 / 12.0, 0).unwrap();
+    assert_eq!((split.fit.len(), split.held_out.len()), (9, 3));
+    assert!(split.held_out.iter().all(|p| !split.fit.contains(p)));
+    assert_eq!(m.training_data.n_images, 9);
+    let mut shas: Vec<String> = split.fit.iter().map(|p| differnet::weights::sha256_file(p).unwrap()).collect();
+    shas.sort();
+    assert_eq!(m.training_data.images_sha256, differnet::weights::sha256_hex(shas.join("").as_bytes()), "the flow saw other images");
+
+    // the threshold flags no more than 1% of the held-out scores (here: none of 3)
+    let t = m.threshold.as_ref().expect("a threshold from the held-out images");
+    assert!(t.method.contains("3 held-out good images"), "{}", t.method);
+    let d = Detector::open(&out, &opts.open).unwrap();
+    let held = d.score_paths(&split.held_out, &d.views(None), &Silent).unwrap();
+    assert!(held.iter().all(|s| *s < t.value), "held-out scores {held:?} reach the threshold {}", t.value);
+    let range = m.score_range.expect("the held-out score range");
+    assert_eq!((range.min, range.max), (held.iter().cloned().fold(f64::MAX, f64::min), held.iter().cloned().fold(f64::MIN, f64::max)));
+    // pred_score: 0.5 at the threshold, clamped to [0, 1] far away, increasing in between
+    assert_eq!(d.decide(t.value).pred_score, Some(0.5));
+    assert_eq!(d.decide(t.value + 1e9).pred_score, Some(1.0));
+    assert_eq!(d.decide(t.value - 1e9).pred_score, Some(0.0));
+    let near = (range.max - range.min) / 4.0;
+    assert!(d.decide(t.value - near).pred_score < d.decide(t.value + near).pred_score);
+    // the good-map range is of feature maps, and feature maps are the model's default
+    assert_eq!(m.localization.as_ref().map(|r| (r.map, r.images)), Some((MapKind::Features, 3)));
+    assert_eq!(d.default_map(), MapKind::Features);
+
+    // a spot painted into a good test image: the feature map peaks inside it (or within the blur's reach)
+    let good = Detector::read_image(&data.join("test/good/000.png")).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let (bad, mask) = differnet::validation::paste_defect(&good, "spot", &mut rng);
+    let views = d.views(None);
+    let (score_bad, map) = d.inspect(&bad, &views, Some(MapKind::Features)).unwrap();
+    let map = map.unwrap();
+    assert_eq!((map.width, map.height), (bad.width, bad.height));
+    assert_eq!(score_bad, d.score_image(&bad, &views).unwrap(), "the map's pass gives the same score");
+    let peak = map.values.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let (px, py) = ((peak % map.width) as f64, (peak / map.width) as f64);
+    let inside: Vec<usize> = (0..mask.len()).filter(|&i| mask[i] > 0).collect();
+    let (cx, cy) = (
+        inside.iter().map(|&i| (i % map.width) as f64).sum::<f64>() / inside.len() as f64,
+        inside.iter().map(|&i| (i / map.width) as f64).sum::<f64>() / inside.len() as f64,
+    );
+    let radius = (inside.len() as f64 / std::f64::consts::PI).sqrt();
+    let reach = radius + 16.0 * map.width as f64 / 448.0; // one stride-16 cell of the 448 input
+    assert!(
+        ((px - cx).powi(2) + (py - cy).powi(2)).sqrt() <= reach,
+        "peak ({px}, {py}) is away from the spot at ({cx:.0}, {cy:.0}) r {radius:.0}"
+    );
+    let good_map = d.anomaly_map(&good, &views, MapKind::Features).unwrap();
+    let max = |v: &[f32]| v.iter().cloned().fold(f32::MIN, f32::max);
+    assert!(max(&map.values) > max(&good_map.values), "the defect raises the map's maximum");
+
+    // the same seed gives the same model, local density included
+    let again = home.join("again.safetensors");
+    let opts2 = TrainOptions { out: again.clone(), ..opts.clone() };
+    let model2 = differnet::pipeline::train(&opts2, &Silent, &Silent, &Silent).unwrap();
+    assert_eq!(model2.manifest.parameters_sha256, m.parameters_sha256);
+    assert_eq!(model2.manifest.local_density, m.local_density);
+    assert_eq!(model2.manifest.threshold, m.threshold);
+}
+
+fn few_images_are_all_fitted_and_no_threshold_is_stored(home: &std::path::Path) {
+    let data = home.join("few");
+    differnet::synth::generate(&data, 6, 1, 1, 2).unwrap();
+    let out = home.join("m.safetensors");
+    let model = differnet::pipeline::train(&options(&data, &out, &home.join("cache"), 0), &Silent, &Silent, &Silent).unwrap();
+    assert_eq!(model.manifest.training_data.n_images, 6);
+    assert!(model.manifest.threshold.is_none() && model.manifest.score_range.is_none());
+    assert!(model.local.is_some(), "the local density is fitted on every image");
+}
