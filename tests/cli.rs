@@ -151,6 +151,35 @@ fn train_test_predict_calibrate_and_errors() {
     let (ok, out, _) = differnet_cli(home.path(), &["info", m]);
     assert!(ok && out.contains("efficientnet-lite0") && out.contains("best-f1"), "{out}");
 
+    // a threshold for a false-positive rate on good images also stores their score range, so
+    // predictions carry pred_score; --csv holds the same rows as --json
+    let (ok, _, err) =
+        differnet_cli(home.path(), &["--quiet", "calibrate", "--model", m, "--fpr", "0.25", "--good", train_good.to_str().unwrap()]);
+    assert!(ok, "calibrate --fpr failed: {err}");
+    let test_dir = data.join("test");
+    let csv = home.path().join("out.csv");
+    let (ok, out, err) = differnet_cli(
+        home.path(),
+        &["--quiet", "--json", "predict", "--model", m, test_dir.to_str().unwrap(), "--csv", csv.to_str().unwrap()],
+    );
+    assert!(ok, "predict --csv failed: {err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("image_path,pred_score,pred_label,score"));
+    let parsed: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(parsed.len(), rows.len());
+    assert_eq!(rows.len(), 5);
+    for (r, c) in rows.iter().zip(&parsed) {
+        assert_eq!(c.len(), 4, "{c:?}");
+        assert_eq!(c[0], r["path"].as_str().unwrap());
+        let pred: f64 = c[1].parse().unwrap();
+        assert!((0.0..=1.0).contains(&pred) && pred == r["pred_score"].as_f64().unwrap(), "{c:?} vs {r}");
+        assert_eq!(c[2] == "1", r["pred_label"].as_bool().unwrap());
+        assert_eq!(c[3].parse::<f64>().unwrap(), r["score"].as_f64().unwrap());
+        assert_eq!(pred >= 0.5, r["pred_label"].as_bool().unwrap(), "pred_score is 0.5 at the threshold");
+    }
+
     // bad input: a broken image, a missing model, an empty dataset, a missing backbone
     let broken = home.path().join("broken.jpg");
     std::fs::write(&broken, b"\xff\xd8\xff garbage").unwrap();
