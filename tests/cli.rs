@@ -156,12 +156,13 @@ fn train_test_predict_calibrate_and_errors() {
     let (ok, _, err) =
         differnet_cli(home.path(), &["--quiet", "calibrate", "--model", m, "--fpr", "0.25", "--good", train_good.to_str().unwrap()]);
     assert!(ok, "calibrate --fpr failed: {err}");
-    let test_dir = data.join("test");
+    let mut test_dirs: Vec<String> =
+        std::fs::read_dir(data.join("test")).unwrap().map(|e| e.unwrap().path().to_str().unwrap().to_string()).collect();
+    test_dirs.sort();
     let csv = home.path().join("out.csv");
-    let (ok, out, err) = differnet_cli(
-        home.path(),
-        &["--quiet", "--json", "predict", "--model", m, test_dir.to_str().unwrap(), "--csv", csv.to_str().unwrap()],
-    );
+    let mut args = vec!["--quiet", "--json", "predict", "--model", m, "--csv", csv.to_str().unwrap()];
+    args.extend(test_dirs.iter().map(String::as_str));
+    let (ok, out, err) = differnet_cli(home.path(), &args);
     assert!(ok, "predict --csv failed: {err}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     let text = std::fs::read_to_string(&csv).unwrap();

@@ -52,7 +52,7 @@ pub enum Command {
     Test(evaluate::TestArgs),
     /// Score images or folders of images and decide good/defective.
     Predict(predict::PredictArgs),
-    /// Heat maps of where the defect is (gradient maps, paper eq. 7): PNGs per image.
+    /// Heat maps of where the defect is (local feature maps, or gradient maps of paper eq. 7): PNGs per image.
     Localize(predict::LocalizeArgs),
     /// Set the decision threshold stored in a model.
     Calibrate(evaluate::CalibrateArgs),
