@@ -62,6 +62,14 @@ pub struct BenchReport {
     /// The flow's part of the two latencies above (the rest: views and backbone).
     pub test_flow_seconds_16_views: f64,
     pub test_flow_seconds_64_views: f64,
+    /// Seconds per view of a gradient heat map (paper eq. 7: forward with gradients tracked,
+    /// backward through the flow and the backbone to the pixels; best of LATENCY_REPEATS).
+    pub gradient_map_seconds_per_view: f64,
+    /// The same relative to a plain forward pass of one view (1 / backbone_views_per_s).
+    pub gradient_map_to_forward_ratio: f64,
+    /// Seconds per image (one view) a feature map adds to scoring it: the local distances and
+    /// the map, beyond the features (best of LATENCY_REPEATS each).
+    pub feature_map_extra_seconds_per_image: f64,
     pub peak_rss_bytes_flow_training: Option<u64>,
     pub peak_rss_bytes_testing: Option<u64>,
     pub peak_rss_bytes: Option<u64>,
@@ -156,6 +164,32 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let (latency16, flow16) = best(16)?;
     let (latency64, flow64) = best(64)?;
     let rss_test = peak_rss_bytes();
+
+    // heat maps of the same image, one view each
+    let resized = crate::transforms::resize_bilinear(&img, INPUT_SIZE, INPUT_SIZE);
+    let one = test_views(1);
+    let fastest = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        f()?;
+        let mut best = f64::MAX;
+        for _ in 0..LATENCY_REPEATS {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let gradient = fastest(&|| crate::localize::gradient_map(ex, &flow, &resized, &one).map(drop))?;
+    // a density of the right size (its values do not change the cost)
+    let dim = ex.local_dim();
+    let mut identity = vec![0f32; dim * dim];
+    (0..dim).for_each(|i| identity[i * dim + i] = 1.0);
+    let density = crate::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity };
+    let plain = fastest(&|| ex.view_features(&resized, &one).map(drop))?;
+    let with_map = fastest(&|| {
+        let (_, grids) = ex.view_features_and_distances(&resized, &one, &density)?;
+        crate::localize::feature_map(&grids, &one);
+        Ok(())
+    })?;
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
         sgemm_backend: backend.name().into(),
@@ -175,6 +209,9 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
         test_seconds_per_image_64_views: latency64,
         test_flow_seconds_16_views: flow16,
         test_flow_seconds_64_views: flow64,
+        gradient_map_seconds_per_view: gradient,
+        gradient_map_to_forward_ratio: gradient * views_per_s,
+        feature_map_extra_seconds_per_image: (with_map - plain).max(0.0),
         peak_rss_bytes_flow_training: rss_train,
         peak_rss_bytes_testing: rss_test,
         peak_rss_bytes: rss_train.max(rss_test),
@@ -198,6 +235,8 @@ impl BenchReport {
              flow training {}×{} b{:<4}  {:.1} samples/s, {:.1} GFLOP/s, {:.2} of sgemm\n\
              test latency 16 views        {:.2} s/image ({:.2} s of it the flow; best of {LATENCY_REPEATS})\n\
              test latency 64 views        {:.2} s/image ({:.2} s of it the flow; best of {LATENCY_REPEATS})\n\
+             gradient map                 {:.2} s/view ({:.1} forward passes)\n\
+             feature map                  {:.3} s/image beyond its features (1 view)\n\
              peak RSS flow training       {}\n\
              peak RSS testing             {}\n",
             self.threads,
@@ -218,6 +257,9 @@ impl BenchReport {
             self.test_flow_seconds_16_views,
             self.test_seconds_per_image_64_views,
             self.test_flow_seconds_64_views,
+            self.gradient_map_seconds_per_view,
+            self.gradient_map_to_forward_ratio,
+            self.feature_map_extra_seconds_per_image,
             mb(self.peak_rss_bytes_flow_training),
             mb(self.peak_rss_bytes_testing)
         );

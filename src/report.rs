@@ -296,6 +296,25 @@ impl Report<'_> {
         }
     }
 
+    /// Recall at the operating points of [`Evaluation::operating_points`] (FPR 0, 1%, 5%), and
+    /// the AUROC of the maps' maxima when maps were computed.
+    fn operating_line(&self) -> String {
+        let ev = self.evaluation;
+        let mut s = String::new();
+        if !ev.operating_points.is_empty() {
+            let points: Vec<String> =
+                ev.operating_points.iter().map(|p| format!("{:.1}% at {:.0}% false positives", 100.0 * p.recall, 100.0 * p.fpr)).collect();
+            s += &format!(
+                "Recall of defective images: {} (thresholds chosen on these good test images: operating points, not a calibration).",
+                points.join(", ")
+            );
+        }
+        if let Some(a) = ev.map_max_auroc {
+            s += &format!(" Image AUROC of the anomaly maps' maxima: {a:.4}.");
+        }
+        s.trim_start().to_string()
+    }
+
     fn markdown(&self) -> String {
         let ev = self.evaluation;
         let mut s = format!(
@@ -311,10 +330,11 @@ impl Report<'_> {
             s += &format!("| {} |\n", r.join(" | "));
         }
         s += &format!(
-            "\n{} ({} good, {} defective images.)\n\n![ROC curve](roc.png)\n![score histogram](histogram.png)\n",
+            "\n{} ({} good, {} defective images.)\n\n{}\n\n![ROC curve](roc.png)\n![score histogram](histogram.png)\n",
             self.confusion_line(),
             ev.n_good,
-            ev.n_defect
+            ev.n_defect,
+            self.operating_line()
         );
         if !self.gallery.is_empty() {
             s += "\n## Cases to look at\n\n";
@@ -357,7 +377,7 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} td:first-child,
 .plots{{display:flex;flex-wrap:wrap;gap:1em}} .gallery{{display:flex;flex-wrap:wrap;gap:1em}}\
 figure{{margin:0;width:260px}} figure img{{width:260px;border:1px solid #ccc}} figcaption{{font-size:12px;word-break:break-all}}\
 </style></head><body>\n<h1>{title}</h1>\n<p>Model <code>{model}</code>, backbone {backbone}, {views} test views, score {score}; \
-{n_good} good and {n_defect} defective test images.</p>\n<h2>Results</h2>\n{table}\n<p id=\"confusion\">{confusion}</p>\n\
+{n_good} good and {n_defect} defective test images.</p>\n<h2>Results</h2>\n{table}\n<p id=\"confusion\">{confusion}</p>\n<p id=\"operating-points\">{operating}</p>\n\
 <h2>Figures</h2>\n<div class=\"plots\">{roc}{hist}</div>\n<h2>Cases to look at</h2>\n<div class=\"gallery\">{gallery}</div>\n</body></html>\n",
             title = escape(&self.title),
             model = escape(&self.model),
@@ -368,6 +388,7 @@ figure{{margin:0;width:260px}} figure img{{width:260px;border:1px solid #ccc}} f
             n_defect = ev.n_defect,
             table = table,
             confusion = escape(&self.confusion_line()),
+            operating = escape(&self.operating_line()),
             roc = roc_svg,
             hist = hist_svg,
             gallery = gallery,

@@ -238,3 +238,26 @@ pub fn score_images(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operating_points_count_recall_at_each_false_positive_rate() {
+        // good scores 0..99; defects at 94.5, 98.5, 99.5 and 120: at FPR 0 only scores above 99
+        // pass (2 of 4), at 1% (one good flagged) above 98 (3 of 4), at 5% above 94 (4 of 4)
+        let mut scores: Vec<f64> = (0..100).map(f64::from).collect();
+        let mut labels = vec![false; 100];
+        scores.extend([94.5, 98.5, 99.5, 120.0]);
+        labels.extend([true; 4]);
+        let points = operating_points(&scores, &labels);
+        let recalls: Vec<(f64, f64)> = points.iter().map(|p| (p.fpr, p.recall)).collect();
+        assert_eq!(recalls, vec![(0.0, 0.5), (0.01, 0.75), (0.05, 1.0)]);
+        for p in &points {
+            let flagged = scores[..100].iter().filter(|s| **s >= p.threshold).count();
+            assert_eq!(flagged, (p.fpr * 100.0).round() as usize, "FPR {} flags {flagged} good images", p.fpr);
+        }
+        assert!(operating_points(&scores[..100], &labels[..100]).is_empty(), "no defects, no operating points");
+    }
+}

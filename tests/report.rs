@@ -72,9 +72,16 @@ fn report_is_complete_offline_and_renders_in_chromium() {
     }
     let (tp, fp, tn, fn_) = ev.confusion.unwrap();
     assert!(html.contains(&format!("{tp} defects caught, {fn_} missed; {tn} good parts passed, {fp} rejected")));
+    // the operating points a line engineer asks for: recall at 0, 1 and 5% false positives
+    assert_eq!(ev.operating_points.len(), 3);
+    for p in &ev.operating_points {
+        let text = format!("{:.1}% at {:.0}% false positives", 100.0 * p.recall, 100.0 * p.fpr);
+        assert!(html.contains(&text), "html lacks {text}");
+    }
     let md = std::fs::read_to_string(&files.markdown).unwrap();
     assert!(md.contains(&format!("| all | 50 | {:.4} | - | - |", ev.image_auroc)), "{md}");
     assert!(md.contains("| crack | 10 |"));
+    assert!(md.contains("% at 0% false positives") && md.contains("% at 5% false positives"), "{md}");
     let json: Evaluation = serde_json::from_str(&std::fs::read_to_string(&files.json).unwrap()).unwrap();
     assert_eq!(json.samples.len(), 50);
     for png in [&files.roc_png, &files.histogram_png] {
