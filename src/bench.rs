@@ -63,7 +63,8 @@ pub struct BenchReport {
     pub test_flow_seconds_16_views: f64,
     pub test_flow_seconds_64_views: f64,
     /// Seconds per view of a gradient heat map (paper eq. 7: forward with gradients tracked,
-    /// backward through the flow and the backbone to the pixels; best of LATENCY_REPEATS).
+    /// backward through the flow and the backbone to the pixels), timed on a map of one backbone
+    /// batch of views (`--backbone-batch`, 4 by default); best of LATENCY_REPEATS.
     pub gradient_map_seconds_per_view: f64,
     /// The same relative to a plain forward pass of one view (1 / backbone_views_per_s).
     pub gradient_map_to_forward_ratio: f64,
@@ -178,7 +179,9 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
         }
         Ok(best)
     };
-    let gradient = fastest(&|| crate::localize::gradient_map(ex, &flow, &resized, &one).map(drop))?;
+    // a gradient map of one backbone batch of views (4 by default, as `serve ?heatmap=1`), per view
+    let batch_views = test_views(ex.batch.max(1));
+    let gradient = fastest(&|| crate::localize::gradient_map(ex, &flow, &resized, &batch_views).map(drop))? / batch_views.len() as f64;
     // a density of the right size (its values do not change the cost)
     let dim = ex.local_dim();
     let mut identity = vec![0f32; dim * dim];
@@ -235,7 +238,7 @@ impl BenchReport {
              flow training {}×{} b{:<4}  {:.1} samples/s, {:.1} GFLOP/s, {:.2} of sgemm\n\
              test latency 16 views        {:.2} s/image ({:.2} s of it the flow; best of {LATENCY_REPEATS})\n\
              test latency 64 views        {:.2} s/image ({:.2} s of it the flow; best of {LATENCY_REPEATS})\n\
-             gradient map                 {:.2} s/view ({:.1} forward passes)\n\
+             gradient map                 {:.2} s/view ({:.1} forward passes; views in batches)\n\
              feature map                  {:.3} s/image beyond its features (1 view)\n\
              peak RSS flow training       {}\n\
              peak RSS testing             {}\n",

@@ -80,11 +80,13 @@ impl Linear {
         let b: Vec<f32> = (0..output).map(|_| rng.random_range(-bound..bound)).collect();
         Ok(Linear { weight: Var::from_vec(w, (output, input), dev)?, bias: Var::from_vec(b, output, dev)? })
     }
-    /// `frozen`: no gradient for the parameters is wanted (scoring); on the CPU, for an input
-    /// that needs no gradient either, the product then runs outside candle's graph on `sgemm`.
+    /// `frozen`: no gradient for the parameters is wanted (scoring, gradient maps); on the CPU
+    /// the product then runs on `sgemm`, outside candle's graph when the input needs no gradient
+    /// either, else as one op whose backward gives the input's gradient alone.
     fn forward(&self, x: &Tensor, frozen: bool) -> Result<Tensor> {
-        if frozen && x.device().is_cpu() && !x.track_op() {
-            return Ok(crate::ops::frozen_linear(x, self.weight.as_tensor(), self.bias.as_tensor())?);
+        if frozen && x.device().is_cpu() {
+            let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
+            return Ok(if x.track_op() { crate::ops::frozen_linear_tracked(x, w, b)? } else { crate::ops::frozen_linear(x, w, b)? });
         }
         Ok(x.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
     }
@@ -167,16 +169,35 @@ impl NormalizingFlow {
         out
     }
 
-    /// Replaces every parameter by the tensor of the same name (shapes must match).
-    pub fn load_parameters(&self, tensors: &HashMap<String, Tensor>, source: &std::path::Path) -> Result<()> {
-        for (name, var) in self.named_parameters() {
+    /// A flow of `config` whose parameters are the tensors of the same names (a model file's),
+    /// without drawing a random initialization first; shapes must match `config`'s.
+    pub fn from_parameters(config: FlowConfig, tensors: &HashMap<String, Tensor>, source: &std::path::Path, dev: &Device) -> Result<Self> {
+        config.validate()?;
+        let param = |name: String, dims: &[usize]| -> Result<Var> {
             let t = tensors.get(&name).ok_or_else(|| Error::format(source, format!("missing flow parameter `{name}`")))?;
-            if t.dims() != var.dims() {
-                return Err(Error::format(source, format!("`{name}` has shape {:?}, expected {:?}", t.dims(), var.dims())));
+            if t.dims() != dims {
+                return Err(Error::format(source, format!("`{name}` has shape {:?}, expected {dims:?}", t.dims())));
             }
-            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(dev)?)?)
+        };
+        let (l1, l2, h) = (config.dim / 2, config.dim - config.dim / 2, config.hidden);
+        let subnet = |k: usize, name: &str, input: usize, output: usize| -> Result<Subnet> {
+            let sizes = [(input, h), (h, h), (h, h), (h, output)];
+            let layer = |i: usize| -> Result<Linear> {
+                let (inp, out) = sizes[i];
+                Ok(Linear {
+                    weight: param(format!("blocks.{k}.{name}.{}.weight", 2 * i), &[out, inp])?,
+                    bias: param(format!("blocks.{k}.{name}.{}.bias", 2 * i), &[out])?,
+                })
+            };
+            Ok(Subnet { layers: [layer(0)?, layer(1)?, layer(2)?, layer(3)?] })
+        };
+        let mut blocks = vec![];
+        for k in 0..config.blocks {
+            let (s1, s2) = (subnet(k, "s1", l1, 2 * l2)?, subnet(k, "s2", l2, 2 * l1)?);
+            blocks.push(CouplingBlock::new(block_permutation(config.dim, k), s1, s2, dev)?);
         }
-        Ok(())
+        Ok(NormalizingFlow { config, blocks })
     }
 
     pub fn parameter_count(&self) -> usize {

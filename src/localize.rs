@@ -7,7 +7,7 @@ use crate::features::Extractor;
 use crate::flow::{nll_loss, NormalizingFlow};
 use crate::local_density::DistanceGrid;
 use crate::transforms::{rotate_pixels, Rgb8, View};
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 use std::path::Path;
 
 /// σ of the Gaussian blur applied to the gradients, in pixels of the 448×448 input.
@@ -91,24 +91,30 @@ pub fn gaussian_blur(plane: &[f32], w: usize, h: usize, sigma: f32) -> Vec<f32> 
 
 /// Gradient map of one image already resized to 448×448, eq. 7 per view
 /// (Σ_c |G ∗ ∇x_c L|), each view's map rotated back, averaged over views, then squared as the
-/// official code does. Returns 448×448 values, row-major.
+/// official code does. Returns 448×448 values, row-major. Views go through the backbone and the
+/// flow in batches of the extractor's batch size (the flow's weights are read once per batch);
+/// each view's gradient is that of its own loss.
 pub fn gradient_map(ex: &Extractor, flow: &NormalizingFlow, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
     let n = INPUT_SIZE * INPUT_SIZE;
     let mut acc = vec![0f32; n];
-    for view in views {
-        let x = Var::from_tensor(&ex.input_tensor(resized, view)?)?;
+    for batch in views.chunks(ex.batch.max(1)) {
+        let inputs = batch.iter().map(|view| ex.input_tensor(resized, view)).collect::<Result<Vec<_>>>()?;
+        let x = Var::from_tensor(&Tensor::cat(&inputs, 0)?)?;
         let y = ex.features(x.as_tensor())?;
         let (z, logdet) = flow.forward_frozen(&y)?;
-        let grads = nll_loss(&z, &logdet)?.backward()?;
+        // the loss is the batch's mean: times the batch size, each view's gradient is its own
+        let grads = (nll_loss(&z, &logdet)? * batch.len() as f64)?.backward()?;
         let g = grads.get(x.as_tensor()).ok_or_else(|| Error::Config("no gradient reached the input".into()))?;
         let g = g.flatten_all()?.to_vec1::<f32>()?;
-        let mut map = vec![0f32; n];
-        for c in 0..3 {
-            let blurred = gaussian_blur(&g[c * n..(c + 1) * n], INPUT_SIZE, INPUT_SIZE, BLUR_SIGMA);
-            map.iter_mut().zip(&blurred).for_each(|(m, b)| *m += b.abs());
+        for (view, g) in batch.iter().zip(g.chunks_exact(3 * n)) {
+            let mut map = vec![0f32; n];
+            for c in 0..3 {
+                let blurred = gaussian_blur(&g[c * n..(c + 1) * n], INPUT_SIZE, INPUT_SIZE, BLUR_SIGMA);
+                map.iter_mut().zip(&blurred).for_each(|(m, b)| *m += b.abs());
+            }
+            let back = rotate_pixels(&map, INPUT_SIZE, INPUT_SIZE, 1, -view.degrees);
+            acc.iter_mut().zip(&back).for_each(|(a, b)| *a += b);
         }
-        let back = rotate_pixels(&map, INPUT_SIZE, INPUT_SIZE, 1, -view.degrees);
-        acc.iter_mut().zip(&back).for_each(|(a, b)| *a += b);
     }
     let k = views.len().max(1) as f32;
     Ok(acc.iter().map(|v| (v / k).powi(2)).collect())
@@ -367,6 +373,33 @@ impl MapStyle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batched_gradient_maps_are_the_mean_of_each_views_own() -> Result<()> {
+        // random AlexNet (its weights do not matter here) and a small flow on its 768 features
+        let dev = candle_core::Device::Cpu;
+        let mut ex = Extractor::from_backbone(Box::new(crate::backbone::AlexNet::random(&dev)?), "random".into(), &dev);
+        ex.batch = 2;
+        let flow = NormalizingFlow::new(crate::flow::FlowConfig { dim: 768, blocks: 2, hidden: 16, alpha: 3.0 }, 1, &dev)?;
+        let img = Rgb8 {
+            width: INPUT_SIZE,
+            height: INPUT_SIZE,
+            data: (0..INPUT_SIZE * INPUT_SIZE * 3).map(|i| ((i * 7919) % 251) as u8).collect(),
+        };
+        let views = crate::transforms::test_views(3);
+        // sqrt of a map is the mean over views of Σ_c |G ∗ ∇x_c L|; one view at a time gives each term
+        let all: Vec<f32> = gradient_map(&ex, &flow, &img, &views)?.iter().map(|v| v.sqrt()).collect();
+        let mut mean = vec![0f32; all.len()];
+        for v in &views {
+            let one = gradient_map(&ex, &flow, &img, std::slice::from_ref(v))?;
+            mean.iter_mut().zip(&one).for_each(|(m, o)| *m += o.sqrt() / 3.0);
+        }
+        let scale = mean.iter().cloned().fold(0f32, f32::max);
+        assert!(scale > 0.0, "no gradient");
+        let worst = all.iter().zip(&mean).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4 * scale, "batched map differs by {worst} (scale {scale})");
+        Ok(())
+    }
 
     #[test]
     fn blur_keeps_mass_and_constants() {

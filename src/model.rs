@@ -209,13 +209,12 @@ impl Model {
             return Err(bad(format!("the manifest describes {claimed} parameters, more than the file holds")));
         }
         let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| bad(format!("parameters: {e}")))?;
-        let flow = NormalizingFlow::new(manifest.flow.clone(), 0, device)?;
+        let flow = NormalizingFlow::from_parameters(manifest.flow.clone(), &tensors, path, device)?;
         for (k, b) in flow.blocks.iter().enumerate() {
             if manifest.permutations.get(k) != Some(&b.perm) {
                 return Err(bad(format!("permutation of block {k} differs from this build's")));
             }
         }
-        flow.load_parameters(&tensors, path)?;
         let sha = parameters_sha256(&flow)?;
         if sha != manifest.parameters_sha256 {
             return Err(bad("parameter checksum mismatch: the file is corrupted or was edited".into()));

@@ -737,7 +737,7 @@ impl CustomOp2 for DirectConv {
     }
 
     fn bwd(&self, x: &Tensor, weight: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = if self.relu6 { (grad * relu6_mask(res)?)? } else { grad.clone() };
+        let g = if self.relu6 { relu6_grad(grad, res)? } else { grad.clone() };
         let (_, _, h, w) = x.dims4()?;
         let back = DirectConvInputGrad { stride: self.stride, pad: self.pad, depthwise: self.depthwise, h, w };
         // the weights are frozen: no gradient for them
@@ -745,10 +745,28 @@ impl CustomOp2 for DirectConv {
     }
 }
 
-/// 1 where 0 < v < 6 (ReLU6 passes the gradient), else 0.
-fn relu6_mask(v: &Tensor) -> Result<Tensor> {
-    let on = v.gt(0f32)?.to_dtype(candle_core::DType::F32)?;
-    on.mul(&v.lt(6f32)?.to_dtype(candle_core::DType::F32)?)
+/// The gradient through ReLU6: `grad` where 0 < v < 6 (v the activation), else 0, in one pass.
+fn relu6_grad(grad: &Tensor, v: &Tensor) -> Result<Tensor> {
+    grad.contiguous()?.apply_op2_no_bwd(&v.contiguous()?, &Relu6Grad)
+}
+
+struct Relu6Grad;
+
+impl CustomOp2 for Relu6Grad {
+    fn name(&self) -> &'static str {
+        "relu6_grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, v) = (contiguous_f32(s1, l1, "relu6_grad")?, contiguous_f32(s2, l2, "relu6_grad")?);
+        if g.len() != v.len() {
+            candle_core::bail!("relu6_grad: gradient {:?} and activation {:?} differ", l1.shape(), l2.shape())
+        }
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(1 << 14).zip(g.par_chunks(1 << 14).zip(v.par_chunks(1 << 14))).for_each(|(o, (g, v))| {
+            o.iter_mut().zip(g.iter().zip(v)).for_each(|(o, (g, v))| *o = if *v > 0.0 && *v < 6.0 { *g } else { 0.0 })
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
 }
 
 /// Input gradient of [`DirectConv`]: scatters each output gradient back through the kernel.
@@ -784,16 +802,17 @@ impl CustomOp2 for DirectConvInputGrad {
                 let j = if self.depthwise { 0 } else { ic };
                 let kern = &wt[(oc * wc + j) * k * k..(oc * wc + j + 1) * k * k];
                 let gplane = &g[(b * o + oc) * oh * ow..(b * o + oc + 1) * oh * ow];
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let gv = gplane[oy * ow + ox];
-                        if gv == 0.0 {
-                            continue;
-                        }
-                        for ky in 0..k {
-                            let row = &mut gp[(oy * s + ky) * wp + ox * s..(oy * s + ky) * wp + ox * s + k];
-                            for (d, kv) in row.iter_mut().zip(&kern[ky * k..(ky + 1) * k]) {
-                                *d += kv * gv;
+                // tap by tap: each output row's gradient, times the tap, added to a padded
+                // input row (contiguous for stride 1, so the loop vectorizes)
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let kv = kern[ky * k + kx];
+                        for (oy, grow) in gplane.chunks_exact(ow).enumerate() {
+                            let start = (oy * s + ky) * wp + kx;
+                            if s == 1 {
+                                gp[start..start + ow].iter_mut().zip(grow).for_each(|(d, gv)| *d += kv * gv);
+                            } else {
+                                gp[start..].iter_mut().step_by(s).zip(grow).for_each(|(d, gv)| *d += kv * gv);
                             }
                         }
                     }
@@ -848,7 +867,7 @@ impl Pointwise {
     fn input_grad(&self, x: &Tensor, pre: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let o = self.bias.len();
-        let g = if self.relu6 { (grad * relu6_mask(pre)?)? } else { grad.clone() };
+        let g = if self.relu6 { relu6_grad(grad, pre)? } else { grad.clone() };
         let wt = Tensor::from_slice(&self.weight, (o, c), x.device())?.t()?.contiguous()?;
         wt.broadcast_matmul(&g.reshape((n, o, h * w))?)?.reshape((n, c, h, w))
     }
@@ -1152,7 +1171,8 @@ pub fn mbconv_fused(x: &Tensor, weights: &MbConvWeights, pad: (usize, usize, usi
 }
 
 /// A fully connected layer with frozen parameters, `x·Wᵀ + b` by `sgemm` (OpenBLAS when present):
-/// scoring runs the flow's subnets with it. No gradient.
+/// scoring runs the flow's subnets with it. Its backward gives the input's gradient only (the
+/// gradient maps' pass to the pixels); the parameters get none.
 struct FrozenLinear;
 
 impl CustomOp3 for FrozenLinear {
@@ -1181,6 +1201,71 @@ impl CustomOp3 for FrozenLinear {
         let mut y: Vec<f32> = b.iter().copied().cycle().take(rows * output).collect();
         sgemm(rows, output, input, &mut y, true, (x, input, 1), (w, 1, input));
         Ok((CpuStorage::F32(y), Shape::from((rows, output))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &FrozenLinearInputGrad)?), None, None))
+    }
+}
+
+/// The input gradient of [`FrozenLinear`]: `g·W` for g [rows, out], W [out, in].
+struct FrozenLinearInputGrad;
+
+impl CustomOp2 for FrozenLinearInputGrad {
+    fn name(&self) -> &'static str {
+        "frozen_linear_input_grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, w) = (contiguous_f32(s1, l1, "frozen_linear_input_grad")?, contiguous_f32(s2, l2, "frozen_linear_input_grad")?);
+        let (rows, output) = l1.shape().dims2()?;
+        let (w_output, input) = l2.shape().dims2()?;
+        if w_output != output {
+            candle_core::bail!("frozen_linear_input_grad: grad {:?} and weight {:?} do not fit", l1.shape(), l2.shape())
+        }
+        let mut dx = vec![0f32; rows * input];
+        if rows <= FEW_ROWS {
+            few_rows_times_weight(g, rows, output, w, input, &mut dx);
+        } else {
+            sgemm(rows, input, output, &mut dx, false, (g, output, 1), (w, input, 1));
+        }
+        Ok((CpuStorage::F32(dx), Shape::from((rows, input))))
+    }
+}
+
+/// `dx = g·W` for a few rows of g [rows, out] and W [out, in], streaming W once: each job owns a
+/// band of dx's columns and adds `g[r, o]·W[o, band]` for every o (no packing of W).
+fn few_rows_times_weight(g: &[f32], rows: usize, output: usize, w: &[f32], input: usize, dx: &mut [f32]) {
+    const COLUMNS_PER_JOB: usize = 256;
+    let bands = input.div_ceil(COLUMNS_PER_JOB);
+    let parts: Vec<Vec<f32>> = (0..bands)
+        .into_par_iter()
+        .map(|band| {
+            let c0 = band * COLUMNS_PER_JOB;
+            let width = COLUMNS_PER_JOB.min(input - c0);
+            let mut part = vec![0f32; rows * width];
+            for o in 0..output {
+                let wo = &w[o * input + c0..][..width];
+                for r in 0..rows {
+                    let gv = g[r * output + o];
+                    part[r * width..(r + 1) * width].iter_mut().zip(wo).for_each(|(d, wv)| *d += gv * wv);
+                }
+            }
+            part
+        })
+        .collect();
+    for (band, part) in parts.iter().enumerate() {
+        let c0 = band * COLUMNS_PER_JOB;
+        let width = part.len() / rows.max(1);
+        for r in 0..rows {
+            dx[r * input + c0..][..width].copy_from_slice(&part[r * width..(r + 1) * width]);
+        }
     }
 }
 
@@ -1292,6 +1377,12 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
     x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &FrozenLinear)
 }
 
+/// [`frozen_linear`] in the graph of an input that needs a gradient: backward gives x's
+/// gradient `g·weight` and none for the (frozen) parameters.
+pub fn frozen_linear_tracked(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&weight.detach().contiguous()?, &bias.detach().contiguous()?, FrozenLinear)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1309,6 +1400,32 @@ mod tests {
         let gx = g.get(&x).unwrap().to_vec1::<f32>()?;
         for (a, b) in gx.iter().zip(xs) {
             assert!((a - 1.0 / (1.0 + b * b)).abs() < 1e-7);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_linear_input_gradient_matches_autograd_and_leaves_the_parameters_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        let (input, output) = (300, 70);
+        let w = Var::from_vec((0..output * input).map(|i| ((i * 37 % 101) as f32 - 50.0) / 97.0).collect(), (output, input), &dev)?;
+        let b = Var::from_vec((0..output).map(|i| i as f32 * 0.01).collect(), output, &dev)?;
+        // 3 rows: the streaming path; 20: sgemm
+        for rows in [3, 20] {
+            let xv: Vec<f32> = (0..rows * input).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+            let weights: Tensor = Tensor::from_vec((0..rows * output).map(|i| (i % 5) as f32 - 2.0).collect(), (rows, output), &dev)?;
+            let x = Var::from_vec(xv.clone(), (rows, input), &dev)?;
+            let y = frozen_linear_tracked(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
+            let g = (y.clone() * &weights)?.sum_all()?.backward()?;
+            let reference = Var::from_vec(xv, (rows, input), &dev)?;
+            let y_ref = reference.as_tensor().matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?;
+            let g_ref = (y_ref.clone() * &weights)?.sum_all()?.backward()?;
+            let diff = (y - y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "forward differs by {diff}");
+            let (dx, dx_ref) = (g.get(&x).unwrap(), g_ref.get(&reference).unwrap());
+            let diff = (dx - dx_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "input gradient differs by {diff} at {rows} rows");
+            assert!(g.get(&w).is_none() && g.get(&b).is_none(), "frozen parameters got a gradient");
         }
         Ok(())
     }

@@ -10,11 +10,12 @@ use std::collections::HashMap;
 
 fn fixture_flow() -> (NormalizingFlow, HashMap<String, Tensor>) {
     let f = fixture("flow_w64.safetensors");
-    let flow = NormalizingFlow::new(FlowConfig { dim: 768, blocks: 8, hidden: 64, alpha: 3.0 }, 0, &Device::Cpu).unwrap();
     let params: HashMap<String, Tensor> =
         f.iter().filter_map(|(k, v)| k.strip_prefix("params.").map(|n| (n.to_string(), v.clone()))).collect();
     assert_eq!(params.len(), 128);
-    flow.load_parameters(&params, std::path::Path::new("flow_w64.safetensors")).unwrap();
+    let config = FlowConfig { dim: 768, blocks: 8, hidden: 64, alpha: 3.0 };
+    let flow = NormalizingFlow::from_parameters(config, &params, std::path::Path::new("flow_w64.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(flow.named_parameters().len(), 128, "every parameter from the file");
     (flow, f)
 }
 
