@@ -45,6 +45,61 @@ impl ScoreRange {
     }
 }
 
+/// How an image's anomaly score is formed from what the model computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum ImageScore {
+    /// The flow's score τ(x) alone (the paper's; models without held-out images).
+    #[default]
+    Flow,
+    /// The flow's score and the feature map's maximum, each standardized by the mean and standard
+    /// deviation of the held-out good images', summed: a small defect that global pooling washes
+    /// out still raises the map's maximum.
+    FlowAndMapMax(ScoreStandardization),
+}
+
+/// Means and standard deviations of the flow's score and of the feature map's maximum over good
+/// images the flow was not fitted on.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScoreStandardization {
+    pub flow_mean: f64,
+    pub flow_std: f64,
+    pub map_max_mean: f64,
+    pub map_max_std: f64,
+    pub images: usize,
+}
+
+impl ScoreStandardization {
+    /// From (flow score, map maximum) pairs of good images; `None` with fewer than 2 or when
+    /// either spread is zero or not finite.
+    pub fn of(pairs: &[(f64, f64)]) -> Option<Self> {
+        let n = pairs.len();
+        if n < 2 {
+            return None;
+        }
+        let mean_std = |v: Vec<f64>| {
+            let mean = v.iter().sum::<f64>() / n as f64;
+            let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            (mean, var.sqrt())
+        };
+        let (flow_mean, flow_std) = mean_std(pairs.iter().map(|p| p.0).collect());
+        let (map_max_mean, map_max_std) = mean_std(pairs.iter().map(|p| p.1).collect());
+        let ok = |m: f64, s: f64| m.is_finite() && s.is_finite() && s > 0.0;
+        (ok(flow_mean, flow_std) && ok(map_max_mean, map_max_std)).then_some(ScoreStandardization {
+            flow_mean,
+            flow_std,
+            map_max_mean,
+            map_max_std,
+            images: n,
+        })
+    }
+
+    /// (flow − mean) / std + (map max − mean) / std.
+    pub fn combine(&self, flow: f64, map_max: f64) -> f64 {
+        (flow - self.flow_mean) / self.flow_std + (map_max - self.map_max_mean) / self.map_max_std
+    }
+}
+
 /// What the model was trained on.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TrainingData {
@@ -68,6 +123,9 @@ pub struct Manifest {
     pub test_views: usize,
     pub train: TrainConfig,
     pub threshold: Option<Threshold>,
+    /// How the image score is formed (the flow's alone in models written before this existed).
+    #[serde(default)]
+    pub image_score: ImageScore,
     /// Scores of good images the flow was not fitted on, for `pred_score`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score_range: Option<ScoreRange>,

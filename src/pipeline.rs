@@ -12,7 +12,7 @@ use crate::localize::{
     feature_map, gradient_map, resize_plane, write_heatmaps, GoodMapRange, LocalizationFiles, LocalizationImages, MapKind, MapStyle,
     PixelMetrics,
 };
-use crate::model::{Manifest, Model, ScoreRange, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
+use crate::model::{ImageScore, Manifest, Model, ScoreRange, ScoreStandardization, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
 use crate::progress::Progress;
 use crate::score::{anomaly_score, score_images, Evaluation, SampleScore, ScoreKind};
 use crate::train::{train_flow_with_checkpoints, training_features, Checkpoint, TrainConfig, TrainingSummary};
@@ -167,47 +167,68 @@ impl Detector {
         Ok(self.inspect(img, views, None)?.0)
     }
 
-    /// The anomaly score of a decoded image and, when `map` is given, its anomaly map of that
-    /// kind at the image's resolution. Feature maps come from the same backbone passes as the
-    /// score; tiles are mapped one by one and put back where they came from (the larger value
-    /// where two overlap).
+    /// The anomaly score of a decoded image (the model's [`ImageScore`]) and, when `map` is
+    /// given, its anomaly map of that kind at the image's resolution. Feature maps come from the
+    /// same backbone passes as the score; tiles are mapped one by one and put back where they
+    /// came from (the larger value where two overlap).
     pub fn inspect(&self, img: &Rgb8, views: &[View], map: Option<MapKind>) -> Result<(f64, Option<AnomalyMap>)> {
+        let combined = matches!(self.model.manifest.image_score, ImageScore::FlowAndMapMax(_));
+        let parts = self.inspect_parts(img, views, map == Some(MapKind::Features) || combined, map == Some(MapKind::Gradient))?;
+        let score = self.image_score(parts.flow, parts.features.as_deref());
+        let values = match map {
+            Some(MapKind::Features) => parts.features,
+            Some(MapKind::Gradient) => parts.gradient,
+            None => None,
+        };
+        let map = map.zip(values).map(|(kind, values)| AnomalyMap { kind, width: img.width, height: img.height, values });
+        Ok((score, map))
+    }
+
+    /// The model's image score from the flow's score and, for [`ImageScore::FlowAndMapMax`], the
+    /// image's feature map.
+    fn image_score(&self, flow: f64, feature_map: Option<&[f32]>) -> f64 {
+        match (self.model.manifest.image_score, feature_map) {
+            (ImageScore::FlowAndMapMax(st), Some(m)) => st.combine(flow, map_max(m)),
+            _ => flow,
+        }
+    }
+
+    /// τ(x) of a decoded image over `views` (each tile's mean, the largest over tiles) and the
+    /// feature and gradient maps asked for, at the image's resolution.
+    fn inspect_parts(&self, img: &Rgb8, views: &[View], features: bool, gradient: bool) -> Result<InspectParts> {
         let tiles = self.extractor.tiles_for(img.width, img.height);
         let mut feats = vec![];
-        let mut full = map.map(|_| vec![f32::NEG_INFINITY; img.width * img.height]);
-        for (tile, (x0, y0, side)) in square_tiles(img, tiles).iter().zip(tile_origins(img.width, img.height, tiles)) {
-            let resized = resize_bilinear(tile, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE);
-            let m448 = match map {
-                None => {
-                    feats.extend(self.extractor.view_features(&resized, views)?);
-                    continue;
-                }
-                Some(MapKind::Features) => {
-                    let (f, grids) = self.extractor.view_features_and_distances(&resized, views, self.local_density()?)?;
-                    feats.extend(f);
-                    feature_map(&grids, views)
-                }
-                Some(MapKind::Gradient) => {
-                    feats.extend(self.extractor.view_features(&resized, views)?);
-                    gradient_map(&self.extractor, &self.model.flow, &resized, views)?
-                }
-            };
-            let full = full.as_mut().expect("a map is asked for");
-            let n = crate::backbone::INPUT_SIZE;
+        let blank = || vec![f32::NEG_INFINITY; img.width * img.height];
+        let (mut fmap, mut gmap) = (features.then(blank), gradient.then(blank));
+        let n = crate::backbone::INPUT_SIZE;
+        // a 448×448 tile map put back at the tile's place (the larger value where tiles overlap)
+        let place = |full: &mut Vec<f32>, m448: &[f32], (x0, y0, side): (usize, usize, usize)| {
             if tiles == 1 {
-                *full = resize_plane(&m448, n, n, img.width, img.height);
+                *full = resize_plane(m448, n, n, img.width, img.height);
             } else {
-                let part = resize_plane(&m448, n, n, side, side);
+                let part = resize_plane(m448, n, n, side, side);
                 for y in 0..side {
                     let row = &mut full[(y0 + y) * img.width + x0..][..side];
                     row.iter_mut().zip(&part[y * side..(y + 1) * side]).for_each(|(a, b)| *a = a.max(*b));
                 }
             }
+        };
+        for (tile, origin) in square_tiles(img, tiles).iter().zip(tile_origins(img.width, img.height, tiles)) {
+            let resized = resize_bilinear(tile, n, n);
+            if let Some(full) = fmap.as_mut() {
+                let (f, grids) = self.extractor.view_features_and_distances(&resized, views, self.local_density()?)?;
+                feats.extend(f);
+                place(full, &feature_map(&grids, views), origin);
+            } else {
+                feats.extend(self.extractor.view_features(&resized, views)?);
+            }
+            if let Some(full) = gmap.as_mut() {
+                place(full, &gradient_map(&self.extractor, &self.model.flow, &resized, views)?, origin);
+            }
         }
         let m = &self.model;
-        let score = anomaly_score(&m.flow, &feats, m.flow.config.dim, m.manifest.score, views.len(), &self.extractor.device)?;
-        let map = map.zip(full).map(|(kind, values)| AnomalyMap { kind, width: img.width, height: img.height, values });
-        Ok((score, map))
+        let flow = anomaly_score(&m.flow, &feats, m.flow.config.dim, m.manifest.score, views.len(), &self.extractor.device)?;
+        Ok(InspectParts { flow, features: fmap, gradient: gmap })
     }
 
     /// The model's local feature density, or an error saying the model has none.
@@ -219,9 +240,27 @@ impl Detector {
         })
     }
 
-    /// Scores of image files (features from the cache when present), one per path.
+    /// Scores of image files, one per path: the flow's from cached features when the model's
+    /// image score is the flow's alone, else each image's flow score and feature map.
     pub fn score_paths(&self, paths: &[PathBuf], views: &[View], progress: &dyn Progress) -> Result<Vec<f64>> {
-        score_images(&self.model.flow, self.model.manifest.score, &self.extractor, &self.cache, paths, views, progress)
+        Ok(self.score_parts_paths(paths, views, progress)?.into_iter().map(|(score, _)| score).collect())
+    }
+
+    /// (image score, flow score) of image files.
+    fn score_parts_paths(&self, paths: &[PathBuf], views: &[View], progress: &dyn Progress) -> Result<Vec<(f64, f64)>> {
+        if self.model.manifest.image_score == ImageScore::Flow {
+            let scores = score_images(&self.model.flow, self.model.manifest.score, &self.extractor, &self.cache, paths, views, progress)?;
+            return Ok(scores.into_iter().map(|s| (s, s)).collect());
+        }
+        progress.set_length(paths.len() as u64);
+        let mut out = Vec::with_capacity(paths.len());
+        for p in paths {
+            let parts = self.inspect_parts(&Self::read_image(p)?, views, true, false)?;
+            out.push((self.image_score(parts.flow, parts.features.as_deref()), parts.flow));
+            progress.inc(1);
+        }
+        progress.finish();
+        Ok(out)
     }
 
     /// Decisions for image files.
@@ -235,15 +274,20 @@ impl Detector {
         ds.require_test()?;
         let views = views.unwrap_or(self.model.manifest.test_views);
         let paths: Vec<PathBuf> = ds.test.iter().map(|s| s.path.clone()).collect();
-        let scores = self.score_paths(&paths, &test_views(views), progress)?;
+        let scores = self.score_parts_paths(&paths, &test_views(views), progress)?;
         let samples = ds
             .test
             .iter()
-            .zip(scores)
-            .map(|(s, score)| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score, map_max: None })
+            .zip(&scores)
+            .map(|(s, &(score, _))| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score, map_max: None })
             .collect();
         let m = &self.model.manifest;
-        Ok(Evaluation::from_scores(m.backbone.id(), samples, views, m.score, m.threshold.as_ref().map(|t| t.value)))
+        let mut ev = Evaluation::from_scores(m.backbone.id(), samples, views, m.score, m.threshold.as_ref().map(|t| t.value));
+        if m.image_score != ImageScore::Flow {
+            let (flow, labels): (Vec<f64>, Vec<bool>) = scores.iter().zip(&ds.test).map(|(s, t)| (s.1, t.defect != "good")).unzip();
+            ev.flow_score_auroc = crate::metrics::auroc(&flow, &labels);
+        }
+        Ok(ev)
     }
 
     /// The anomaly map of kind `kind` of a decoded image at its resolution, over `views`.
@@ -319,6 +363,19 @@ impl Detector {
     }
 }
 
+/// What [`Detector::inspect_parts`] computed for one image.
+struct InspectParts {
+    /// The flow's score τ(x).
+    flow: f64,
+    features: Option<Vec<f32>>,
+    gradient: Option<Vec<f32>>,
+}
+
+/// The largest finite value of a map.
+fn map_max(map: &[f32]) -> f64 {
+    map.iter().copied().filter(|v| v.is_finite()).fold(f32::NEG_INFINITY, f32::max) as f64
+}
+
 /// What `train` needs besides the training configuration: where the images are, where the
 /// model goes, what is stored with it.
 #[derive(Clone, Debug)]
@@ -345,6 +402,10 @@ pub struct TrainOptions {
     pub target_fpr: f64,
     /// Fit the local feature density that feature maps need.
     pub feature_maps: bool,
+    /// Score images by the flow's score and the feature map's maximum, standardized on the
+    /// held-out images ([`ImageScore::FlowAndMapMax`]); needs `feature_maps` and held-out images,
+    /// else the flow's score alone.
+    pub combined_score: bool,
     pub open: OpenOptions,
 }
 
@@ -437,6 +498,7 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
         test_views: opts.test_views,
         train: cfg.clone(),
         threshold: opts.threshold.map(|value| Threshold { value, method: "user".into() }),
+        image_score: ImageScore::Flow,
         score_range: None,
         local_density: None,
         localization: None,
@@ -493,31 +555,43 @@ fn fit_local_density(ex: &Extractor, images: &[PathBuf], views: &[View], progres
 }
 
 /// Scores (and maps) the held-out good images and stores in the model what they set: the
-/// threshold for the target false-positive rate (unless the user gave one), the score range of
-/// `pred_score`, and the range of good maps of the default kind.
+/// standardization of the combined image score (when asked for), the threshold for the target
+/// false-positive rate (unless the user gave one), the score range of `pred_score`, and the
+/// range of good maps of the default kind.
 fn calibrate_on_held_out(d: &mut Detector, held_out: &[PathBuf], opts: &TrainOptions, progress: &dyn Progress) -> Result<()> {
     let views = d.views(None);
-    let kind = d.model.local.is_some().then_some(MapKind::Features);
+    let features = d.model.local.is_some();
     progress.set_message("held-out images");
     progress.set_length(held_out.len() as u64);
-    let (mut scores, mut maps) = (vec![], vec![]);
+    let (mut parts, mut maps) = (vec![], vec![]);
     for p in held_out {
-        let (score, map) = d.inspect(&Detector::read_image(p)?, &views, kind)?;
-        scores.push(score);
-        maps.extend(map.map(|m| m.values));
+        let r = d.inspect_parts(&Detector::read_image(p)?, &views, features, false)?;
+        parts.push((r.flow, r.features.as_deref().map(map_max)));
+        maps.extend(r.features);
         progress.inc(1);
     }
     progress.finish();
+    if opts.combined_score && features {
+        let pairs: Vec<(f64, f64)> = parts.iter().filter_map(|&(f, m)| Some((f, m?))).collect();
+        match ScoreStandardization::of(&pairs) {
+            Some(st) => d.model.manifest.image_score = ImageScore::FlowAndMapMax(st),
+            None => tracing::warn!(images = pairs.len(), "the held-out scores do not spread: images are scored by the flow alone"),
+        }
+    }
+    let scores: Vec<f64> = match d.model.manifest.image_score {
+        ImageScore::FlowAndMapMax(st) => parts.iter().map(|&(f, m)| st.combine(f, m.unwrap_or(f64::NAN))).collect(),
+        ImageScore::Flow => parts.iter().map(|p| p.0).collect(),
+    };
     let m = &mut d.model.manifest;
     if m.threshold.is_none() {
         m.threshold = holdout_threshold(&scores, opts.target_fpr);
     }
     m.score_range = ScoreRange::of(&scores);
-    if let Some(kind) = kind {
-        m.localization = GoodMapRange::from_maps(kind, &maps, views.len());
+    if features {
+        m.localization = GoodMapRange::from_maps(MapKind::Features, &maps, views.len());
     }
     if let (Some(t), Some(r)) = (&m.threshold, &m.score_range) {
-        tracing::info!(threshold = t.value, method = %t.method, min = r.min, max = r.max, "held-out good images scored");
+        tracing::info!(threshold = t.value, method = %t.method, min = r.min, max = r.max, image_score = ?m.image_score, "held-out good images scored");
     }
     Ok(())
 }

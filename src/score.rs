@@ -119,6 +119,10 @@ pub struct Evaluation {
     /// Image AUROC of the anomaly maps' maxima, when maps were computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_max_auroc: Option<f64>,
+    /// Image AUROC of the flow's score alone (the paper's), when the model's image score
+    /// combines it with the feature map's maximum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_score_auroc: Option<f64>,
     pub samples: Vec<SampleScore>,
 }
 
@@ -155,6 +159,7 @@ impl Evaluation {
             operating_points: operating_points(&scores, &labels),
             pixel: None,
             map_max_auroc: None,
+            flow_score_auroc: None,
             samples,
         }
     }
@@ -176,6 +181,9 @@ impl Evaluation {
             self.score_kind,
             self.backbone
         );
+        if let Some(a) = self.flow_score_auroc {
+            s += &format!("image score: the flow's and the feature map's maximum, standardized; the flow's score alone: AUROC {a:.4}\n");
+        }
         if let Some(p) = &self.pixel {
             s += &format!("\n{:<16} {:>11} {:>8}   ({} maps, {} views)\n", "defect type", "pixel AUROC", "AUPRO", p.map.id(), p.views);
             for (t, (a, pro)) in &p.per_defect {

@@ -1,12 +1,14 @@
 //! `train`'s held-out calibration and the feature maps: the held-out split is deterministic and
 //! kept out of the fit, the stored threshold meets the target false-positive rate on it,
-//! `pred_score` is 0.5 at the threshold, and the feature map of a painted defect peaks inside it.
+//! `pred_score` is 0.5 at the threshold, the combined image score is standardized on the held-out
+//! images, and the feature map of a painted defect peaks inside it.
 
 mod common;
 use common::*;
 use differnet::backbone::BackboneKind;
 use differnet::data::Dataset;
 use differnet::localize::MapKind;
+use differnet::model::ImageScore;
 use differnet::pipeline::{Detector, OpenOptions, TrainOptions, DEFAULT_TARGET_FPR};
 use differnet::progress::Silent;
 use differnet::train::{Schedule, TrainConfig};
@@ -27,6 +29,7 @@ fn options(data: &std::path::Path, out: &std::path::Path, cache: &std::path::Pat
         holdout: Some(differnet::pipeline::DEFAULT_HOLDOUT),
         target_fpr: DEFAULT_TARGET_FPR,
         feature_maps: true,
+        combined_score: true,
         open: OpenOptions { cache: differnet::features::FeatureCache { dir: Some(cache.to_path_buf()) }, ..OpenOptions::default() },
     }
 }
@@ -64,6 +67,16 @@ fn held_out_images_set_the_threshold_and_feature_maps_find_a_painted_defect(home
     let d = Detector::open(&out, &opts.open).unwrap();
     let held = d.score_paths(&split.held_out, &d.views(None), &Silent).unwrap();
     assert!(held.iter().all(|s| *s < t.value), "held-out scores {held:?} reach the threshold {}", t.value);
+    // the image score sums the flow's score and the map's maximum, each standardized on the same
+    // held-out images: their combined scores average to 0
+    match m.image_score {
+        ImageScore::FlowAndMapMax(st) => assert_eq!(st.images, 3),
+        other => panic!("expected the combined image score, got {other:?}"),
+    }
+    let mean = held.iter().sum::<f64>() / 3.0;
+    assert!(mean.abs() < 1e-9, "held-out combined scores {held:?} do not average to 0");
+    let ev = d.evaluate(&Dataset::open(&data).unwrap(), None, &Silent).unwrap();
+    assert!(ev.flow_score_auroc.is_some(), "test reports the flow's score alone next to the combined one");
     let range = m.score_range.expect("the held-out score range");
     assert_eq!((range.min, range.max), (held.iter().cloned().fold(f64::MAX, f64::min), held.iter().cloned().fold(f64::MIN, f64::max)));
     // pred_score: 0.5 at the threshold, clamped to [0, 1] far away, increasing in between
@@ -118,5 +131,6 @@ fn few_images_are_all_fitted_and_no_threshold_is_stored(home: &std::path::Path) 
     let model = differnet::pipeline::train(&options(&data, &out, &home.join("cache"), 0), &Silent, &Silent, &Silent).unwrap();
     assert_eq!(model.manifest.training_data.n_images, 6);
     assert!(model.manifest.threshold.is_none() && model.manifest.score_range.is_none());
+    assert_eq!(model.manifest.image_score, ImageScore::Flow, "nothing held out to standardize on");
     assert!(model.local.is_some(), "the local density is fitted on every image");
 }

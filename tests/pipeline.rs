@@ -67,6 +67,7 @@ fn tiny_model() -> Model {
         test_views: 4,
         train: cfg,
         threshold: None,
+        image_score: Default::default(),
         score_range: None,
         local_density: None,
         localization: None,

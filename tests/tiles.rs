@@ -42,6 +42,7 @@ fn tall_images_are_scored_tile_by_tile() {
         holdout: None,
         target_fpr: differnet::pipeline::DEFAULT_TARGET_FPR,
         feature_maps: false,
+        combined_score: false,
         open: open.clone(),
     };
     let model = differnet::pipeline::train(&opts, &Silent, &Silent, &Silent).unwrap();

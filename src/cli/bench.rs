@@ -65,6 +65,7 @@ pub fn run(cli: &Cli, a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
             holdout: Some(differnet::pipeline::DEFAULT_HOLDOUT),
             target_fpr: differnet::pipeline::DEFAULT_TARGET_FPR,
             feature_maps: true,
+            combined_score: true,
             open: open.clone(),
         };
         let t = std::time::Instant::now();

@@ -56,6 +56,7 @@ fn demo_training(data: PathBuf, out: PathBuf, epochs: usize, seed: u64) -> super
         no_holdout: false,
         target_fpr: differnet::pipeline::DEFAULT_TARGET_FPR,
         no_feature_maps: false,
+        image_score: None,
         max_images: None,
         seed,
         checkpoint_every: None,

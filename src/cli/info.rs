@@ -31,6 +31,12 @@ pub fn summary(m: &Manifest, bytes: u64) -> String {
         Some(r) => format!("{kind}, scaled against {} good images' {} maps ({} views)", r.images, r.map.id(), r.views),
         None => format!("{kind}, scaled per image"),
     };
+    let image_score = match m.image_score {
+        differnet::model::ImageScore::Flow => "image score: the flow's".to_string(),
+        differnet::model::ImageScore::FlowAndMapMax(st) => {
+            format!("image score: the flow's + the feature map's maximum, standardized on {} held-out images", st.images)
+        }
+    };
     let last_loss = m.training.epoch_losses.last().map(|l| format!(", last loss {l:.4}")).unwrap_or_default();
     [
         format!(
@@ -58,7 +64,7 @@ pub fn summary(m: &Manifest, bytes: u64) -> String {
             t.adam.lr,
             t.seed
         ),
-        format!("scoring       {:?}, {} test view(s); threshold {threshold}; heat maps {heat_maps}", m.score, m.test_views),
+        format!("scoring       {:?}, {} test view(s), {image_score}; threshold {threshold}; heat maps {heat_maps}", m.score, m.test_views),
         format!(
             "training data {} images from {} (sha256 {}…); {:.0} s features, {:.0} s flow{last_loss}",
             m.training_data.n_images,

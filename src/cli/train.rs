@@ -81,6 +81,13 @@ pub struct TrainArgs {
     /// Do not fit the local feature density (no feature maps; heat maps are gradient maps).
     #[arg(long)]
     pub no_feature_maps: bool,
+    /// Image score. `combined` (default with the fast schedule): the flow's score plus the
+    /// feature map's maximum, each standardized on the held-out good images, so that a small
+    /// defect global pooling washes out still counts; `flow`: the flow's score alone, the
+    /// paper's (default with `--schedule paper`, and whenever nothing is held out or there are no
+    /// feature maps).
+    #[arg(long, value_enum)]
+    pub image_score: Option<ImageScoreArg>,
     /// Use only the first N training images (sorted by name).
     #[arg(long)]
     pub max_images: Option<usize>,
@@ -90,6 +97,13 @@ pub struct TrainArgs {
     /// Also write the model every N epochs, as OUT with `.epochN` before the extension.
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+}
+
+/// How `train` makes image scores (see `train --image-score`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageScoreArg {
+    Combined,
+    Flow,
 }
 
 /// Training schedules (see `train --schedule`).
@@ -156,6 +170,11 @@ impl TrainArgs {
             holdout: (!self.no_holdout).then_some(self.holdout),
             target_fpr: self.target_fpr,
             feature_maps: !self.no_feature_maps,
+            combined_score: self.image_score.unwrap_or(if self.schedule == Schedule::Paper {
+                ImageScoreArg::Flow
+            } else {
+                ImageScoreArg::Combined
+            }) == ImageScoreArg::Combined,
             open,
         })
     }

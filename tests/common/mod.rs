@@ -85,6 +85,7 @@ pub fn efficientnet_model(hidden: usize, threshold: Option<f64>, seed: u64) -> d
         test_views: 1,
         train: cfg,
         threshold: threshold.map(|value| Threshold { value, method: "user".into() }),
+        image_score: Default::default(),
         score_range: None,
         local_density: None,
         localization: None,
