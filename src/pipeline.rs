@@ -409,6 +409,30 @@ pub struct TrainOptions {
     pub open: OpenOptions,
 }
 
+impl TrainOptions {
+    /// `train`'s defaults around a configuration: the default score, the test views of the
+    /// configuration's schedule (1 unless it rotates: then 64), 15% held out for a 1%-FPR
+    /// threshold, feature maps and the combined image score, no checkpoints.
+    pub fn new(data: PathBuf, out: PathBuf, config: TrainConfig) -> Self {
+        let test_views = if config.augment.rotate { crate::train::Schedule::Paper } else { crate::train::Schedule::Fast }.plan().test_views;
+        TrainOptions {
+            data,
+            out,
+            config,
+            score: ScoreKind::MeanZ2,
+            test_views,
+            threshold: None,
+            max_images: None,
+            checkpoint_every: None,
+            holdout: Some(DEFAULT_HOLDOUT),
+            target_fpr: DEFAULT_TARGET_FPR,
+            feature_maps: true,
+            combined_score: true,
+            open: OpenOptions::default(),
+        }
+    }
+}
+
 /// `train`'s default held-out fraction of the training images.
 pub const DEFAULT_HOLDOUT: f64 = 0.15;
 /// At least this many images are held out (more than the fraction gives when there are few).

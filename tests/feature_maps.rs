@@ -9,7 +9,7 @@ use differnet::backbone::BackboneKind;
 use differnet::data::Dataset;
 use differnet::localize::MapKind;
 use differnet::model::ImageScore;
-use differnet::pipeline::{Detector, OpenOptions, TrainOptions, DEFAULT_TARGET_FPR};
+use differnet::pipeline::{Detector, OpenOptions, TrainOptions};
 use differnet::progress::Silent;
 use differnet::train::{Schedule, TrainConfig};
 use rand::SeedableRng;
@@ -17,21 +17,8 @@ use rand::SeedableRng;
 fn options(data: &std::path::Path, out: &std::path::Path, cache: &std::path::Path, seed: u64) -> TrainOptions {
     let mut config = TrainConfig::with_schedule(BackboneKind::EfficientnetLite0, Schedule::Fast);
     (config.epochs, config.flow.hidden, config.batch_images, config.seed) = (2, 32, 4, seed);
-    TrainOptions {
-        data: data.to_path_buf(),
-        out: out.to_path_buf(),
-        config,
-        score: differnet::score::ScoreKind::MeanZ2,
-        test_views: 1,
-        threshold: None,
-        max_images: None,
-        checkpoint_every: None,
-        holdout: Some(differnet::pipeline::DEFAULT_HOLDOUT),
-        target_fpr: DEFAULT_TARGET_FPR,
-        feature_maps: true,
-        combined_score: true,
-        open: OpenOptions { cache: differnet::features::FeatureCache { dir: Some(cache.to_path_buf()) }, ..OpenOptions::default() },
-    }
+    let open = OpenOptions { cache: differnet::features::FeatureCache { dir: Some(cache.to_path_buf()) }, ..OpenOptions::default() };
+    TrainOptions { open, ..TrainOptions::new(data.to_path_buf(), out.to_path_buf(), config) }
 }
 
 // one test: the process-wide DIFFERNET_HOME is set once

@@ -30,21 +30,8 @@ fn tall_images_are_scored_tile_by_tile() {
     (config.epochs, config.flow.hidden, config.batch_images, config.tiles) = (2, 32, 4, 0);
     let open = OpenOptions { cache: differnet::features::FeatureCache { dir: Some(home.path().join("cache")) }, ..OpenOptions::default() };
     let out = home.path().join("tall.safetensors");
-    let opts = TrainOptions {
-        data: data.clone(),
-        out: out.clone(),
-        config,
-        score: differnet::score::ScoreKind::MeanZ2,
-        test_views: 1,
-        threshold: None,
-        max_images: None,
-        checkpoint_every: None,
-        holdout: None,
-        target_fpr: differnet::pipeline::DEFAULT_TARGET_FPR,
-        feature_maps: false,
-        combined_score: false,
-        open: open.clone(),
-    };
+    let opts =
+        TrainOptions { holdout: None, feature_maps: false, open: open.clone(), ..TrainOptions::new(data.clone(), out.clone(), config) };
     let model = differnet::pipeline::train(&opts, &Silent, &Silent, &Silent).unwrap();
     assert_eq!(model.manifest.train.tiles, 0);
     let d = Detector::open(&out, &open).unwrap();

@@ -53,21 +53,7 @@ pub fn run(cli: &Cli, a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
             config.epochs = e;
         }
         let open = OpenOptions { device: dev.clone(), cache: FeatureCache { dir: Some(tmp.join("cache")) }, ..OpenOptions::default() };
-        let opts = TrainOptions {
-            data: data.clone(),
-            out: tmp.join("model.safetensors"),
-            config: config.clone(),
-            score: differnet::score::ScoreKind::MeanZ2,
-            test_views: schedule.plan().test_views,
-            threshold: None,
-            max_images: None,
-            checkpoint_every: None,
-            holdout: Some(differnet::pipeline::DEFAULT_HOLDOUT),
-            target_fpr: differnet::pipeline::DEFAULT_TARGET_FPR,
-            feature_maps: true,
-            combined_score: true,
-            open: open.clone(),
-        };
+        let opts = TrainOptions { open: open.clone(), ..TrainOptions::new(data.clone(), tmp.join("model.safetensors"), config.clone()) };
         let t = std::time::Instant::now();
         let model = differnet::pipeline::train(&opts, &Bar::new(cli, "features"), &Bar::new(cli, "flow"), &Bar::new(cli, "calibrate"))?;
         let d = Detector::open(&opts.out, &open)?;
