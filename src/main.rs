@@ -14,6 +14,9 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
         .with_writer(std::io::stderr)
         .init();
+    // OpenBLAS (when installed) is loaded now, while this is the only thread: it reads its
+    // environment when loaded, and `sgemm` may set OPENBLAS_CORETYPE first
+    differnet::sgemm::backend();
     if let Err(e) = cli::run(&cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
