@@ -329,7 +329,7 @@ impl Detector {
         let mut maxima = std::collections::HashMap::new();
         for s in &ds.test {
             let map = self.anomaly_map(&Self::read_image(&s.path)?, &v, kind)?;
-            maxima.insert(s.path.display().to_string(), map.values.iter().fold(f32::MIN, |a, b| a.max(*b)) as f64);
+            maxima.insert(s.path.display().to_string(), map_max(&map.values));
             progress.inc(1);
             let mask: Vec<bool> = match &s.mask {
                 Some(m) => {
