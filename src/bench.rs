@@ -4,11 +4,11 @@
 use crate::backbone::{BackboneKind, INPUT_SIZE};
 use crate::error::Result;
 use crate::features::Extractor;
+use crate::flow::adam::AdamConfig;
+use crate::flow::backward::FlowTrainer;
 use crate::flow::{FlowConfig, NormalizingFlow};
-use crate::flow_grad::FlowTrainer;
-use crate::optim::AdamConfig;
-use crate::sgemm::{sgemm_with, Backend};
-use crate::transforms::{test_views, Rgb8};
+use crate::kernels::sgemm::{sgemm_with, Backend};
+use crate::views::{test_views, Rgb8};
 use candle_core::{Device, Tensor};
 use std::time::Instant;
 
@@ -83,7 +83,7 @@ pub struct BenchReport {
 /// The extractor to time: installed weights, or random AlexNet / VGG16 weights when none are installed
 /// (weights do not change the speed); EfficientNet-Lite0 needs its weights (its BN is folded).
 pub fn extractor(kind: BackboneKind, device: &Device) -> Result<Extractor> {
-    let path = crate::weights::weights_path(kind);
+    let path = crate::backbone::weights::weights_path(kind);
     if path.is_file() {
         Extractor::load(kind, &path, device)
     } else if kind == BackboneKind::Alexnet {
@@ -100,7 +100,7 @@ pub const LATENCY_REPEATS: usize = 3;
 
 /// Runs every measurement; `views` backbone views are timed (after one warm-up batch).
 pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usize, flow_steps: usize) -> Result<BenchReport> {
-    let backend = crate::sgemm::backend();
+    let backend = crate::kernels::sgemm::backend();
     let sgemm_rust = sgemm_gflops(2048, 3, Backend::Rust);
     let sgemm_active = if backend == Backend::Rust { sgemm_rust } else { sgemm_gflops(2048, 3, backend) };
     // the ratios are against the best matrix product this process can do
@@ -135,13 +135,13 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let flow = NormalizingFlow::new(flow_cfg.clone(), 0, &Device::Cpu)?;
     params.write_to(&flow)?;
     drop(params);
-    crate::flow_grad::return_freed_memory();
+    crate::flow::backward::return_freed_memory();
     reset_peak_rss();
     let img = Rgb8 { width: 600, height: 500, data: (0..600 * 500 * 3).map(|i| (i * 31 % 251) as u8).collect() };
     // one image end to end with n views: (seconds in all, seconds of them in the flow)
     let score_image = |n: usize| -> Result<(f64, f64)> {
         let t = Instant::now();
-        let resized = crate::transforms::resize_bilinear(&img, INPUT_SIZE, INPUT_SIZE);
+        let resized = crate::views::resize_bilinear(&img, INPUT_SIZE, INPUT_SIZE);
         let f = ex.view_features(&resized, &test_views(n))?;
         let t_flow = Instant::now();
         crate::score::anomaly_score(&flow, &f, flow_cfg.dim, crate::score::ScoreKind::MeanZ2, n, &Device::Cpu)?;
@@ -167,7 +167,7 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let rss_test = peak_rss_bytes();
 
     // heat maps of the same image, one view each
-    let resized = crate::transforms::resize_bilinear(&img, INPUT_SIZE, INPUT_SIZE);
+    let resized = crate::views::resize_bilinear(&img, INPUT_SIZE, INPUT_SIZE);
     let one = test_views(1);
     let fastest = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
         f()?;
@@ -186,7 +186,7 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let dim = ex.local_dim();
     let mut identity = vec![0f32; dim * dim];
     (0..dim).for_each(|i| identity[i * dim + i] = 1.0);
-    let density = crate::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity };
+    let density = crate::features::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity };
     let plain = fastest(&|| ex.view_features(&resized, &one).map(drop))?;
     let with_map = fastest(&|| {
         let (_, grids) = ex.view_features_and_distances(&resized, &one, &density)?;

@@ -25,6 +25,9 @@ pub enum Error {
     Training(String),
     #[error("invalid setting: {0}")]
     Config(String),
+    /// The caller asked to stop (through [`crate::progress::Progress::interrupted`]).
+    #[error("interrupted")]
+    Interrupted,
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

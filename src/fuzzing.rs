@@ -1,7 +1,7 @@
 //! Entry points shared by the fuzz targets (`fuzz/`) and the regression test that replays their
 //! corpus (`tests/fuzz_corpus.rs`): each must return normally, whatever the input bytes.
 
-use crate::transforms::{decode_rgb, normalize_lut, resize_bilinear, to_normalized_chw, View};
+use crate::views::{decode_rgb, normalize_lut, resize_bilinear, to_normalized_chw, View};
 
 /// Decodes bytes as an image and, when that works, preprocesses a view of it as training does.
 /// Returns whether the bytes were an image.

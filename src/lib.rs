@@ -1,40 +1,29 @@
 //! DifferNet (Rudolph, Wandt, Rosenhahn, WACV 2021): defect detection trained on defect-free
 //! images only, with a normalizing flow on multi-scale features of a frozen ImageNet CNN.
 //!
-//! Data flow: image → views ([`transforms`]) → multi-scale features ([`backbone`],
-//! [`features`]) → latent z ([`flow`]) → anomaly score ([`score`]). See `docs/ARCHITECTURE.md`.
+//! Data flow: image → views ([`views`]) → multi-scale features ([`backbone`] on [`kernels`],
+//! [`features`]) → latent z ([`flow`]) → anomaly score ([`score`]) and heat map ([`localize`]);
+//! [`pipeline::Detector`] owns that sequence, [`eval`] measures it. See `docs/ARCHITECTURE.md`.
 
 pub mod backbone;
-pub mod baselines;
 pub mod bench;
 pub mod data;
 pub mod error;
-pub mod experiment;
+pub mod eval;
+pub mod experiments;
 pub mod features;
 pub mod flow;
-pub mod flow_grad;
 pub mod fuzzing;
-pub mod local_density;
+pub mod kernels;
 pub mod localize;
-pub mod metrics;
 pub mod model;
-pub mod numpy_pickle;
-pub mod ops;
-pub mod optim;
-pub mod pickle;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod score;
 pub mod serve;
-pub mod sgemm;
-pub mod synth;
-pub mod torch_file;
-pub mod train;
-pub mod transforms;
-pub mod validation;
-pub mod weights;
-pub mod winograd;
+pub mod settings;
+pub mod views;
 
 pub use error::{Error, Result};
 

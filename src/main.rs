@@ -16,7 +16,7 @@ fn main() {
         .init();
     // OpenBLAS (when installed) is loaded now, while this is the only thread: it reads its
     // environment when loaded, and `sgemm` may set OPENBLAS_CORETYPE first
-    differnet::sgemm::backend();
+    differnet::kernels::sgemm::backend();
     if let Err(e) = cli::run(&cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

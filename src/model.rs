@@ -3,10 +3,10 @@
 
 use crate::backbone::BackboneKind;
 use crate::error::{write_atomic, Error, Result};
+use crate::features::local_density::LocalGaussian;
+use crate::flow::train::{TrainConfig, TrainingSummary};
 use crate::flow::{FlowConfig, NormalizingFlow};
-use crate::local_density::LocalGaussian;
 use crate::score::ScoreKind;
-use crate::train::{TrainConfig, TrainingSummary};
 use candle_core::Device;
 use std::collections::HashMap;
 use std::path::Path;
@@ -131,7 +131,7 @@ pub struct Manifest {
     pub score_range: Option<ScoreRange>,
     /// The local feature density behind feature maps, when the model has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub local_density: Option<crate::local_density::LocalDensityInfo>,
+    pub local_density: Option<crate::features::local_density::LocalDensityInfo>,
     /// Range of good images' maps, for heat maps normalized against good parts.
     #[serde(default)]
     pub localization: Option<crate::localize::GoodMapRange>,

@@ -5,18 +5,18 @@
 use crate::backbone::BackboneKind;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::eval::evaluation::{Evaluation, SampleScore};
+use crate::eval::pixel_metrics::PixelMetrics;
+use crate::features::local_density::{GaussianFit, LocalDensityInfo, LocalGaussian, SHRINKAGE};
 use crate::features::{Extractor, FeatureCache};
+use crate::flow::train::{train_flow_with_checkpoints, training_features, Checkpoint, TrainConfig, TrainingSummary};
 use crate::flow::NormalizingFlow;
-use crate::local_density::{GaussianFit, LocalDensityInfo, LocalGaussian, SHRINKAGE};
-use crate::localize::{
-    feature_map, gradient_map, resize_plane, write_heatmaps, GoodMapRange, LocalizationFiles, LocalizationImages, MapKind, MapStyle,
-    PixelMetrics,
-};
+use crate::localize::render::{write_heatmaps, LocalizationFiles, LocalizationImages, MapStyle};
+use crate::localize::{feature_map, gradient_map, resize_plane, GoodMapRange, MapKind};
 use crate::model::{ImageScore, Manifest, Model, ScoreRange, ScoreStandardization, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
 use crate::progress::Progress;
-use crate::score::{anomaly_score, score_images, Evaluation, SampleScore, ScoreKind};
-use crate::train::{train_flow_with_checkpoints, training_features, Checkpoint, TrainConfig, TrainingSummary};
-use crate::transforms::{decode_rgb, resize_bilinear, square_tiles, test_views, tile_origins, InputNormalization, Rgb8, View};
+use crate::score::{anomaly_score, score_images, ScoreKind};
+use crate::views::{decode_rgb, resize_bilinear, square_tiles, test_views, tile_origins, InputNormalization, Rgb8, View};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 
@@ -79,7 +79,7 @@ pub struct Detector {
 
 /// The backbone weights installed for `kind`, or an error saying how to install them.
 pub fn installed_weights(kind: BackboneKind) -> Result<PathBuf> {
-    let path = crate::weights::weights_path(kind);
+    let path = crate::backbone::weights::weights_path(kind);
     if !path.is_file() {
         return Err(Error::Weights(format!("no {} weights at {}: run `differnet weights fetch {}`", kind.id(), path.display(), kind.id())));
     }
@@ -257,7 +257,7 @@ impl Detector {
         for p in paths {
             let parts = self.inspect_parts(&Self::read_image(p)?, views, true, false)?;
             out.push((self.image_score(parts.flow, parts.features.as_deref()), parts.flow));
-            progress.inc(1);
+            progress.step(1)?;
         }
         progress.finish();
         Ok(out)
@@ -285,7 +285,7 @@ impl Detector {
         let mut ev = Evaluation::from_scores(m.backbone.id(), samples, views, m.score, m.threshold.as_ref().map(|t| t.value));
         if m.image_score != ImageScore::Flow {
             let (flow, labels): (Vec<f64>, Vec<bool>) = scores.iter().zip(&ds.test).map(|(s, t)| (s.1, t.defect != "good")).unzip();
-            ev.flow_score_auroc = crate::metrics::auroc(&flow, &labels);
+            ev.flow_score_auroc = crate::eval::metrics::auroc(&flow, &labels);
         }
         Ok(ev)
     }
@@ -313,7 +313,7 @@ impl Detector {
         let mut maps = vec![];
         for p in paths {
             maps.push(self.anomaly_map(&Self::read_image(p)?, views, kind)?.values);
-            progress.inc(1);
+            progress.step(1)?;
         }
         GoodMapRange::from_maps(kind, &maps, views.len())
             .ok_or_else(|| Error::Config("no good images to calibrate the heat maps on".into()))
@@ -330,7 +330,7 @@ impl Detector {
         for s in &ds.test {
             let map = self.anomaly_map(&Self::read_image(&s.path)?, &v, kind)?;
             maxima.insert(s.path.display().to_string(), map_max(&map.values));
-            progress.inc(1);
+            progress.step(1)?;
             let mask: Vec<bool> = match &s.mask {
                 Some(m) => {
                     let m = Self::read_image(m)?;
@@ -352,7 +352,7 @@ impl Detector {
             sample.map_max = maxima.get(&sample.path).copied();
         }
         let (m, labels): (Vec<f64>, Vec<bool>) = ev.samples.iter().filter_map(|s| Some((s.map_max?, s.defect != "good"))).unzip();
-        ev.map_max_auroc = crate::metrics::auroc(&m, &labels);
+        ev.map_max_auroc = crate::eval::metrics::auroc(&m, &labels);
         Ok(())
     }
 
@@ -414,7 +414,8 @@ impl TrainOptions {
     /// configuration's schedule (1 unless it rotates: then 64), 15% held out for a 1%-FPR
     /// threshold, feature maps and the combined image score, no checkpoints.
     pub fn new(data: PathBuf, out: PathBuf, config: TrainConfig) -> Self {
-        let test_views = if config.augment.rotate { crate::train::Schedule::Paper } else { crate::train::Schedule::Fast }.plan().test_views;
+        let test_views =
+            if config.augment.rotate { crate::flow::train::Schedule::Paper } else { crate::flow::train::Schedule::Fast }.plan().test_views;
         TrainOptions {
             data,
             out,
@@ -449,11 +450,11 @@ const LOCAL_FIT_VIEWS: usize = 4;
 /// mean + z₁₋fpr·std, which keeps a few held-out images from setting the threshold at their
 /// maximum alone. Returns the value and how it was chosen.
 pub fn holdout_threshold(good: &[f64], fpr: f64) -> Option<Threshold> {
-    let empirical = crate::metrics::threshold_for_fpr(good, fpr)?;
+    let empirical = crate::eval::metrics::threshold_for_fpr(good, fpr)?;
     let n = good.len() as f64;
     let mean = good.iter().sum::<f64>() / n;
     let std = (good.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
-    let gaussian = mean + crate::metrics::normal_quantile(1.0 - fpr) * std;
+    let gaussian = mean + crate::eval::metrics::normal_quantile(1.0 - fpr) * std;
     let (value, how) = if gaussian > empirical { (gaussian, "gaussian") } else { (empirical, "empirical") };
     Some(Threshold { value, method: format!("fpr={fpr} on {} held-out good images ({how})", good.len()) })
 }
@@ -476,7 +477,7 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
     let held_out = match opts.holdout {
         Some(f) if images.len() >= MIN_IMAGES_FOR_HOLDOUT => {
             let f = f.max(MIN_HELD_OUT as f64 / images.len() as f64);
-            let split = crate::validation::holdout_split(&images, f, cfg.seed)?;
+            let split = crate::data::validation::holdout_split(&images, f, cfg.seed)?;
             images = split.fit;
             split.held_out
         }
@@ -503,12 +504,12 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
     let feats = training_features(&images, cfg, &ex, &opts.open.cache, features)?;
     features.finish();
     let feature_seconds = t0.elapsed().as_secs_f64();
-    let mut shas: Vec<String> = images.iter().map(|p| crate::weights::sha256_file(p)).collect::<Result<_>>()?;
+    let mut shas: Vec<String> = images.iter().map(|p| crate::backbone::weights::sha256_file(p)).collect::<Result<_>>()?;
     shas.sort();
     let training_data = TrainingData {
         root: opts.data.display().to_string(),
         n_images: images.len(),
-        images_sha256: crate::weights::sha256_hex(shas.join("").as_bytes()),
+        images_sha256: crate::backbone::weights::sha256_hex(shas.join("").as_bytes()),
     };
     let manifest = |cfg: &TrainConfig, summary: TrainingSummary| Manifest {
         format: FORMAT.into(),
@@ -573,7 +574,7 @@ fn fit_local_density(ex: &Extractor, images: &[PathBuf], views: &[View], progres
         for tile in square_tiles(&img, ex.tiles_for(img.width, img.height)) {
             fit.add(&ex.local_vectors(&resize_bilinear(&tile, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE), views)?);
         }
-        progress.inc(1);
+        progress.step(1)?;
     }
     Ok((fit.finish()?, fit.count()))
 }
@@ -592,7 +593,7 @@ fn calibrate_on_held_out(d: &mut Detector, held_out: &[PathBuf], opts: &TrainOpt
         let r = d.inspect_parts(&Detector::read_image(p)?, &views, features, false)?;
         parts.push((r.flow, r.features.as_deref().map(map_max)));
         maps.extend(r.features);
-        progress.inc(1);
+        progress.step(1)?;
     }
     progress.finish();
     if opts.combined_score && features {

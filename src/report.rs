@@ -2,7 +2,7 @@
 //! the ROC curve (paper fig. 5), the score histogram (fig. 6), confusion counts and hard cases.
 
 use crate::error::{write_atomic, Error, Result};
-use crate::score::{Evaluation, SampleScore};
+use crate::eval::evaluation::{Evaluation, SampleScore};
 use base64::Engine;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -194,7 +194,7 @@ impl Plot {
             self.draw(&root).map_err(|e| Error::Config(format!("plot: {e}")))?;
         }
         let img = image::RgbImage::from_raw(width, height, rgb).expect("buffer sized for the image");
-        Ok(crate::localize::png_bytes(&img))
+        Ok(crate::views::png_bytes(&img))
     }
 }
 
@@ -254,7 +254,7 @@ impl Report<'_> {
         let ev = self.evaluation;
         let scores: Vec<f64> = ev.samples.iter().map(|s| s.score).collect();
         let labels: Vec<bool> = ev.samples.iter().map(|s| s.defect != "good").collect();
-        let roc = Plot::Roc { curve: crate::metrics::roc_curve(&scores, &labels), auroc: ev.image_auroc };
+        let roc = Plot::Roc { curve: crate::eval::metrics::roc_curve(&scores, &labels), auroc: ev.image_auroc };
         let (d, g): (Vec<&SampleScore>, Vec<&SampleScore>) = ev.samples.iter().partition(|s| s.defect != "good");
         let hist = Plot::Histogram {
             good: g.iter().map(|s| s.score).collect(),
@@ -425,8 +425,8 @@ pub fn gallery(
     d: &crate::pipeline::Detector,
     ev: &Evaluation,
     k: usize,
-    views: &[crate::transforms::View],
-    style: &crate::localize::MapStyle,
+    views: &[crate::views::View],
+    style: &crate::localize::render::MapStyle,
     bar: &dyn crate::progress::Progress,
 ) -> Result<Vec<GalleryItem>> {
     let cases = hard_cases(ev, k);
@@ -434,7 +434,7 @@ pub fn gallery(
     let mut out = vec![];
     for (sample, reason) in cases {
         let pictures = d.localization_images(&crate::pipeline::Detector::read_image(Path::new(&sample.path))?, views, style)?;
-        out.push(GalleryItem { sample, reason, overlay_png: crate::localize::png_bytes(&pictures.overlay) });
+        out.push(GalleryItem { sample, reason, overlay_png: crate::views::png_bytes(&pictures.overlay) });
         bar.inc(1);
     }
     Ok(out)

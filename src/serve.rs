@@ -3,7 +3,7 @@
 
 use crate::localize::MapKind;
 use crate::pipeline::{Detector, OpenOptions};
-use crate::transforms::{decode_rgb, Rgb8};
+use crate::views::{decode_rgb, Rgb8};
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -238,7 +238,7 @@ fn score_job(job: &Job, limits: &Limits) -> std::result::Result<Vec<ImageVerdict
             }
         };
         let decision = d.decide(score);
-        let overlay_png_base64 = pictures.map(|p| base64::engine::general_purpose::STANDARD.encode(crate::localize::png_bytes(&p.overlay)));
+        let overlay_png_base64 = pictures.map(|p| base64::engine::general_purpose::STANDARD.encode(crate::views::png_bytes(&p.overlay)));
         out.push(ImageVerdict {
             name: name.clone(),
             score: decision.score,

@@ -4,7 +4,7 @@ mod common;
 use candle_core::{Device, Tensor, Var};
 use common::*;
 use differnet::backbone::{self, multiscale_features, Backbone, BackboneKind, EfficientNetLite0};
-use differnet::transforms::{normalize_lut, resize_bilinear, rotate_nearest, to_normalized_chw, Rgb8};
+use differnet::views::{normalize_lut, resize_bilinear, rotate_nearest, to_normalized_chw, Rgb8};
 
 #[test]
 fn formula_input_matches_recorded_hash() {
@@ -18,12 +18,13 @@ fn formula_input_matches_recorded_hash() {
 #[test]
 fn pth_zip_reader_matches_safetensors() {
     let st = fixture("alexnet_seed0_features.safetensors");
-    let pth = differnet::torch_file::read_state_dict(&shared().join("fixtures/alexnet_seed0_features_subset.pth")).unwrap();
+    let pth =
+        differnet::backbone::weights::torch_file::read_state_dict(&shared().join("fixtures/alexnet_seed0_features_subset.pth")).unwrap();
     assert_eq!(pth.len(), 6);
     for (name, t) in pth {
         let want = vec_f32(&st[&name]);
         match t.data {
-            differnet::torch_file::TensorData::F32(v) => assert_eq!(v, want, "{name}"),
+            differnet::backbone::weights::torch_file::TensorData::F32(v) => assert_eq!(v, want, "{name}"),
             _ => panic!("{name} is not f32"),
         }
         assert_eq!(t.shape, st[&name].dims());
@@ -44,7 +45,7 @@ fn alexnet_multiscale_features_and_input_gradient_match_pytorch() {
     // without gradient tracking the convolutions run in the Winograd domain (products on OpenBLAS when present)
     let fast = multiscale_features(net.as_ref(), &[0], &x).unwrap();
     let err = max_abs_diff(&fast, &f["y_f64"]);
-    assert!(err < 1e-6, "Winograd features differ by {err} (sgemm: {:?})", differnet::sgemm::backend());
+    assert!(err < 1e-6, "Winograd features differ by {err} (sgemm: {:?})", differnet::kernels::sgemm::backend());
     // gradient of L = sum(y^2) with respect to the 448 input
     let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let g = g.get(xv.as_tensor()).unwrap();
@@ -166,7 +167,7 @@ fn preprocessing_is_pillow_exact() {
 fn jpeg_decoder_is_close_to_libjpeg_turbo() {
     let f = fixture("preprocess_mtd_exp0_num_743.safetensors");
     let want: Vec<u8> = f["decoded_u8"].flatten_all().unwrap().to_vec1().unwrap();
-    let img = differnet::transforms::load_rgb(&shared().join("data/mtd/test/good/exp0_num_743.jpg")).unwrap();
+    let img = differnet::views::load_rgb(&shared().join("data/mtd/test/good/exp0_num_743.jpg")).unwrap();
     assert_eq!((img.width, img.height), (240, 289));
     let got = img.channel(0);
     let max = got.iter().zip(&want).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();

@@ -8,7 +8,7 @@ use common::*;
 fn train_test_predict_calibrate_and_errors() {
     let home = home_with_efficientnet();
     let data = home.path().join("data");
-    differnet::synth::generate(&data, 4, 2, 1, 11).unwrap();
+    differnet::data::synth::generate(&data, 4, 2, 1, 11).unwrap();
     let model = home.path().join("m.safetensors");
     let (d, m) = (data.to_str().unwrap(), model.to_str().unwrap());
 
@@ -215,7 +215,7 @@ fn train_test_predict_calibrate_and_errors() {
 fn bench_reports_the_issue_keys_and_an_end_to_end_run() {
     let home = home_with_efficientnet();
     let data = home.path().join("data");
-    differnet::synth::generate(&data, 4, 2, 2, 3).unwrap();
+    differnet::data::synth::generate(&data, 4, 2, 2, 3).unwrap();
     let args = [
         "--quiet",
         "--json",

@@ -18,8 +18,8 @@ fn table(home: &Path, args: &[&str]) -> serde_json::Value {
 fn experiments_write_tables_and_resume() {
     let home = home_with_efficientnet();
     let root = home.path().join("cats");
-    differnet::synth::generate(&root.join("tile"), 6, 3, 1, 1).unwrap();
-    differnet::synth::generate(&root.join("wood"), 6, 3, 1, 2).unwrap();
+    differnet::data::synth::generate(&root.join("tile"), 6, 3, 1, 1).unwrap();
+    differnet::data::synth::generate(&root.join("wood"), 6, 3, 1, 2).unwrap();
     let (tile, out) = (root.join("tile"), home.path().join("out"));
     let (tile, o) = (tile.to_str().unwrap(), out.to_str().unwrap());
 

@@ -7,11 +7,11 @@ mod common;
 use common::*;
 use differnet::backbone::BackboneKind;
 use differnet::data::Dataset;
+use differnet::flow::train::{Schedule, TrainConfig};
 use differnet::localize::MapKind;
 use differnet::model::ImageScore;
 use differnet::pipeline::{Detector, OpenOptions, TrainOptions};
 use differnet::progress::Silent;
-use differnet::train::{Schedule, TrainConfig};
 use rand::SeedableRng;
 
 fn options(data: &std::path::Path, out: &std::path::Path, cache: &std::path::Path, seed: u64) -> TrainOptions {
@@ -32,7 +32,7 @@ fn held_out_calibration_and_feature_maps() {
 
 fn held_out_images_set_the_threshold_and_feature_maps_find_a_painted_defect(home: &std::path::Path) {
     let data = home.join("data");
-    differnet::synth::generate(&data, 12, 2, 1, 5).unwrap();
+    differnet::data::synth::generate(&data, 12, 2, 1, 5).unwrap();
     let out = home.join("m.safetensors");
     let opts = options(&data, &out, &home.join("cache"), 0);
     let model = differnet::pipeline::train(&opts, &Silent, &Silent, &Silent).unwrap();
@@ -40,13 +40,17 @@ fn held_out_images_set_the_threshold_and_feature_maps_find_a_painted_defect(home
 
     // 15% of 12 is fewer than 3, so 3 are held out; the fit is the other 9, and only them
     let all = Dataset::open(&data).unwrap().train;
-    let split = differnet::validation::holdout_split(&all, 3.0 / 12.0, 0).unwrap();
+    let split = differnet::data::validation::holdout_split(&all, 3.0 / 12.0, 0).unwrap();
     assert_eq!((split.fit.len(), split.held_out.len()), (9, 3));
     assert!(split.held_out.iter().all(|p| !split.fit.contains(p)));
     assert_eq!(m.training_data.n_images, 9);
-    let mut shas: Vec<String> = split.fit.iter().map(|p| differnet::weights::sha256_file(p).unwrap()).collect();
+    let mut shas: Vec<String> = split.fit.iter().map(|p| differnet::backbone::weights::sha256_file(p).unwrap()).collect();
     shas.sort();
-    assert_eq!(m.training_data.images_sha256, differnet::weights::sha256_hex(shas.join("").as_bytes()), "the flow saw other images");
+    assert_eq!(
+        m.training_data.images_sha256,
+        differnet::backbone::weights::sha256_hex(shas.join("").as_bytes()),
+        "the flow saw other images"
+    );
 
     // the threshold flags no more than 1% of the held-out scores (here: none of 3)
     let t = m.threshold.as_ref().expect("a threshold from the held-out images");
@@ -79,7 +83,7 @@ fn held_out_images_set_the_threshold_and_feature_maps_find_a_painted_defect(home
     // a spot painted into a good test image: the feature map peaks inside it (or within the blur's reach)
     let good = Detector::read_image(&data.join("test/good/000.png")).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let (bad, mask) = differnet::validation::paste_defect(&good, "spot", &mut rng);
+    let (bad, mask) = differnet::data::validation::paste_defect(&good, "spot", &mut rng);
     let views = d.views(None);
     let (score_bad, map) = d.inspect(&bad, &views, Some(MapKind::Features)).unwrap();
     let map = map.unwrap();
@@ -113,7 +117,7 @@ fn held_out_images_set_the_threshold_and_feature_maps_find_a_painted_defect(home
 
 fn few_images_are_all_fitted_and_no_threshold_is_stored(home: &std::path::Path) {
     let data = home.join("few");
-    differnet::synth::generate(&data, 6, 1, 1, 2).unwrap();
+    differnet::data::synth::generate(&data, 6, 1, 1, 2).unwrap();
     let out = home.join("m.safetensors");
     let model = differnet::pipeline::train(&options(&data, &out, &home.join("cache"), 0), &Silent, &Silent, &Silent).unwrap();
     assert_eq!(model.manifest.training_data.n_images, 6);

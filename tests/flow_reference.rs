@@ -4,8 +4,8 @@
 mod common;
 use candle_core::{Device, Tensor};
 use common::*;
+use differnet::flow::adam::{Adam, AdamConfig};
 use differnet::flow::{nll_loss, FlowConfig, NormalizingFlow};
-use differnet::optim::{Adam, AdamConfig};
 use std::collections::HashMap;
 
 fn fixture_flow() -> (NormalizingFlow, HashMap<String, Tensor>) {
@@ -150,7 +150,7 @@ fn one_adam_step_matches_pytorch_and_closed_form() {
 
 #[test]
 fn hand_written_gradients_equal_autograd_and_pytorch() {
-    use differnet::flow_grad::FlowTrainer;
+    use differnet::flow::backward::FlowTrainer;
     let (flow, f) = fixture_flow();
     let x = &f["x"];
     let (z, ld) = flow.forward(x).unwrap();

@@ -6,10 +6,10 @@ use candle_core::Device;
 use common::*;
 use differnet::backbone::{BackboneKind, INPUT_SIZE};
 use differnet::features::{Extractor, FeatureCache};
+use differnet::flow::train::{train_flow, training_features, TrainConfig};
 use differnet::flow::FlowConfig;
 use differnet::localize::gradient_map;
-use differnet::train::{train_flow, training_features, TrainConfig};
-use differnet::transforms::{load_rgb, resize_bilinear, test_views};
+use differnet::views::{load_rgb, resize_bilinear, test_views};
 
 #[test]
 fn heat_map_maximum_lies_in_the_painted_defect() {
@@ -17,7 +17,7 @@ fn heat_map_maximum_lies_in_the_painted_defect() {
         Extractor::load(BackboneKind::EfficientnetLite0, &shared().join("fixtures/efficientnet_lite0.safetensors"), &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("d");
-    differnet::synth::generate(&root, 12, 0, 2, 21).unwrap();
+    differnet::data::synth::generate(&root, 12, 0, 2, 21).unwrap();
     let ds = differnet::data::Dataset::open(&root).unwrap();
     let mut cfg = TrainConfig::new(BackboneKind::EfficientnetLite0);
     cfg.flow = FlowConfig { hidden: 256, ..cfg.flow };

@@ -5,11 +5,11 @@ use candle_core::Device;
 use common::*;
 use differnet::backbone::BackboneKind;
 use differnet::features::{Extractor, FeatureCache};
+use differnet::flow::train::{train_flow, TrainConfig};
 use differnet::flow::FlowConfig;
 use differnet::model::{Manifest, Model, TrainingData, FORMAT, FORMAT_VERSION};
 use differnet::score::ScoreKind;
-use differnet::train::{train_flow, TrainConfig};
-use differnet::transforms::{load_rgb, View};
+use differnet::views::{load_rgb, View};
 use rand::{Rng, SeedableRng};
 
 fn tiny_config(seed: u64) -> TrainConfig {
@@ -250,7 +250,7 @@ fn cached_features_equal_fresh_ones_and_invalidate() {
     let weights = shared().join("fixtures/efficientnet_lite0.safetensors");
     let ex = Extractor::load(BackboneKind::EfficientnetLite0, &weights, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    differnet::synth::generate(&dir.path().join("d"), 1, 0, 0, 9).unwrap();
+    differnet::data::synth::generate(&dir.path().join("d"), 1, 0, 0, 9).unwrap();
     let img = dir.path().join("d/train/good/000.png");
     let cache = FeatureCache { dir: Some(dir.path().join("cache")) };
     let nocache = FeatureCache { dir: None };
@@ -283,7 +283,7 @@ fn cached_features_equal_fresh_ones_and_invalidate() {
     let mut cfg = differnet::flow::FlowConfig::new(ex.feature_dim());
     cfg.hidden = 16;
     let flow = differnet::flow::NormalizingFlow::new(cfg, 3, &Device::Cpu).unwrap();
-    differnet::synth::generate(&dir.path().join("e"), 3, 0, 0, 5).unwrap();
+    differnet::data::synth::generate(&dir.path().join("e"), 3, 0, 0, 5).unwrap();
     let paths: Vec<_> = (0..3).map(|i| dir.path().join(format!("e/train/good/{i:03}.png"))).collect();
     let batched = differnet::score::score_images(&flow, ScoreKind::Nll, &ex, &cache, &paths, &views, &differnet::progress::Silent).unwrap();
     for (p, b) in paths.iter().zip(&batched) {
@@ -309,8 +309,8 @@ fn walk(p: &std::path::Path) -> usize {
 #[test]
 fn synthetic_data_is_deterministic_and_masked() {
     let dir = tempfile::tempdir().unwrap();
-    differnet::synth::generate(&dir.path().join("a"), 2, 1, 1, 5).unwrap();
-    differnet::synth::generate(&dir.path().join("b"), 2, 1, 1, 5).unwrap();
+    differnet::data::synth::generate(&dir.path().join("a"), 2, 1, 1, 5).unwrap();
+    differnet::data::synth::generate(&dir.path().join("b"), 2, 1, 1, 5).unwrap();
     for rel in ["train/good/001.png", "test/crack/000.png", "ground_truth/spot/000_mask.png"] {
         assert_eq!(std::fs::read(dir.path().join("a").join(rel)).unwrap(), std::fs::read(dir.path().join("b").join(rel)).unwrap(), "{rel}");
     }
@@ -325,11 +325,11 @@ fn synthetic_data_is_deterministic_and_masked() {
 
 #[test]
 fn checkpoints_equal_shorter_runs_with_the_same_seed() {
-    use differnet::train::{train_flow_with_checkpoints, Checkpoint};
+    use differnet::flow::train::{train_flow_with_checkpoints, Checkpoint};
     let feats = random_features(5, 4, 12, 8);
     let mut seen = vec![];
     let mut save =
-        |epoch: usize, flow: &differnet::flow::NormalizingFlow, s: &differnet::train::TrainingSummary| -> differnet::Result<()> {
+        |epoch: usize, flow: &differnet::flow::NormalizingFlow, s: &differnet::flow::train::TrainingSummary| -> differnet::Result<()> {
             assert_eq!(s.epochs, epoch);
             assert_eq!(s.epoch_losses.len(), epoch);
             seen.push((epoch, params(flow)));
@@ -367,7 +367,7 @@ fn training_takes_mixed_images_and_a_single_one() {
     cfg.views_per_image = 2;
     let cache = FeatureCache { dir: None };
     let images = vec![gray, rgba, deep];
-    let feats = differnet::train::training_features(&images, &cfg, &ex, &cache, &differnet::progress::Silent).unwrap();
+    let feats = differnet::flow::train::training_features(&images, &cfg, &ex, &cache, &differnet::progress::Silent).unwrap();
     assert!(feats.iter().all(|f| f.len() == 2 * ex.feature_dim() && f.iter().all(|v| v.is_finite())));
     train_flow(&feats, &cfg, &Device::Cpu, &differnet::progress::Silent).unwrap();
     // a single training image trains too (batches of one image)

@@ -1,9 +1,10 @@
 //! The evaluation report: files, plots, an offline page, and Chromium rendering it.
 
-use differnet::localize::render_localization;
+use differnet::eval::evaluation::{Evaluation, SampleScore};
+use differnet::localize::render::render_localization;
 use differnet::report::{hard_cases, write_report, GalleryItem, Report};
-use differnet::score::{Evaluation, SampleScore, ScoreKind};
-use differnet::transforms::Rgb8;
+use differnet::score::ScoreKind;
+use differnet::views::Rgb8;
 
 fn evaluation() -> Evaluation {
     let mut samples = vec![];
@@ -35,7 +36,7 @@ fn gallery(ev: &Evaluation) -> Vec<GalleryItem> {
             let n = differnet::backbone::INPUT_SIZE;
             let map: Vec<f32> = (0..n * n).map(|i| ((i % n) as f32 / n as f32).powi(2)).collect();
             let overlay = render_localization(&original, &map, 0.5).overlay;
-            GalleryItem { sample, reason, overlay_png: differnet::localize::png_bytes(&overlay) }
+            GalleryItem { sample, reason, overlay_png: differnet::views::png_bytes(&overlay) }
         })
         .collect()
 }

@@ -4,10 +4,10 @@
 mod common;
 use common::*;
 use differnet::backbone::BackboneKind;
+use differnet::flow::train::{Schedule, TrainConfig};
 use differnet::pipeline::{Detector, OpenOptions, TrainOptions};
 use differnet::progress::Silent;
-use differnet::train::{Schedule, TrainConfig};
-use differnet::transforms::{resize_bilinear, square_tiles, test_views};
+use differnet::views::{resize_bilinear, square_tiles, test_views};
 
 fn tall_png(path: &std::path::Path, seed: u8) {
     let img =

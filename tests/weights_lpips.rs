@@ -5,8 +5,8 @@
 mod common;
 use candle_core::{Device, Tensor, Var};
 use common::*;
+use differnet::backbone::weights::{self, LPIPS_ALEXNET, LPIPS_VGG16};
 use differnet::backbone::{self, multiscale_features, BackboneKind};
-use differnet::weights::{self, LPIPS_ALEXNET, LPIPS_VGG16};
 
 fn reference() -> std::collections::HashMap<String, Tensor> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lpips_features.safetensors");

@@ -3,8 +3,8 @@
 
 use super::{expect_shape, get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
-use crate::ops::max_pool2d;
-use crate::winograd::{conv_relu_each, PhaseSplitConv, WinogradConv};
+use crate::kernels::max_pool2d;
+use crate::kernels::winograd::{conv_relu_each, PhaseSplitConv, WinogradConv};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;

@@ -3,7 +3,7 @@
 
 use super::{get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
-use crate::ops::{dense_conv2d, depthwise_conv2d, mbconv_fused, pointwise_conv, MbConvWeights};
+use crate::kernels::{dense_conv2d, depthwise_conv2d, mbconv_fused, pointwise_conv, MbConvWeights};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;

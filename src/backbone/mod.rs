@@ -2,12 +2,14 @@
 //! input 448×448, scales 448/224/112 by nearest subsampling, global average pooling of the chosen
 //! stages' maps, concatenated.
 
+pub mod weights;
+
 pub mod alexnet;
 pub mod efficientnet;
 pub mod vgg16;
 
 use crate::error::{Error, Result};
-use crate::transforms::InputNormalization;
+use crate::views::InputNormalization;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -156,7 +158,7 @@ pub fn downsample_nearest(x: &Tensor, factor: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if !x.track_op() && x.device().is_cpu() {
         // no gradient needed: a plain strided copy (index_select divides per element)
-        return Ok(crate::ops::subsample(x, factor)?);
+        return Ok(crate::kernels::subsample(x, factor)?);
     }
     let rows: Vec<u32> = (0..h / factor).map(|i| (i * factor) as u32).collect();
     let cols: Vec<u32> = (0..w / factor).map(|i| (i * factor) as u32).collect();

@@ -5,8 +5,8 @@ use super::{print_json, BackboneArg, Bar, Cli};
 use anyhow::Result;
 use clap::Args;
 use differnet::features::FeatureCache;
+use differnet::flow::train::{Schedule, TrainConfig};
 use differnet::pipeline::{Detector, OpenOptions, TrainOptions};
-use differnet::train::{Schedule, TrainConfig};
 use std::path::PathBuf;
 
 #[derive(Args)]

@@ -46,8 +46,8 @@ pub struct ValidationSetArgs {
 
 pub fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
     match a.kind {
-        SynthKind::Textures => differnet::synth::generate(&a.out, a.train, a.test_good, a.per_defect, a.seed)?,
-        SynthKind::Parts => differnet::synth::generate_parts(&a.out, a.train, a.test_good, a.per_defect, a.seed)?,
+        SynthKind::Textures => differnet::data::synth::generate(&a.out, a.train, a.test_good, a.per_defect, a.seed)?,
+        SynthKind::Parts => differnet::data::synth::generate_parts(&a.out, a.train, a.test_good, a.per_defect, a.seed)?,
     }
     if !cli.quiet {
         println!("synthetic dataset written to {}", a.out.display());
@@ -56,7 +56,7 @@ pub fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
 }
 
 pub fn validation_set(cli: &Cli, a: &ValidationSetArgs) -> Result<()> {
-    let v = differnet::validation::write_validation_set(&Dataset::open(&a.data)?, &a.out, a.holdout, a.seed)?;
+    let v = differnet::data::validation::write_validation_set(&Dataset::open(&a.data)?, &a.out, a.holdout, a.seed)?;
     if cli.json {
         print_json(&v);
     } else if !cli.quiet {

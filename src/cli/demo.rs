@@ -1,14 +1,16 @@
 //! `differnet demo`: synthetic textures, a short training, evaluation, heat maps and a report,
 //! with no data or arguments.
 
-use super::{print_json, BackboneArgs, Cli, JitterArgs, ScoreArg};
+use super::{print_json, Cli};
 use anyhow::{Context, Result};
 use clap::Args;
+use differnet::backbone::weights;
 use differnet::backbone::BackboneKind;
 use differnet::data::Dataset;
-use differnet::pipeline::Detector;
+use differnet::flow::train::Schedule;
+use differnet::pipeline::{Detector, OpenOptions};
 use differnet::progress::Silent;
-use differnet::weights;
+use differnet::settings::TrainSettings;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -25,41 +27,18 @@ pub struct DemoArgs {
 
 /// The demo's training: the paper's flow and optimizer at width 512, batch 8, 4 cached views
 /// per image (rotated), 8 test views, no jitter.
-fn demo_training(data: PathBuf, out: PathBuf, epochs: usize, seed: u64) -> super::train::TrainArgs {
-    super::train::TrainArgs {
-        data,
-        out,
-        backbone: BackboneArgs {
-            backbone: Some(super::BackboneArg::EfficientnetLite0),
-            cache_dir: None,
-            no_cache: false,
-            backbone_batch: 4,
-            stages: None,
-            input_norm: None,
-            tiles: None,
-        },
-        schedule: super::train::Schedule::Paper,
+pub fn demo_training(epochs: usize, seed: u64) -> TrainSettings {
+    TrainSettings {
+        backbone: Some(BackboneKind::EfficientnetLite0),
+        schedule: Schedule::Paper,
         epochs: Some(epochs),
         views: Some(4),
         cached_views: Some(4),
         batch: 8,
         test_views: Some(8),
-        blocks: 8,
         hidden: 512,
-        alpha: 3.0,
-        lr: 2e-4,
-        jitter: JitterArgs { brightness: 0.0, contrast: 0.0, saturation: 0.0 },
-        rotate: None,
-        score: ScoreArg::MeanZ2,
-        threshold: None,
-        holdout: differnet::pipeline::DEFAULT_HOLDOUT,
-        no_holdout: false,
-        target_fpr: differnet::pipeline::DEFAULT_TARGET_FPR,
-        no_feature_maps: false,
-        image_score: None,
-        max_images: None,
         seed,
-        checkpoint_every: None,
+        ..TrainSettings::default()
     }
 }
 
@@ -71,17 +50,17 @@ pub fn run(cli: &Cli, a: &DemoArgs, dev: &candle_core::Device) -> Result<()> {
     }
     let data = a.out.join("data");
     if !data.join("test").is_dir() {
-        differnet::synth::generate(&data, 24, 12, 6, a.seed)?;
+        differnet::data::synth::generate(&data, 24, 12, 6, a.seed)?;
     }
     let model_path = a.out.join("model.safetensors");
-    let args = demo_training(data.clone(), model_path.clone(), a.epochs, a.seed);
-    super::train::train(cli, &args, dev)?;
-    let d = Detector::open(&model_path, &args.backbone.open_options(dev)?)?;
+    let settings = demo_training(a.epochs, a.seed);
+    super::train::train(cli, &settings, data.clone(), model_path.clone(), dev)?;
+    let d = Detector::open(&model_path, &OpenOptions { device: dev.clone(), cache: settings.cache(), ..OpenOptions::default() })?;
     let ds = Dataset::open(&data)?;
     let ev = super::evaluate::evaluate(cli, &d, &ds, None, Some((d.default_map(), 4)))?;
     // overlays of the first image of each defect type
     let heatmaps = a.out.join("heatmaps");
-    for t in differnet::synth::DEFECTS {
+    for t in differnet::data::synth::DEFECTS {
         let img = data.join("test").join(t).join("000.png");
         let files = d.write_localization(&img, &d.views(Some(4)), &d.map_style(None), &heatmaps)?;
         for (kind, written) in [("heatmap", files.heatmap), ("overlay", files.overlay), ("mask", files.mask)] {

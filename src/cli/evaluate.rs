@@ -5,11 +5,11 @@ use super::{print_json, BackboneArgs, Bar, Cli, MapArgs, ScoreArg};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use differnet::data::{expand_inputs, Dataset};
+use differnet::eval::evaluation::Evaluation;
+use differnet::eval::metrics;
 use differnet::localize::MapKind;
-use differnet::metrics;
 use differnet::model::{Model, ScoreRange, Threshold};
 use differnet::pipeline::Detector;
-use differnet::score::Evaluation;
 use std::path::{Path, PathBuf};
 
 /// What `test` and `report` evaluate.

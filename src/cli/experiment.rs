@@ -3,10 +3,10 @@
 use super::{print_json, BackboneArgs, Bar, Cli, JitterArgs, Switch};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use differnet::experiment::{write_table, ExperimentConfig, ExperimentKind, Runner, Table};
+use differnet::experiments::{write_table, ExperimentConfig, ExperimentKind, Runner, Table};
 use differnet::features::Extractor;
+use differnet::flow::train::TrainConfig;
 use differnet::pipeline::{installed_weights, Detector};
-use differnet::train::TrainConfig;
 use std::path::PathBuf;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

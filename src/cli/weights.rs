@@ -3,8 +3,8 @@
 use super::{print_json, BackboneArg, Cli};
 use anyhow::Result;
 use clap::Subcommand;
+use differnet::backbone::weights;
 use differnet::backbone::BackboneKind;
-use differnet::weights;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]

@@ -64,7 +64,7 @@ pub fn efficientnet_weights() -> PathBuf {
 pub fn efficientnet_model(hidden: usize, threshold: Option<f64>, seed: u64) -> differnet::model::Model {
     use differnet::backbone::BackboneKind;
     use differnet::model::{Manifest, Model, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
-    let mut cfg = differnet::train::TrainConfig::new(BackboneKind::EfficientnetLite0);
+    let mut cfg = differnet::flow::train::TrainConfig::new(BackboneKind::EfficientnetLite0);
     cfg.flow.hidden = hidden;
     cfg.epochs = 1;
     cfg.cached_views = 4;
@@ -72,13 +72,13 @@ pub fn efficientnet_model(hidden: usize, threshold: Option<f64>, seed: u64) -> d
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     let feats: Vec<Vec<f32>> =
         (0..8).map(|_| (0..4 * cfg.flow.dim).map(|_| rand::Rng::random_range(&mut rng, 0.0..1.0)).collect()).collect();
-    let (flow, summary) = differnet::train::train_flow(&feats, &cfg, &Device::Cpu, &differnet::progress::Silent).unwrap();
+    let (flow, summary) = differnet::flow::train::train_flow(&feats, &cfg, &Device::Cpu, &differnet::progress::Silent).unwrap();
     let manifest = Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
         library_version: "test".into(),
         backbone: BackboneKind::EfficientnetLite0,
-        backbone_weights_sha256: differnet::weights::sha256_file(&efficientnet_weights()).unwrap(),
+        backbone_weights_sha256: differnet::backbone::weights::sha256_file(&efficientnet_weights()).unwrap(),
         flow: cfg.flow.clone(),
         permutations: vec![],
         score: differnet::score::ScoreKind::MeanZ2,
@@ -101,7 +101,7 @@ pub fn png_image(width: u32, height: u32, seed: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(width, height, |x, y| {
         image::Rgb([(x * 3) as u8 ^ seed, (y * 5) as u8, ((x + y) as u8).wrapping_mul(seed)])
     });
-    differnet::localize::png_bytes(&img)
+    differnet::views::png_bytes(&img)
 }
 
 /// Runs the `differnet` binary with `DIFFERNET_HOME=home`: (success, stdout, stderr).

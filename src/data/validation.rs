@@ -3,7 +3,7 @@
 
 use crate::data::Dataset;
 use crate::error::{write_atomic, Error, Result};
-use crate::transforms::{decode_rgb, Rgb8};
+use crate::views::{decode_rgb, Rgb8};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -133,7 +133,7 @@ pub fn write_validation_set(ds: &Dataset, out: &Path, fraction: f64, seed: u64) 
         let (bad, mask) = paste_defect(&img, SYNTHETIC_DEFECTS[i % SYNTHETIC_DEFECTS.len()], &mut rng);
         let stem = p.file_stem().unwrap_or_default().to_string_lossy();
         let rgb = image::RgbImage::from_raw(bad.width as u32, bad.height as u32, bad.data).expect("buffer matches size");
-        write_atomic(&out.join(format!("test/synthetic/{stem}.png")), &crate::localize::png_bytes(&rgb))?;
+        write_atomic(&out.join(format!("test/synthetic/{stem}.png")), &crate::views::png_bytes(&rgb))?;
         let gray = image::GrayImage::from_raw(img.width as u32, img.height as u32, mask).expect("buffer matches size");
         let mut png = vec![];
         gray.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).map_err(|e| Error::format(p, e.to_string()))?;

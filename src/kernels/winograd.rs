@@ -13,7 +13,7 @@
 //! mod m), where element (r, j) of every tile is one run shifted by (r / m, j / m), so every step
 //! is a long vectorizable run. The result equals direct convolution up to float rounding.
 
-use crate::sgemm::sgemm;
+use crate::kernels::sgemm::sgemm;
 use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -159,7 +159,7 @@ impl WinogradConv {
                     let plane = &x[(b * c + ci) * hw..(b * c + ci + 1) * hw];
                     let first = first + b * tiles.th * tiles.tw;
                     #[cfg(target_arch = "x86_64")]
-                    if crate::ops::has_avx2_fma() {
+                    if crate::kernels::has_avx2_fma() {
                         // SAFETY: the features were detected on this processor.
                         unsafe { tiles.input_transform_avx2::<M>(plane, planes, rows, first) };
                         continue;
@@ -203,7 +203,7 @@ impl WinogradConv {
         }
         let output_job = |(oi, (mut rows, mut planes)): (usize, (Vec<&mut [f32]>, Vec<OutputPlane>)), scratch: &mut Vec<f32>| {
             #[cfg(target_arch = "x86_64")]
-            if crate::ops::has_avx2_fma() {
+            if crate::kernels::has_avx2_fma() {
                 // SAFETY: the features were detected on this processor.
                 return unsafe { output_channel_avx2(at, &mut rows, self.bias[oi], &mut planes, scratch) };
             }
@@ -424,7 +424,7 @@ pub fn conv_relu_each(xs: &[Tensor], weights: &WinogradConv) -> Result<Vec<Tenso
         if c != weights.inputs {
             candle_core::bail!("winograd_conv: input has {c} channels, the weights {}", weights.inputs)
         }
-        inputs.push((crate::ops::contiguous_f32(cpu, layout, "winograd_conv")?, (n, h, w)));
+        inputs.push((crate::kernels::contiguous_f32(cpu, layout, "winograd_conv")?, (n, h, w)));
     }
     let o = weights.outputs();
     // empty maps (no tiles) give empty outputs and take no part
@@ -502,7 +502,7 @@ impl PhaseSplitConv {
         if h * w > 0 {
             let (storage, layout) = x.storage_and_layout();
             let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("phase planes: CPU tensors only") };
-            let src = crate::ops::contiguous_f32(cpu, layout, "phase planes")?;
+            let src = crate::kernels::contiguous_f32(cpu, layout, "phase planes")?;
             out.par_chunks_mut(s * s * hs * ws).zip(src.par_chunks(h * w)).for_each(|(dst, plane)| {
                 for (phase, dst) in dst.chunks_mut(hs * ws).enumerate() {
                     let (py, px) = (phase / s, phase % s);

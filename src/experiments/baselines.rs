@@ -116,7 +116,7 @@ mod tests {
         for kind in [Baseline::NearestNeighbour, Baseline::OneClassSvm] {
             let s = view_scores(kind, &train, &test, dim).unwrap();
             let labels: Vec<bool> = (0..20).map(|i| i >= 10).collect();
-            assert_eq!(crate::metrics::auroc(&s, &labels), Some(1.0), "{kind:?}: {s:?}");
+            assert_eq!(crate::eval::metrics::auroc(&s, &labels), Some(1.0), "{kind:?}: {s:?}");
         }
         let a = Array2::from_shape_vec((3, 2), vec![0.0, 0.0, 3.0, 4.0, 1.0, 1.0]).unwrap();
         let b = Array2::from_shape_vec((2, 2), vec![3.0, 0.0, 0.0, -2.0]).unwrap();

@@ -1,6 +1,9 @@
 //! Datasets on disk: the MVTec AD layout (`train/good`, `test/<type>`, `ground_truth/<type>`)
 //! and plain folders of images; everything unreadable is reported with its path.
 
+pub mod synth;
+pub mod validation;
+
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,4 @@
-//! Image preprocessing and the views of an image (paper section 3.2): Pillow-exact resize and
+//! Images and their views (paper section 3.2): decoding and PNG encoding, Pillow-exact resize and
 //! rotation on 8-bit RGB, brightness/contrast/saturation jitter, and the backbone's input normalization.
 
 use crate::error::{Error, Result};
@@ -23,6 +23,30 @@ impl Rgb8 {
     pub fn from_gray(width: usize, height: usize, gray: &[u8]) -> Self {
         Rgb8 { width, height, data: gray.iter().flat_map(|&v| [v, v, v]).collect() }
     }
+
+    /// An image from interleaved 8-bit pixels, row-major, with 1 (grey), 3 (RGB) or 4 (RGBA)
+    /// channels, converted as decoding a file is: grey repeated, alpha dropped. The error says
+    /// what is wrong with the buffer.
+    pub fn from_pixels(data: &[u8], height: usize, width: usize, channels: usize) -> std::result::Result<Self, String> {
+        if height == 0 || width == 0 {
+            return Err(format!("image has no pixels ({height}x{width})"));
+        }
+        if height > MAX_SIDE as usize || width > MAX_SIDE as usize || (height as u64) * (width as u64) > MAX_PIXELS {
+            return Err(format!("image is {height}x{width}: more than {MAX_SIDE} a side or {MAX_PIXELS} pixels"));
+        }
+        if ![1, 3, 4].contains(&channels) {
+            return Err(format!("{channels} channels: expected 1 (grey), 3 (RGB) or 4 (RGBA)"));
+        }
+        if data.len() != height * width * channels {
+            return Err(format!("{} bytes for {height}x{width}x{channels} pixels", data.len()));
+        }
+        let data = match channels {
+            1 => data.iter().flat_map(|&v| [v, v, v]).collect(),
+            3 => data.to_vec(),
+            _ => data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        };
+        Ok(Rgb8 { width, height, data })
+    }
     /// Channel `c` as a plane (for tests and heat maps).
     pub fn channel(&self, c: usize) -> Vec<u8> {
         self.data.iter().skip(c).step_by(3).copied().collect()
@@ -34,6 +58,16 @@ impl Rgb8 {
 pub fn load_rgb(path: &Path) -> Result<Rgb8> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     decode_rgb(&bytes).map_err(|reason| Error::Image { path: path.to_path_buf(), reason })
+}
+
+/// PNG bytes of an image buffer.
+pub fn png_bytes<P: image::PixelWithColorType>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Vec<u8>
+where
+    [P::Subpixel]: image::EncodableLayout,
+{
+    let mut buf = std::io::Cursor::new(vec![]);
+    img.write_to(&mut buf, image::ImageFormat::Png).expect("PNG encoding into memory");
+    buf.into_inner()
 }
 
 /// Decodes an in-memory image; the error says what is wrong with it.
@@ -426,6 +460,23 @@ mod tests {
 
     fn ramp(w: usize, h: usize) -> Rgb8 {
         Rgb8 { width: w, height: h, data: (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect() }
+    }
+
+    #[test]
+    fn pixels_convert_as_decoding_the_same_pixels_from_a_png_does() {
+        let (w, h) = (5, 3);
+        let grey: Vec<u8> = (0..w * h).map(|i| (i * 37 % 256) as u8).collect();
+        let rgba: Vec<u8> = (0..w * h * 4).map(|i| (i * 53 % 256) as u8).collect();
+        let grey_png = png_bytes(&image::GrayImage::from_raw(w as u32, h as u32, grey.clone()).unwrap());
+        let rgba_png = png_bytes(&image::RgbaImage::from_raw(w as u32, h as u32, rgba.clone()).unwrap());
+        assert_eq!(Rgb8::from_pixels(&grey, h, w, 1).unwrap().data, decode_rgb(&grey_png).unwrap().data);
+        assert_eq!(Rgb8::from_pixels(&rgba, h, w, 4).unwrap().data, decode_rgb(&rgba_png).unwrap().data);
+        let rgb = ramp(w, h);
+        assert_eq!(Rgb8::from_pixels(&rgb.data, h, w, 3).unwrap().data, rgb.data);
+        for (len, hh, ww, c, says) in [(0, 0, 4, 3, "no pixels"), (75, 5, 3, 5, "5 channels"), (10, 5, 3, 1, "10 bytes")] {
+            let err = Rgb8::from_pixels(&vec![0; len], hh, ww, c).unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

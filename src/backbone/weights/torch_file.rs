@@ -1,8 +1,8 @@
 //! Reader for PyTorch `torch.save` state dicts, both the zip format and the legacy (pre-1.6)
 //! stream format, through the restricted pickle interpreter; no PyTorch is needed at run time.
 
+use crate::backbone::weights::pickle::{Flavor, Pickle, Val};
 use crate::error::{Error, Result};
-use crate::pickle::{Flavor, Pickle, Val};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;

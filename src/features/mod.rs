@@ -1,13 +1,16 @@
 //! Features of image views: decode → resize to 448 → view (rotation/jitter) → normalize →
-//! multi-scale backbone features, with an on-disk cache keyed by image content, backbone and view.
+//! multi-scale backbone features, with an on-disk cache keyed by image content, backbone and view,
+//! and the local feature vectors' Gaussian density ([`local_density`]) the feature maps read.
 
+pub mod local_density;
+
+use crate::backbone::weights::sha256_hex;
 use crate::backbone::{self, multiscale_features, multiscale_features_and_local, Backbone, BackboneKind, INPUT_SIZE};
 use crate::error::{write_atomic, Error, Result};
-use crate::local_density::{DistanceGrid, LocalGaussian};
-use crate::transforms::{
+use crate::features::local_density::{DistanceGrid, LocalGaussian};
+use crate::views::{
     auto_tiles, image_size, resize_bilinear, square_tiles, to_normalized_chw, to_normalized_chw_into, InputNormalization, Rgb8, View,
 };
-use crate::weights::sha256_hex;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -29,7 +32,7 @@ pub struct Extractor {
 
 impl Extractor {
     pub fn load(kind: BackboneKind, weights: &Path, device: &Device) -> Result<Self> {
-        let weights_sha256 = crate::weights::sha256_file(weights)?;
+        let weights_sha256 = crate::backbone::weights::sha256_file(weights)?;
         Ok(Self::from_backbone(backbone::load(kind, weights, device)?, weights_sha256, device))
     }
 
@@ -188,7 +191,7 @@ const MAGIC: &[u8; 8] = b"DNFEAT01";
 
 impl FeatureCache {
     pub fn default_dir() -> PathBuf {
-        crate::weights::home().join("features")
+        crate::backbone::weights::home().join("features")
     }
 
     /// The cache key: image bytes, backbone, its weights, the pooled stages, the exact views, the
@@ -236,7 +239,7 @@ impl FeatureCache {
                 return Ok(v);
             }
         }
-        let img = crate::transforms::decode_rgb(&bytes).map_err(|reason| Error::Image { path: path.to_path_buf(), reason })?;
+        let img = crate::views::decode_rgb(&bytes).map_err(|reason| Error::Image { path: path.to_path_buf(), reason })?;
         let feats = ex.image_features(&img, views)?;
         if feats.iter().any(|v| !v.is_finite()) {
             return Err(Error::Image { path: path.to_path_buf(), reason: "backbone produced non-finite features".into() });
