@@ -1,5 +1,6 @@
 //! The inspection service (`differnet serve`): POST part images, get a score and verdict each.
-//! Bounded queue and worker pool, size limits checked before decoding, metrics, SIGHUP reload.
+//! Bounded queue and worker pool, size limits checked before decoding, read timeouts and a cap on
+//! connections, an optional bearer token, metrics, SIGHUP reload.
 
 use crate::localize::MapKind;
 use crate::pipeline::{Detector, OpenOptions};
@@ -14,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// A model ready to serve, under its name.
@@ -63,11 +64,64 @@ pub struct Limits {
     pub views: Option<usize>,
     /// Views per heat map (`?heatmap=1`).
     pub heatmap_views: usize,
+    /// A request's headers must arrive within this time (also the longest a kept-alive connection
+    /// may sit idle), and its body within this time after them (408 otherwise).
+    pub read_timeout: Duration,
+    /// Connections open at once; further clients wait in the listener's backlog.
+    pub max_connections: usize,
+    /// When set, the scoring routes (`/v1/score`, `/v1/model`) need `Authorization: Bearer
+    /// TOKEN` (401 otherwise); health and metrics stay open for probes.
+    pub token: Option<BearerToken>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body_bytes: 32 << 20, max_pixels: 40_000_000, queue: 64, workers: 1, views: None, heatmap_views: 4 }
+        Limits {
+            max_body_bytes: 32 << 20,
+            max_pixels: 40_000_000,
+            queue: 64,
+            workers: 1,
+            views: None,
+            heatmap_views: 4,
+            read_timeout: Duration::from_secs(30),
+            max_connections: 256,
+            token: None,
+        }
+    }
+}
+
+/// The secret clients present as `Authorization: Bearer TOKEN`; never printed.
+#[derive(Clone)]
+pub struct BearerToken(String);
+
+impl BearerToken {
+    /// A token of at least one visible character (surrounding whitespace is dropped).
+    pub fn new(secret: &str) -> crate::Result<Self> {
+        let t = secret.trim();
+        if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(crate::Error::Config("a bearer token must be one word of visible characters".into()));
+        }
+        Ok(BearerToken(t.to_string()))
+    }
+
+    /// Reads the token from a file (its only content, a trailing newline allowed).
+    pub fn from_file(path: &std::path::Path) -> crate::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+        Self::new(&text).map_err(|e| crate::Error::format(path, e.to_string()))
+    }
+
+    /// Whether an `Authorization` header value presents this token (compared in time
+    /// independent of where they differ).
+    fn admits(&self, authorization: Option<&[u8]>) -> bool {
+        let Some(given) = authorization.and_then(|a| a.strip_prefix(b"Bearer ")) else { return false };
+        let want = self.0.as_bytes();
+        given.len() == want.len() && given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
     }
 }
 
@@ -310,33 +364,16 @@ async fn score_inner(state: &Arc<AppState>, q: ScoreQuery, headers: &HeaderMap, 
             format!("no model named `{name}` (served: {})", models.keys().cloned().collect::<Vec<_>>().join(", ")),
         );
     };
-    let is_multipart =
-        headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
-    let mut images = vec![];
-    if is_multipart {
-        let mut form = match Multipart::from_request(request, &()).await {
-            Ok(f) => f,
-            Err(e) => return e.into_response(),
-        };
-        loop {
-            match form.next_field().await {
-                Ok(Some(field)) => {
-                    let name = field.file_name().or(field.name()).unwrap_or("image").to_string();
-                    match field.bytes().await {
-                        Ok(b) => images.push((name, b.to_vec())),
-                        Err(e) => return error(e.status(), e.body_text()),
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => return error(e.status(), e.body_text()),
-            }
+    let images = match tokio::time::timeout(state.limits.read_timeout, read_images(headers, request)).await {
+        Ok(Ok(images)) => images,
+        Ok(Err(response)) => return response,
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {} s", state.limits.read_timeout.as_secs_f64()),
+            )
         }
-    } else {
-        match axum::body::Bytes::from_request(request, &()).await {
-            Ok(b) => images.push(("body".to_string(), b.to_vec())),
-            Err(e) => return e.into_response(),
-        }
-    }
+    };
     if images.is_empty() || images.iter().any(|(_, b)| b.is_empty()) {
         return error(StatusCode::BAD_REQUEST, "empty request: send an image as the body, or multipart/form-data with one image per field");
     }
@@ -373,6 +410,38 @@ async fn score_inner(state: &Arc<AppState>, q: ScoreQuery, headers: &HeaderMap, 
         Ok(Err((status, message))) => error(status, message),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the worker stopped before answering"),
     }
+}
+
+/// The images of a request: its body, or one per field of a multipart form.
+async fn read_images(headers: &HeaderMap, request: Request) -> std::result::Result<Vec<(String, Vec<u8>)>, Response> {
+    let is_multipart =
+        headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
+    let mut images = vec![];
+    if is_multipart {
+        let mut form = match Multipart::from_request(request, &()).await {
+            Ok(f) => f,
+            Err(e) => return Err(e.into_response()),
+        };
+        loop {
+            match form.next_field().await {
+                Ok(Some(field)) => {
+                    let name = field.file_name().or(field.name()).unwrap_or("image").to_string();
+                    match field.bytes().await {
+                        Ok(b) => images.push((name, b.to_vec())),
+                        Err(e) => return Err(error(e.status(), e.body_text())),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(error(e.status(), e.body_text())),
+            }
+        }
+    } else {
+        match axum::body::Bytes::from_request(request, &()).await {
+            Ok(b) => images.push(("body".to_string(), b.to_vec())),
+            Err(e) => return Err(e.into_response()),
+        }
+    }
+    Ok(images)
 }
 
 async fn model_info(State(state): State<Arc<AppState>>) -> Response {
@@ -422,17 +491,34 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 /// The HTTP routes of the service.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.limits.max_body_bytes;
-    Router::new()
+    let scoring = Router::new()
         .route("/v1/score", post(score))
         .route("/v1/model", get(model_info))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(scoring)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
+/// 401 for a scoring request without the service's bearer token (when it has one).
+async fn require_token(State(state): State<Arc<AppState>>, request: Request, next: axum::middleware::Next) -> Response {
+    if let Some(token) = &state.limits.token {
+        if !token.admits(request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())) {
+            state.count(request.uri().path(), StatusCode::UNAUTHORIZED);
+            let mut r = error(StatusCode::UNAUTHORIZED, "this route needs the header `Authorization: Bearer TOKEN`");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    next.run(request).await
+}
+
 /// Serves until SIGINT/SIGTERM, then stops accepting and lets requests in flight finish;
-/// SIGHUP reloads the models.
+/// SIGHUP reloads the models. At most `max_connections` connections are open at once, and each
+/// is closed when a request's headers take longer than `read_timeout` (or it idles that long).
 pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     #[cfg(unix)]
     {
@@ -449,7 +535,64 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> s
             }
         });
     }
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await
+    serve_until(state, listener, shutdown_signal()).await
+}
+
+/// [`serve`] until `stop` completes, without signal handlers (for tests and embedding).
+pub async fn serve_until(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    let max = state.limits.max_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    tokio::pin!(stop);
+    loop {
+        // a free slot first, then a connection: over the cap, clients wait in the backlog
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // e.g. out of file descriptors: wait a little instead of spinning
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let (app, mut stopped, timeout) = (app.clone(), stopped.clone(), state.limits.read_timeout);
+        tokio::spawn(async move {
+            let _slot = permit;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(timeout);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), hyper_util::service::TowerToHyperService::new(app));
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                // (the guard `wait_for` returns is dropped at once: it must not live across an await)
+                _ = async { let _ = stopped.wait_for(|&s| s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!("connection closed: {e}");
+            }
+        });
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+    let _ = stopping.send(true);
+    // every connection holds a slot until it ends
+    let _all = slots.acquire_many(max as u32).await;
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -471,5 +614,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutting down: finishing requests in flight");
 }

@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::*;
 use differnet::features::Extractor;
-use differnet::serve::{router, AppState, Limits, ServedModel};
+use differnet::serve::{router, AppState, BearerToken, Limits, ServedModel};
 use http_body_util::BodyExt;
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -79,7 +79,15 @@ fn multipart(parts: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_scores_refuses_hostile_input_and_reloads() {
-    let limits = Limits { max_body_bytes: 300_000, max_pixels: 1_000_000, queue: 4, workers: 1, views: Some(1), heatmap_views: 1 };
+    let limits = Limits {
+        max_body_bytes: 300_000,
+        max_pixels: 1_000_000,
+        queue: 4,
+        workers: 1,
+        views: Some(1),
+        heatmap_views: 1,
+        ..Limits::default()
+    };
     let loader: differnet::serve::Loader = Box::new(|| Ok(vec![served("part", 7)]));
     let state = AppState::start(vec![served("part", 3)], limits, Some(loader)).unwrap();
 
@@ -185,4 +193,98 @@ async fn full_queue_answers_503_with_retry_after() {
     let text = String::from_utf8(body).unwrap();
     assert!(text.contains("differnet_rejected_busy_total 1") && text.contains("differnet_queue_depth 1"), "{text}");
     waiting.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoring_routes_need_the_token_and_probes_do_not() {
+    let limits = Limits { views: Some(1), token: Some(BearerToken::new("s3cret-token\n").unwrap()), ..Limits::default() };
+    // the token is never printed
+    assert!(!format!("{limits:?}").contains("s3cret"));
+    let state = AppState::start(vec![served("part", 3)], limits, None).unwrap();
+    let img = png_image(32, 32, 1);
+    let with = |auth: Option<&str>, req: axum::http::request::Builder, body: Vec<u8>| {
+        let req = match auth {
+            Some(a) => req.header("authorization", a),
+            None => req,
+        };
+        req.body(Body::from(body)).unwrap()
+    };
+    for auth in [None, Some("Bearer wrong-token!"), Some("Bearer s3cret-toke"), Some("s3cret-token"), Some("Basic s3cret-token")] {
+        let (status, headers, _) = call(&state, with(auth, Request::post("/v1/score"), img.clone())).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert_eq!(headers["www-authenticate"], "Bearer");
+        assert_eq!(call(&state, with(auth, Request::get("/v1/model"), vec![])).await.0, StatusCode::UNAUTHORIZED, "{auth:?}");
+    }
+    let (status, _, body) = call(&state, with(Some("Bearer s3cret-token"), Request::post("/v1/score"), img)).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(call(&state, with(None, Request::get("/healthz"), vec![])).await.0, StatusCode::OK);
+    let (status, _, body) = call(&state, with(None, Request::get("/metrics"), vec![])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8(body).unwrap().contains("status=\"401\""));
+    assert!(BearerToken::new(" \n").is_err() && BearerToken::new("two words").is_err());
+}
+
+/// Reads from `s` until the server closes it; the bytes read.
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = vec![];
+    let _ = s.read_to_end(&mut out).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_a_normal_request_is_still_answered() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let timeout = Duration::from_millis(800);
+    let limits = Limits { views: Some(1), max_connections: 4, read_timeout: timeout, ..Limits::default() };
+    let state = AppState::start(vec![served("part", 3)], limits, None).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(differnet::serve::serve_until(state.clone(), listener, async {
+        let _ = stopped.await;
+    }));
+    let start = Instant::now();
+    // every connection slot taken: three clients that never finish their headers, one that
+    // sends its headers and only part of the body it announced
+    let mut slow = vec![];
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Le").await.unwrap();
+        slow.push(s);
+    }
+    let mut trickle = TcpStream::connect(addr).await.unwrap();
+    trickle.write_all(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\nabc").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // a normal request waits for a slot, then is answered
+    let img = png_image(32, 32, 1);
+    let normal = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", img.len());
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&img).await.unwrap();
+        (String::from_utf8_lossy(&read_until_closed(&mut s).await).into_owned(), start.elapsed())
+    });
+    let (reply, answered_after) =
+        tokio::time::timeout(Duration::from_secs(20), normal).await.expect("the normal request was answered").unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    // it could not have been answered before a slow client's slot was freed by the timeout
+    assert!(answered_after >= timeout.mul_f64(0.9), "answered after {answered_after:?}, before any slot was freed");
+    // the slow clients were disconnected by the server: headers cut off, the trickled body answered 408
+    for mut s in slow {
+        let got = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await.expect("a slow client was disconnected");
+        assert!(got.is_empty() || String::from_utf8_lossy(&got).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&got));
+    }
+    let got = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut trickle))
+        .await
+        .expect("the trickling client was disconnected");
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&got));
+    // an idle kept-alive connection is closed too
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut idle)).await.expect("an idle connection was closed");
+    assert!(got.is_empty() || String::from_utf8_lossy(&got).starts_with("HTTP/1.1 408"));
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server stopped").unwrap().unwrap();
 }

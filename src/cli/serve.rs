@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use differnet::features::FeatureCache;
 use differnet::pipeline::OpenOptions;
-use differnet::serve::{AppState, Limits, ModelFiles};
+use differnet::serve::{AppState, BearerToken, Limits, ModelFiles};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -36,6 +36,18 @@ pub struct ServeArgs {
     /// Views per backbone forward pass.
     #[arg(long, default_value_t = 4)]
     pub backbone_batch: usize,
+    /// Seconds a request's headers may take to arrive (also the longest a kept-alive connection
+    /// may idle), and its body after them (408).
+    #[arg(long, default_value_t = 30.0)]
+    pub read_timeout: f64,
+    /// Connections open at once; further clients wait in the listener's backlog.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// File holding a bearer token: the scoring routes then need `Authorization: Bearer TOKEN`
+    /// (401 otherwise); /healthz and /metrics stay open. The service speaks plain HTTP: put a
+    /// TLS proxy in front of it when the network is not trusted.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 pub fn run(a: &ServeArgs, dev: &candle_core::Device) -> Result<()> {
@@ -47,9 +59,13 @@ pub fn run(a: &ServeArgs, dev: &candle_core::Device) -> Result<()> {
             None => (Path::new(m).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| m.clone()), PathBuf::from(m)),
         })
         .collect();
-    if a.workers == 0 || a.queue == 0 {
-        bail!("--workers and --queue must be at least 1");
+    if a.workers == 0 || a.queue == 0 || a.max_connections == 0 {
+        bail!("--workers, --queue and --max-connections must be at least 1");
     }
+    if !(a.read_timeout.is_finite() && a.read_timeout > 0.0) {
+        bail!("--read-timeout must be a positive number of seconds");
+    }
+    let token = a.token_file.as_deref().map(BearerToken::from_file).transpose()?;
     let opts =
         OpenOptions { device: dev.clone(), backbone_batch: a.backbone_batch, cache: FeatureCache { dir: None }, ..OpenOptions::default() };
     let files = ModelFiles { models, opts };
@@ -62,12 +78,20 @@ pub fn run(a: &ServeArgs, dev: &candle_core::Device) -> Result<()> {
         workers: a.workers,
         views: a.views,
         heatmap_views: a.heatmap_views,
+        read_timeout: std::time::Duration::from_secs_f64(a.read_timeout),
+        max_connections: a.max_connections,
+        token,
     };
     let state = AppState::start(served, limits, Some(files.loader()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&a.addr).await.with_context(|| format!("cannot listen on {}", a.addr))?;
-        eprintln!("serving {} on http://{} (POST /v1/score, GET /v1/model, /healthz, /metrics)", names.join(", "), listener.local_addr()?);
+        eprintln!(
+            "serving {} on http://{} (POST /v1/score, GET /v1/model, /healthz, /metrics){}",
+            names.join(", "),
+            listener.local_addr()?,
+            if a.token_file.is_some() { "; scoring routes need the bearer token" } else { "" }
+        );
         differnet::serve::serve(state, listener).await?;
         Ok(())
     })
