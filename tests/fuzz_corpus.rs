@@ -50,3 +50,38 @@ fn model_corpus_loads_or_is_refused_without_panicking() {
         }
     }
 }
+
+/// Replays a weight-file target's corpus through `read`: seeds must read, every file and every
+/// truncation and single-byte corruption of a seed must return without panicking.
+fn replay_weight_corpus(target: &str, read: fn(&[u8]) -> bool) {
+    let files = corpus(target);
+    assert!(files.iter().any(|f| f.file_name().unwrap().to_string_lossy().starts_with("seed_")), "{target} has seeds");
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        let ok = read(&bytes);
+        let name = f.file_name().unwrap().to_string_lossy();
+        if name.starts_with("seed_") {
+            assert!(ok, "seed {name} must read");
+            for cut in 0..bytes.len() {
+                read(&bytes[..cut]);
+            }
+            for i in 0..bytes.len() {
+                for flip in [0x01, 0x80, 0xFF] {
+                    let mut b = bytes.clone();
+                    b[i] ^= flip;
+                    read(&b);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn torch_file_corpus_reads_or_is_refused_without_panicking() {
+    replay_weight_corpus("torch_file", differnet::fuzzing::read_torch_file);
+}
+
+#[test]
+fn numpy_pickle_corpus_reads_or_is_refused_without_panicking() {
+    replay_weight_corpus("numpy_pickle", differnet::fuzzing::read_numpy_pickle);
+}

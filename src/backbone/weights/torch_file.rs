@@ -20,6 +20,9 @@ pub enum TensorData {
     I64(Vec<i64>),
 }
 
+/// Largest zip member read (a VGG16 state dict is about 530 MB).
+const MAX_MEMBER_BYTES: u64 = 4 << 30;
+
 const LEGACY_MAGIC: u128 = 0x1950a86a20f9469cfc6c;
 
 fn dtype_size(dtype: &str) -> Option<usize> {
@@ -36,15 +39,26 @@ fn dtype_size(dtype: &str) -> Option<usize> {
 fn materialize(path: &Path, name: &str, dtype: &str, bytes: &[u8], offset: usize, size: &[usize], stride: &[usize]) -> Result<RawTensor> {
     let es = dtype_size(dtype).ok_or_else(|| Error::format(path, format!("{name}: unsupported storage type {dtype}")))?;
     let numel_storage = bytes.len() / es;
-    let n: usize = size.iter().product();
+    if stride.len() != size.len() {
+        return Err(Error::format(path, format!("{name}: {} sizes but {} strides", size.len(), stride.len())));
+    }
+    // the element count a file claims is checked against the bytes it holds before allocating:
+    // a state dict's tensor never has more elements than its storage
+    let n = size
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= numel_storage)
+        .ok_or_else(|| Error::format(path, format!("{name}: shape {size:?} holds more elements than its storage's {numel_storage}")))?;
     let mut idx = Vec::with_capacity(n);
     if n > 0 {
         let mut pos = vec![0usize; size.len()];
         for _ in 0..n {
-            let lin = offset + pos.iter().zip(stride).map(|(p, s)| p * s).sum::<usize>();
-            if lin >= numel_storage {
-                return Err(Error::format(path, format!("{name}: tensor view exceeds its storage")));
-            }
+            let lin = pos
+                .iter()
+                .zip(stride)
+                .try_fold(offset, |acc, (p, s)| p.checked_mul(*s).and_then(|v| acc.checked_add(v)))
+                .filter(|&lin| lin < numel_storage)
+                .ok_or_else(|| Error::format(path, format!("{name}: tensor view exceeds its storage")))?;
             idx.push(lin);
             for d in (0..size.len()).rev() {
                 pos[d] += 1;
@@ -114,10 +128,15 @@ fn state_dict_entries(path: &Path, root: Val) -> Result<Vec<StateDictEntry>> {
 /// Reads a `torch.save` state dict (zip or legacy format) into named tensors, in file order.
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, RawTensor)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    read_state_dict_bytes(&bytes, path)
+}
+
+/// [`read_state_dict`] on the bytes of a file (`path` names it in errors).
+pub fn read_state_dict_bytes(bytes: &[u8], path: &Path) -> Result<Vec<(String, RawTensor)>> {
     if bytes.starts_with(b"PK") {
-        read_zip(path, &bytes)
+        read_zip(path, bytes)
     } else {
-        read_legacy(path, &bytes)
+        read_legacy(path, bytes)
     }
 }
 
@@ -166,9 +185,17 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<Vec<(String, RawTensor)>> {
         .ok_or_else(|| Error::format(path, "zip has no data.pkl: not a torch.save file"))?;
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
     let read = |archive: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>, name: &str| -> Result<Vec<u8>> {
-        let mut f = archive.by_name(name).map_err(zerr)?;
+        let f = archive.by_name(name).map_err(zerr)?;
+        // a member may not claim (or inflate to) more than a weight file can hold
+        if f.size() > MAX_MEMBER_BYTES {
+            return Err(Error::format(path, format!("zip member {name} claims {} bytes, more than {MAX_MEMBER_BYTES}", f.size())));
+        }
+        let declared = f.size();
         let mut v = Vec::new();
-        f.read_to_end(&mut v).map_err(|e| Error::io(path, e))?;
+        f.take(declared + 1).read_to_end(&mut v).map_err(|e| Error::io(path, e))?;
+        if v.len() as u64 != declared {
+            return Err(Error::format(path, format!("zip member {name} holds {} bytes where it claims {declared}", v.len())));
+        }
         Ok(v)
     };
     let pkl_bytes = read(&mut archive, &pkl)?;
@@ -184,4 +211,34 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<Vec<(String, RawTensor)>> {
         out.push((name.clone(), materialize(path, &name, &dtype, &cache[&key], offset, &size, &stride)?));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STORAGE: [u8; 16] = [0; 16]; // four f32 zeros
+
+    fn view(size: &[usize], stride: &[usize], offset: usize) -> Result<RawTensor> {
+        materialize(Path::new("w.pth"), "w", "FloatStorage", &STORAGE, offset, size, stride)
+    }
+
+    #[test]
+    fn a_shape_larger_than_its_storage_is_refused_before_allocating() {
+        // 2^40 elements would need 8 TiB of indices: refused from the storage's length alone
+        let e = view(&[1 << 40], &[1], 0).unwrap_err().to_string();
+        assert!(e.contains("more elements than its storage's 4"), "{e}");
+        // a product that overflows usize is refused the same way
+        let e = view(&[usize::MAX / 2, 4], &[4, 1], 0).unwrap_err().to_string();
+        assert!(e.contains("more elements"), "{e}");
+    }
+
+    #[test]
+    fn views_outside_their_storage_are_refused() {
+        assert!(view(&[2, 2], &[2, 1], 0).is_ok());
+        assert!(view(&[2, 2], &[2, 1], 1).unwrap_err().to_string().contains("exceeds its storage"));
+        // a stride whose product with a position overflows usize
+        assert!(view(&[2], &[usize::MAX], 0).unwrap_err().to_string().contains("exceeds its storage"));
+        assert!(view(&[2, 2], &[1], 0).unwrap_err().to_string().contains("2 sizes but 1 strides"));
+    }
 }
