@@ -7,12 +7,16 @@ use crate::features::local_density::LocalGaussian;
 use crate::flow::train::{TrainConfig, TrainingSummary};
 use crate::flow::{FlowConfig, NormalizingFlow};
 use crate::score::ScoreKind;
-use candle_core::Device;
+use candle_core::{DType, Device};
 use std::collections::HashMap;
 use std::path::Path;
 
 pub const FORMAT: &str = "differnet-model";
+/// The format version of files whose flow is stored in f32 (readable by every build).
 pub const FORMAT_VERSION: u32 = 1;
+/// The format version of files whose flow is stored in f16 ([`FlowStorage::F16`]); builds that
+/// read only version 1 refuse them by their version instead of misreading them.
+pub const FORMAT_VERSION_F16: u32 = 2;
 const MANIFEST_KEY: &str = "differnet_manifest";
 
 /// The decision threshold θ of eq. 6 and how it was chosen.
@@ -100,6 +104,43 @@ impl ScoreStandardization {
     }
 }
 
+/// How a model file stores the flow's parameters. Computation is always f32: f16 parameters are
+/// widened when the file is read, and a flow is rounded to f16 before it is calibrated and saved
+/// ([`FlowStorage::round`]), so a model scores the same before and after a reload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowStorage {
+    /// 4 bytes a parameter (a default EfficientNet-Lite0 model: 764 MB).
+    #[default]
+    F32,
+    /// 2 bytes a parameter: half the file; scores within 1e-3 relative of the f32 flow's.
+    F16,
+}
+
+impl FlowStorage {
+    pub fn dtype(self) -> DType {
+        match self {
+            FlowStorage::F32 => DType::F32,
+            FlowStorage::F16 => DType::F16,
+        }
+    }
+
+    pub fn bytes_per_parameter(self) -> usize {
+        self.dtype().size_in_bytes()
+    }
+
+    /// Rounds the flow's parameters to the values this storage keeps (f16: nearest, ties to
+    /// even), so the flow in memory is the one a reload gives.
+    pub fn round(self, flow: &NormalizingFlow) -> Result<()> {
+        if self != FlowStorage::F32 {
+            for (_, v) in flow.named_parameters() {
+                v.set(&v.as_tensor().to_dtype(self.dtype())?.to_dtype(DType::F32)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What the model was trained on.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TrainingData {
@@ -137,7 +178,11 @@ pub struct Manifest {
     pub localization: Option<crate::localize::GoodMapRange>,
     pub training_data: TrainingData,
     pub training: TrainingSummary,
-    /// sha256 over all parameter bytes (f32 little-endian) in `named_parameters` order.
+    /// How the flow's parameters are stored (f32 in files written before this existed).
+    #[serde(default)]
+    pub flow_storage: FlowStorage,
+    /// sha256 over all parameter bytes (f32 little-endian, as computed with) in
+    /// `named_parameters` order.
     pub parameters_sha256: String,
 }
 
@@ -165,8 +210,11 @@ fn manifest_from_header(header: &[u8], path: &Path) -> Result<Manifest> {
     if m.format != FORMAT {
         return Err(bad(format!("format `{}` is not `{FORMAT}`", m.format)));
     }
-    if m.format_version != FORMAT_VERSION {
-        return Err(bad(format!("format version {} is not supported (this build reads version {FORMAT_VERSION})", m.format_version)));
+    if !(FORMAT_VERSION..=FORMAT_VERSION_F16).contains(&m.format_version) {
+        return Err(bad(format!(
+            "format version {} is not supported (this build reads versions {FORMAT_VERSION} to {FORMAT_VERSION_F16})",
+            m.format_version
+        )));
     }
     Ok(m)
 }
@@ -178,21 +226,35 @@ pub struct Model {
     pub local: Option<LocalGaussian>,
 }
 
-fn parameters_sha256(flow: &NormalizingFlow) -> Result<String> {
+/// sha256 of the parameters' f32 values, in order (f16 ones widened first).
+fn parameters_sha256<'a>(parameters: impl IntoIterator<Item = &'a candle_core::Tensor>) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for (_, v) in flow.named_parameters() {
-        for x in v.as_tensor().flatten_all()?.to_vec1::<f32>()? {
+    for t in parameters {
+        for x in t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
             h.update(x.to_le_bytes());
         }
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The manifest with the flow's parameter checksum and permutations filled in, and the local
-/// density's checksum when there is one.
-fn describe(mut manifest: Manifest, flow: &NormalizingFlow, local: Option<&LocalGaussian>) -> Result<Manifest> {
-    manifest.parameters_sha256 = parameters_sha256(flow)?;
+/// The flow's parameters as `storage` keeps them, by name.
+fn stored_parameters(flow: &NormalizingFlow, storage: FlowStorage) -> Result<Vec<(String, candle_core::Tensor)>> {
+    flow.named_parameters().into_iter().map(|(n, v)| Ok((n, v.as_tensor().to_dtype(storage.dtype())?))).collect()
+}
+
+/// The manifest with the checksum of the parameters as stored, the permutations and the format
+/// version its storage needs filled in, and the local density's checksum when there is one.
+fn describe(
+    mut manifest: Manifest,
+    stored: &[(String, candle_core::Tensor)],
+    flow: &NormalizingFlow,
+    local: Option<&LocalGaussian>,
+) -> Result<Manifest> {
+    manifest.parameters_sha256 = parameters_sha256(stored.iter().map(|(_, t)| t))?;
+    if manifest.flow_storage == FlowStorage::F16 {
+        manifest.format_version = manifest.format_version.max(FORMAT_VERSION_F16);
+    }
     manifest.permutations = flow.blocks.iter().map(|b| b.perm.clone()).collect();
     match (local, &mut manifest.local_density) {
         (Some(g), Some(info)) => {
@@ -205,13 +267,12 @@ fn describe(mut manifest: Manifest, flow: &NormalizingFlow, local: Option<&Local
     Ok(manifest)
 }
 
-/// Writes `flow` (and the local density, if any) with `manifest` (checksums and permutations
-/// filled in) to `path` atomically: an existing file is replaced whole or not at all. Returns the
-/// manifest as written.
+/// Writes `flow` (in `manifest.flow_storage`'s type) and the local density, if any, with
+/// `manifest` (checksums and permutations filled in) to `path` atomically: an existing file is
+/// replaced whole or not at all. Returns the manifest as written.
 pub fn write(path: &Path, manifest: Manifest, flow: &NormalizingFlow, local: Option<&LocalGaussian>) -> Result<Manifest> {
-    let manifest = describe(manifest, flow, local)?;
-    let params = flow.named_parameters();
-    let mut data: Vec<(String, candle_core::Tensor)> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let mut data = stored_parameters(flow, manifest.flow_storage)?;
+    let manifest = describe(manifest, &data, flow, local)?;
     if let Some(g) = local {
         data.extend(g.tensors()?);
     }
@@ -224,8 +285,21 @@ pub fn write(path: &Path, manifest: Manifest, flow: &NormalizingFlow, local: Opt
 }
 
 impl Model {
+    /// A model of `flow`, rounded to `manifest.flow_storage`'s precision.
     pub fn new(manifest: Manifest, flow: NormalizingFlow) -> Result<Self> {
-        Ok(Model { manifest: describe(manifest, &flow, None)?, flow, local: None })
+        manifest.flow_storage.round(&flow)?;
+        let stored = stored_parameters(&flow, manifest.flow_storage)?;
+        Ok(Model { manifest: describe(manifest, &stored, &flow, None)?, flow, local: None })
+    }
+
+    /// Stores the flow as `storage` from now on: rounds it (f16) and updates the manifest's
+    /// storage and checksum. Going back to f32 keeps the rounded values.
+    pub fn set_flow_storage(&mut self, storage: FlowStorage) -> Result<()> {
+        storage.round(&self.flow)?;
+        self.manifest.flow_storage = storage;
+        let stored = stored_parameters(&self.flow, storage)?;
+        self.manifest = describe(self.manifest.clone(), &stored, &self.flow, self.local.as_ref())?;
+        Ok(())
     }
 
     /// Writes the model atomically (see [`write`]).
@@ -263,7 +337,7 @@ impl Model {
         let manifest = manifest_from_header(&bytes[8..8 + n], path)?;
         manifest.flow.validate().map_err(|e| bad(format!("manifest: {e}")))?;
         let claimed = manifest.flow.parameter_count();
-        if claimed.saturating_mul(4) > bytes.len() {
+        if claimed.saturating_mul(manifest.flow_storage.bytes_per_parameter()) > bytes.len() {
             return Err(bad(format!("the manifest describes {claimed} parameters, more than the file holds")));
         }
         let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| bad(format!("parameters: {e}")))?;
@@ -273,7 +347,7 @@ impl Model {
                 return Err(bad(format!("permutation of block {k} differs from this build's")));
             }
         }
-        let sha = parameters_sha256(&flow)?;
+        let sha = parameters_sha256(flow.named_parameters().iter().map(|(_, v)| v.as_tensor()))?;
         if sha != manifest.parameters_sha256 {
             return Err(bad("parameter checksum mismatch: the file is corrupted or was edited".into()));
         }

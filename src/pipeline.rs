@@ -13,7 +13,9 @@ use crate::flow::train::{train_flow_with_checkpoints, training_features, Checkpo
 use crate::flow::NormalizingFlow;
 use crate::localize::render::{write_heatmaps, LocalizationFiles, LocalizationImages, MapStyle};
 use crate::localize::{feature_map, gradient_map, resize_plane, GoodMapRange, MapKind};
-use crate::model::{ImageScore, Manifest, Model, ScoreRange, ScoreStandardization, Threshold, TrainingData, FORMAT, FORMAT_VERSION};
+use crate::model::{
+    FlowStorage, ImageScore, Manifest, Model, ScoreRange, ScoreStandardization, Threshold, TrainingData, FORMAT, FORMAT_VERSION,
+};
 use crate::progress::Progress;
 use crate::score::{anomaly_score, score_images, ScoreKind};
 use crate::views::{decode_rgb, resize_bilinear, square_tiles, test_views, tile_origins, InputNormalization, Rgb8, View};
@@ -275,15 +277,22 @@ impl Detector {
         let views = views.unwrap_or(self.model.manifest.test_views);
         let paths: Vec<PathBuf> = ds.test.iter().map(|s| s.path.clone()).collect();
         let scores = self.score_parts_paths(&paths, &test_views(views), progress)?;
+        let m = &self.model.manifest;
+        let combined = m.image_score != ImageScore::Flow;
         let samples = ds
             .test
             .iter()
             .zip(&scores)
-            .map(|(s, &(score, _))| SampleScore { path: s.path.display().to_string(), defect: s.defect.clone(), score, map_max: None })
+            .map(|(s, &(score, flow))| SampleScore {
+                path: s.path.display().to_string(),
+                defect: s.defect.clone(),
+                score,
+                map_max: None,
+                flow_score: combined.then_some(flow),
+            })
             .collect();
-        let m = &self.model.manifest;
         let mut ev = Evaluation::from_scores(m.backbone.id(), samples, views, m.score, m.threshold.as_ref().map(|t| t.value));
-        if m.image_score != ImageScore::Flow {
+        if combined {
             let (flow, labels): (Vec<f64>, Vec<bool>) = scores.iter().zip(&ds.test).map(|(s, t)| (s.1, t.defect != "good")).unzip();
             ev.flow_score_auroc = crate::eval::metrics::auroc(&flow, &labels);
         }
@@ -406,6 +415,8 @@ pub struct TrainOptions {
     /// held-out images ([`ImageScore::FlowAndMapMax`]); needs `feature_maps` and held-out images,
     /// else the flow's score alone.
     pub combined_score: bool,
+    /// How the model file stores the flow (f16 halves it; the flow is rounded before calibration).
+    pub flow_storage: FlowStorage,
     pub open: OpenOptions,
 }
 
@@ -429,6 +440,7 @@ impl TrainOptions {
             target_fpr: DEFAULT_TARGET_FPR,
             feature_maps: true,
             combined_score: true,
+            flow_storage: FlowStorage::F32,
             open: OpenOptions::default(),
         }
     }
@@ -529,6 +541,7 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
         localization: None,
         training_data: training_data.clone(),
         training: TrainingSummary { feature_seconds, ..summary },
+        flow_storage: opts.flow_storage,
         parameters_sha256: String::new(),
     };
     let mut save_checkpoint = |epoch: usize, flow: &NormalizingFlow, summary: &TrainingSummary| -> Result<()> {
@@ -542,6 +555,8 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
     let checkpoint = opts.checkpoint_every.map(|every| Checkpoint { every, save: &mut save_checkpoint });
     let (trained, summary) = train_flow_with_checkpoints(&feats, cfg, &opts.open.device, flow, checkpoint)?;
     flow.finish();
+    // calibrate the flow the file will hold
+    opts.flow_storage.round(&trained)?;
     let mut manifest = manifest(cfg, summary);
     let local = if opts.feature_maps {
         let views = test_views(opts.test_views.clamp(1, LOCAL_FIT_VIEWS));

@@ -5,6 +5,7 @@ use crate::backbone::BackboneKind;
 use crate::error::{Error, Result};
 use crate::features::FeatureCache;
 use crate::flow::train::{Schedule, SchedulePlan, TrainConfig, DEFAULT_TILES};
+use crate::model::FlowStorage;
 use crate::pipeline::{OpenOptions, TrainOptions, DEFAULT_HOLDOUT, DEFAULT_TARGET_FPR};
 use crate::score::ScoreKind;
 use crate::views::{Augment, InputNormalization};
@@ -79,6 +80,7 @@ pub struct TrainSettings {
     pub stages: Option<Vec<usize>>,
     pub input_norm: Option<InputNormalization>,
     pub tiles: Option<TilesSetting>,
+    pub flow_storage: FlowStorage,
 }
 
 impl Default for TrainSettings {
@@ -115,6 +117,7 @@ impl Default for TrainSettings {
             stages: None,
             input_norm: None,
             tiles: None,
+            flow_storage: FlowStorage::F32,
         }
     }
 }
@@ -192,6 +195,7 @@ impl TrainSettings {
             target_fpr: self.target_fpr,
             feature_maps: !self.no_feature_maps,
             combined_score: combined == ImageScoreChoice::Combined,
+            flow_storage: self.flow_storage,
             open,
         })
     }

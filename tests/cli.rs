@@ -58,6 +58,29 @@ fn train_test_predict_calibrate_and_errors() {
     let manifest: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(manifest["train"]["stages"], serde_json::json!([3, 4, 5]));
     assert_eq!(manifest["flow"]["dim"], 3 * (80 + 112 + 192));
+    // export: an f16 flow, half the parameter bytes, scores within 1e-3 relative; never over itself
+    let small = home.path().join("m16.safetensors");
+    let (ok, out, err) = differnet_cli(home.path(), &["--json", "export", m, "--out", small.to_str().unwrap()]);
+    assert!(ok, "export failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (b32, b16) = (v["bytes_in"].as_f64().unwrap(), v["bytes_out"].as_f64().unwrap());
+    assert!((b16 / b32 - 0.5).abs() < 0.01, "{out}");
+    let (ok, out, _) = differnet_cli(home.path(), &["info", small.to_str().unwrap()]);
+    assert!(ok && out.contains("flow stored as F16") && out.contains("v2"), "{out}");
+    let good = data.join("test/good");
+    let scores = |model: &str| -> Vec<f64> {
+        let (ok, out, err) = differnet_cli(home.path(), &["--quiet", "--json", "predict", "--model", model, good.to_str().unwrap()]);
+        assert!(ok, "predict failed: {err}");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        rows.iter().map(|r| r["score"].as_f64().unwrap()).collect()
+    };
+    let (s32, s16) = (scores(m), scores(small.to_str().unwrap()));
+    assert_eq!(s32.len(), 2);
+    for (a, b) in s32.iter().zip(&s16) {
+        assert!(((a - b) / a).abs() < 1e-3, "f32 {a} f16 {b}");
+    }
+    let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "export", m, "--out", m]);
+    assert!(!ok && err.contains("is the model itself"), "{err}");
     assert_eq!((manifest["train"]["epochs"].as_u64(), manifest["train"]["augment"]["rotate"].as_bool()), (Some(2), Some(false)));
     let (ok, _, err) = differnet_cli(home.path(), &["--quiet", "test", "--model", m, "--data", d, "--stages", "6"]);
     assert!(!ok && err.contains("stages [3, 4, 5]"), "{err}");

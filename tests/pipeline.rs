@@ -73,6 +73,7 @@ fn tiny_model() -> Model {
         localization: None,
         training_data: TrainingData { root: "x".into(), n_images: 4, images_sha256: "0".into() },
         training: summary,
+        flow_storage: Default::default(),
         parameters_sha256: String::new(),
     };
     Model::new(manifest, flow).unwrap()
@@ -129,6 +130,43 @@ fn model_round_trip_and_corruption_is_refused() {
     let names: Vec<String> =
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+}
+
+#[test]
+fn an_f16_flow_halves_the_parameters_and_scores_within_1e_3() {
+    use differnet::model::{FlowStorage, FORMAT_VERSION_F16};
+    use differnet::score::view_scores;
+    let dir = tempfile::tempdir().unwrap();
+    let (p32, p16) = (dir.path().join("m32.safetensors"), dir.path().join("m16.safetensors"));
+    let m = tiny_model();
+    m.save(&p32).unwrap();
+    let mut h = tiny_model();
+    h.set_flow_storage(FlowStorage::F16).unwrap();
+    h.save(&p16).unwrap();
+    let (n32, n16) = (std::fs::metadata(&p32).unwrap().len() as i64, std::fs::metadata(&p16).unwrap().len() as i64);
+    // two bytes fewer per parameter; the headers differ only in a few manifest fields
+    let saved = n32 - n16 - 2 * m.flow.parameter_count() as i64;
+    assert!(saved.abs() < 200, "f32 {n32} B, f16 {n16} B, {} parameters", m.flow.parameter_count());
+    let back = Model::load(&p16, &Device::Cpu).unwrap();
+    assert_eq!(back.manifest.flow_storage, FlowStorage::F16);
+    assert_eq!(back.manifest.format_version, FORMAT_VERSION_F16);
+    // the rounded flow in memory is the one the file gives back
+    assert_eq!(params(&back.flow), params(&h.flow));
+    assert_ne!(params(&back.flow), params(&m.flow));
+    let feats: Vec<f32> = random_features(1, 16, 12, 9).remove(0);
+    let score = |model: &Model| view_scores(&model.flow, &feats, 12, ScoreKind::MeanZ2, &Device::Cpu).unwrap();
+    let (s32, s16) = (score(&m), score(&back));
+    for (a, b) in s32.iter().zip(&s16) {
+        assert!(((a - b) / a).abs() < 1e-3, "f32 {a} f16 {b}");
+    }
+    assert_eq!(s16, score(&h));
+    // a flipped bit in an f16 parameter is caught by the checksum
+    let mut bytes = std::fs::read(&p16).unwrap();
+    let n = bytes.len();
+    bytes[n - 7] ^= 0x08;
+    std::fs::write(&p16, &bytes).unwrap();
+    let e = Model::load(&p16, &Device::Cpu).err().expect("corrupt f16 file must be refused").to_string();
+    assert!(e.contains("checksum"), "{e}");
 }
 
 #[test]

@@ -14,6 +14,7 @@ fn evaluation() -> Evaluation {
             defect: "good".into(),
             score: 1.0 + (i as f64 * 0.37) % 1.0,
             map_max: None,
+            flow_score: None,
         });
     }
     for i in 0..20 {
@@ -23,6 +24,7 @@ fn evaluation() -> Evaluation {
             defect: defect.into(),
             score: 1.6 + (i as f64 * 0.53) % 1.5,
             map_max: None,
+            flow_score: None,
         });
     }
     Evaluation::from_scores("efficientnet-lite0", samples, 16, ScoreKind::MeanZ2, Some(2.0))

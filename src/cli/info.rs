@@ -74,11 +74,12 @@ pub fn summary(m: &Manifest, bytes: u64) -> String {
             m.training.flow_seconds
         ),
         format!(
-            "file          {:.1} MB, differnet {}, format {} v{}, parameters sha256 {}…",
+            "file          {:.1} MB, differnet {}, format {} v{}, flow stored as {:?}, parameters sha256 {}…",
             bytes as f64 / 1e6,
             m.library_version,
             m.format,
             m.format_version,
+            m.flow_storage,
             &m.parameters_sha256[..12.min(m.parameters_sha256.len())]
         ),
     ]

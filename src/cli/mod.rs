@@ -6,6 +6,7 @@ pub mod data;
 pub mod demo;
 pub mod evaluate;
 pub mod experiment;
+pub mod export;
 pub mod info;
 pub mod predict;
 pub mod serve;
@@ -62,10 +63,13 @@ pub enum Command {
     /// Reproduce an experiment of the paper (tables 1-3, few-shot, multimodal) as a table with
     /// the paper's numbers beside ours; resumes where an interrupted run stopped.
     Experiment(experiment::ExperimentArgs),
-    /// HTTP inspection service: POST /v1/score with an image, GET /v1/model, /healthz, /metrics.
+    /// HTTP inspection service: POST /v1/score with an image, GET /v1/model, /healthz, /metrics,
+    /// and the Open Inference Protocol (KServe v2): /v2/health/*, /v2/models/NAME[/ready|/infer].
     Serve(serve::ServeArgs),
     /// A model's summary (backbone, flow, schedule, threshold, training data); --json: the manifest.
     Info { model: PathBuf },
+    /// Write a model in another form: a model file whose flow is stored in f16 (half the size).
+    Export(export::ExportArgs),
     /// Manage pretrained backbone weights.
     #[command(subcommand)]
     Weights(weights::WeightsCommand),
@@ -95,6 +99,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Experiment(a) => experiment::run(cli, a, &dev),
         Command::Serve(a) => serve::run(a, &dev),
         Command::Info { model } => info::run(cli, model),
+        Command::Export(a) => export::run(cli, a),
         Command::Weights(w) => weights::run(cli, w),
         Command::Demo(a) => demo::run(cli, a, &dev),
         Command::Synth(a) => data::synth(cli, a),
@@ -204,6 +209,22 @@ impl From<NormArg> for InputNormalization {
         match n {
             NormArg::Imagenet => Self::Imagenet,
             NormArg::Lite => Self::Lite,
+        }
+    }
+}
+
+/// How a model file stores the flow's parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlowStorageArg {
+    F32,
+    F16,
+}
+
+impl From<FlowStorageArg> for differnet::model::FlowStorage {
+    fn from(s: FlowStorageArg) -> Self {
+        match s {
+            FlowStorageArg::F32 => Self::F32,
+            FlowStorageArg::F16 => Self::F16,
         }
     }
 }

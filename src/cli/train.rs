@@ -1,7 +1,7 @@
 //! `differnet train`: the flags that become the library's [`TrainSettings`], then
 //! [`differnet::pipeline::train`].
 
-use super::{BackboneArgs, Bar, Cli, JitterArgs, ScoreArg, Switch};
+use super::{BackboneArgs, Bar, Cli, FlowStorageArg, JitterArgs, ScoreArg, Switch};
 use anyhow::{Context, Result};
 use clap::Args;
 use differnet::model::Model;
@@ -96,6 +96,10 @@ pub struct TrainArgs {
     /// Also write the model every N epochs, as OUT with `.epochN` before the extension.
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+    /// How the model file stores the flow: `f32`, or `f16` (half the file; computation stays f32,
+    /// the flow is rounded before the threshold is set). `differnet export` converts a model.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub flow_storage: FlowStorageArg,
 }
 
 /// How `train` makes image scores (see `train --image-score`).
@@ -168,6 +172,7 @@ impl TrainArgs {
             stages: b.stages.clone(),
             input_norm: b.input_norm.map(Into::into),
             tiles,
+            flow_storage: self.flow_storage.into(),
         })
     }
 }

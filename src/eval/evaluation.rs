@@ -12,6 +12,9 @@ pub struct SampleScore {
     /// The maximum of the image's anomaly map, when maps were computed (`test --pixel-metrics`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_max: Option<f64>,
+    /// The flow's score when the image score is another (the combined score).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_score: Option<f64>,
 }
 
 /// Recall of defective images at a threshold that flags at most `fpr` of the good ones.

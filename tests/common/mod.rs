@@ -91,6 +91,7 @@ pub fn efficientnet_model(hidden: usize, threshold: Option<f64>, seed: u64) -> d
         localization: None,
         training_data: TrainingData { root: "random".into(), n_images: 8, images_sha256: "0".into() },
         training: summary,
+        flow_storage: Default::default(),
         parameters_sha256: String::new(),
     };
     Model::new(manifest, flow).unwrap()
