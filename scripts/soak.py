@@ -2,8 +2,9 @@
 """Soak test of `differnet serve` on loopback (standard library only; scripts/soak.sh runs it).
 
 Starts the service on a model, then for SOAK_SECONDS (default 1800) runs concurrent clients that
-mix good images, junk bytes, decompression bombs (a PNG header claiming 60000×60000 pixels),
-oversized bodies, slow senders (headers dribbled, bodies never finished) and a SIGHUP reload
+mix good images and junk bytes (on `/v1/score` and the Open Inference Protocol's
+`/v2/models/part/infer`), decompression bombs (a PNG header claiming 60000×60000 pixels),
+truncated images, oversized bodies, slow senders (headers dribbled, bodies never finished) and a SIGHUP reload
 every RELOAD_SECONDS (default 180). Every 10 s it samples the server's RSS. At the end it prints
 requests by kind and status, p50/p99 latency of good requests, the RSS samples and a verdict:
 no 5xx other than 503 (busy), every good request answered 200 (or 503), every slow sender cut
@@ -30,6 +31,7 @@ RELOAD = float(os.environ.get("RELOAD_SECONDS", 180))
 PORT = int(os.environ.get("PORT", 18181))
 BIN = os.environ.get("DIFFERNET_BIN", "target/release/differnet")
 WARMUP = min(120.0, SOAK / 5)
+MODEL_NAME = "part"
 
 
 def bomb_png(side=60000):
@@ -50,10 +52,18 @@ class Stats:
                 self.latency.append(seconds)
 
 
-def post(body, timeout=120):
+def v2_infer(image):
+    """An Open Inference Protocol infer request: one BYTES element in the binary extension."""
+    data = struct.pack("<I", len(image)) + image
+    head = ('{"inputs":[{"name":"input","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":%d}}],'
+            '"parameters":{"binary_data_output":true}}' % len(data)).encode()
+    return head + data, {"Inference-Header-Content-Length": str(len(head))}
+
+
+def post(body, timeout=120, route="/v1/score", headers=None):
     c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=timeout)
     try:
-        c.request("POST", "/v1/score", body=body, headers={"Content-Type": "application/octet-stream"})
+        c.request("POST", route, body=body, headers={"Content-Type": "application/octet-stream", **(headers or {})})
         r = c.getresponse()
         r.read()
         return r.status
@@ -61,25 +71,36 @@ def post(body, timeout=120):
         c.close()
 
 
+def body_junk(rng):
+    return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 4096)))
+
+
 def client(stop, stats, image, seed):
     rng = random.Random(seed)
-    kinds = ["good"] * 6 + ["junk", "bomb", "truncated", "oversized"]
+    kinds = ["good"] * 5 + ["v2-good", "v2-junk", "junk", "bomb", "truncated", "oversized"]
     while not stop.is_set():
         kind = rng.choice(kinds)
         body = {
             "good": lambda: image,
-            "junk": lambda: bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 4096))),
+            "v2-good": lambda: b"",
+            "v2-junk": lambda: b"",
+            "junk": lambda: body_junk(rng),
             "bomb": bomb_png,
             "truncated": lambda: image[: rng.randint(1, max(1, len(image) - 1))],
             "oversized": lambda: b"\0" * (33 << 20),
         }[kind]()
+        if kind.startswith("v2-"):
+            body, headers = v2_infer(image if kind == "v2-good" else body_junk(rng))
+            route = f"/v2/models/{MODEL_NAME}/infer"
+        else:
+            route, headers = "/v1/score", None
         t = time.monotonic()
         try:
-            status = post(body)
+            status = post(body, route=route, headers=headers)
         except (OSError, http.client.HTTPException) as e:
             # the server may answer 413 and close while a large body is still being sent
             status = "refused-early" if kind == "oversized" and isinstance(e, BrokenPipeError) else f"error:{type(e).__name__}"
-        stats.add(kind, status, time.monotonic() - t if kind == "good" and status == 200 else None)
+        stats.add(kind, status, time.monotonic() - t if kind.endswith("good") and status == 200 else None)
 
 
 def slow_sender(stop, stats, seed):
@@ -119,7 +140,7 @@ def main():
     model, image_path, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
     image = open(image_path, "rb").read()
     server = subprocess.Popen(
-        [BIN, "--quiet", "serve", "--model", model, "--addr", f"127.0.0.1:{PORT}", "--read-timeout", "5", *extra],
+        [BIN, "--quiet", "serve", "--model", f"{MODEL_NAME}={model}", "--addr", f"127.0.0.1:{PORT}", "--read-timeout", "5", *extra],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -160,7 +181,7 @@ def main():
     print(f"RSS after warm-up ({WARMUP:.0f} s): first {after[0] if after else '-'} KiB, max {max(after) if after else '-'} KiB, last {after[-1] if after else '-'} KiB")
     print(f"RSS samples (s, KiB): {samples}")
     bad5xx = sum(n for (k, s), n in stats.counts.items() if isinstance(s, int) and s >= 500 and s != 503)
-    good_failed = sum(n for (k, s), n in stats.counts.items() if k == "good" and s not in (200, 503))
+    good_failed = sum(n for (k, s), n in stats.counts.items() if k.endswith("good") and s not in (200, 503))
     held = sum(n for (k, s), n in stats.counts.items() if k == "slow" and s == "held")
     third = max(1, len(after) // 3)
     flat = not after or max(after[-third:]) <= 1.10 * max(after[:third])

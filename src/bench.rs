@@ -135,7 +135,7 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let flow = NormalizingFlow::new(flow_cfg.clone(), 0, &Device::Cpu)?;
     params.write_to(&flow)?;
     drop(params);
-    crate::flow::backward::return_freed_memory();
+    crate::return_freed_memory();
     reset_peak_rss();
     let img = Rgb8 { width: 600, height: 500, data: (0..600 * 500 * 3).map(|i| (i * 31 % 251) as u8).collect() };
     // one image end to end with n views: (seconds in all, seconds of them in the flow)

@@ -41,3 +41,15 @@ pub fn keep_freed_buffers() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     false
 }
+
+/// Hands memory freed to the allocator back to the system. glibc keeps freed blocks in its heap
+/// (all of them below 1 GiB after [`keep_freed_buffers`]), so a dropped flow of hundreds of MB
+/// (the initial one in training, a replaced model in the service) would otherwise stay resident:
+/// measured 3.89 GB peak vs 3.18 GB training at width 2048.
+pub fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -1,4 +1,5 @@
-//! A model save that is killed (`kill -9`) or runs out of space never leaves a broken model where a good one stood.
+//! A model save that is killed (`kill -9`) or runs out of space never leaves a broken model where a good one stood;
+//! heat maps that do not fit fail naming the file, cache entries that do not fit only warn.
 
 mod common;
 use common::*;
@@ -65,4 +66,58 @@ fn a_save_that_runs_out_of_space_names_the_file_and_keeps_the_old_model() {
     let ok = differnet_with_file_limit(home.path(), 1 << 30, &["--quiet", "calibrate", "--model", path.to_str().unwrap(), "--value", "7"]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     assert_eq!(Model::load(&path, &candle_core::Device::Cpu).unwrap().manifest.threshold.unwrap().value, 7.0);
+}
+
+/// Names of the files under `dir`, in subfolders too (empty when it does not exist).
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).into_iter().flatten().map(|e| e.unwrap()) {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(names(&e.path()));
+        } else {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn full_disk_while_writing_heat_maps_fails_naming_the_file_and_cache_writes_only_warn() {
+    let home = home_with_efficientnet();
+    let model = home.path().join("m.safetensors");
+    efficientnet_model(16, Some(0.5), 1).save(&model).unwrap();
+    let image = home.path().join("part.png");
+    std::fs::write(&image, png_image(64, 48, 5)).unwrap();
+    let (m, img) = (model.to_str().unwrap(), image.to_str().unwrap());
+
+    // heat maps: each PNG is larger than 1 KiB, so the first one cannot be written
+    let maps = home.path().join("maps");
+    let out = differnet_with_file_limit(
+        home.path(),
+        1,
+        &["--quiet", "localize", "--model", m, img, "--out", maps.to_str().unwrap(), "--views", "1", "--no-cache"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a heat map cannot have been written: {stderr}");
+    assert!(stderr.contains("maps/part_") && stderr.to_lowercase().contains("too large"), "{stderr}");
+    // nothing partial: every file there is a whole PNG, no temp file is left
+    for name in names(&maps) {
+        assert!(!name.ends_with(".tmp"), "temp file left: {name}");
+        assert!(image::open(maps.join(&name)).is_ok(), "{name} is not a whole PNG");
+    }
+
+    // a cache entry (4.6 KB of features) that cannot be written: scoring warns and goes on
+    let cache = home.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let args = ["--json", "predict", "--model", m, img, "--cache-dir", cache.to_str().unwrap()];
+    let out = differnet_with_file_limit(home.path(), 1, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a failed cache write must not fail scoring: {stderr}");
+    assert!(stderr.contains("cache") && stderr.contains(cache.to_str().unwrap()), "the warning names the cache: {stderr}");
+    let limited: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(names(&cache).iter().all(|n| !n.ends_with(".tmp")), "{:?}", names(&cache));
+    // the score is the one an unlimited run gives
+    let free = differnet_with_file_limit(home.path(), 1 << 30, &args);
+    let unlimited: serde_json::Value = serde_json::from_slice(&free.stdout).unwrap();
+    assert_eq!(limited[0]["score"], unlimited[0]["score"]);
 }

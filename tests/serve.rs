@@ -218,10 +218,155 @@ async fn scoring_routes_need_the_token_and_probes_do_not() {
     let (status, _, body) = call(&state, with(Some("Bearer s3cret-token"), Request::post("/v1/score"), img)).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert_eq!(call(&state, with(None, Request::get("/healthz"), vec![])).await.0, StatusCode::OK);
+    // the Open Inference Protocol's probes are open, its model routes are not
+    assert_eq!(call(&state, with(None, Request::get("/v2/health/live"), vec![])).await.0, StatusCode::OK);
+    assert_eq!(call(&state, with(None, Request::get("/v2/health/ready"), vec![])).await.0, StatusCode::OK);
+    assert_eq!(call(&state, with(None, Request::get("/v2/models/part"), vec![])).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&state, with(None, Request::post("/v2/models/part/infer"), b"{}".to_vec())).await.0, StatusCode::UNAUTHORIZED);
     let (status, _, body) = call(&state, with(None, Request::get("/metrics"), vec![])).await;
     assert_eq!(status, StatusCode::OK);
     assert!(String::from_utf8(body).unwrap().contains("status=\"401\""));
     assert!(BearerToken::new(" \n").is_err() && BearerToken::new("two words").is_err());
+}
+
+/// A KServe v2 infer request with the images as one BYTES input in the binary tensor extension:
+/// (JSON length, body).
+fn v2_binary_request(images: &[Vec<u8>], outputs: Option<serde_json::Value>) -> (usize, Vec<u8>) {
+    let mut data = vec![];
+    for img in images {
+        data.extend((img.len() as u32).to_le_bytes());
+        data.extend(img);
+    }
+    let mut head = serde_json::json!({
+        "id": "req-7",
+        "inputs": [{"name": "input", "shape": [images.len()], "datatype": "BYTES", "parameters": {"binary_data_size": data.len()}}],
+    });
+    match outputs {
+        Some(o) => head["outputs"] = o,
+        None => head["parameters"] = serde_json::json!({"binary_data_output": true}),
+    }
+    let mut body = serde_json::to_vec(&head).unwrap();
+    let n = body.len();
+    body.extend(data);
+    (n, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_inference_protocol_scores_as_v1_does_and_refuses_what_v1_refuses() {
+    use base64::Engine;
+    let limits = Limits { max_body_bytes: 300_000, max_pixels: 1_000_000, views: Some(1), ..Limits::default() };
+    let mut model = served("part", 3);
+    model.detector.model.manifest.score_range = Some(differnet::model::ScoreRange { min: 0.5, max: 2.0 });
+    let state = AppState::start(vec![model], limits, None).unwrap();
+    let get = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+    let (status, _, body) = call(&state, get("/v2/health/live")).await;
+    assert_eq!((status, json(&body)["live"].clone()), (StatusCode::OK, serde_json::json!(true)));
+    let (status, _, body) = call(&state, get("/v2/health/ready")).await;
+    assert_eq!((status, json(&body)["ready"].clone()), (StatusCode::OK, serde_json::json!(true)));
+    let (status, _, body) = call(&state, get("/v2/models/part")).await;
+    assert_eq!(status, StatusCode::OK);
+    let meta = json(&body);
+    assert_eq!(meta["inputs"][0]["datatype"], "BYTES");
+    let outs: Vec<&str> = meta["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(outs, ["score", "pred_score", "pred_label"]);
+    assert_eq!(call(&state, get("/v2/models/part/ready")).await.0, StatusCode::OK);
+    assert_eq!(call(&state, get("/v2/models/part/versions/1/ready")).await.0, StatusCode::OK);
+    assert_eq!(call(&state, get("/v2/models/part/versions/2/ready")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(call(&state, get("/v2/models/other/ready")).await.0, StatusCode::NOT_FOUND);
+
+    let (a, b) = (png_image(64, 48, 9), png_image(40, 40, 3));
+    let v1 = |img: Vec<u8>| {
+        let state = state.clone();
+        async move {
+            let (_, _, body) = call(&state, post("/v1/score", img)).await;
+            let r = json(&body)["results"][0].clone();
+            (r["score"].as_f64().unwrap(), r["pred_score"].as_f64().unwrap(), r["pred_label"].as_bool().unwrap())
+        }
+    };
+    let (want_a, want_b) = (v1(a.clone()).await, v1(b.clone()).await);
+
+    // JSON: base64 elements, JSON outputs
+    let b64 = |x: &[u8]| base64::engine::general_purpose::STANDARD.encode(x);
+    let req = serde_json::json!({"inputs": [{"name": "input", "shape": [2], "datatype": "BYTES", "data": [b64(&a), b64(&b)]}]});
+    let (status, _, body) = call(&state, post("/v2/models/part/infer", serde_json::to_vec(&req).unwrap())).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let r = json(&body);
+    assert_eq!(r["model_name"], "part");
+    let out = |name: &str| r["outputs"].as_array().unwrap().iter().find(|o| o["name"] == name).unwrap()["data"].clone();
+    assert_eq!(out("score"), serde_json::json!([want_a.0, want_b.0]));
+    assert_eq!(out("pred_score"), serde_json::json!([want_a.1, want_b.1]));
+    assert_eq!(out("pred_label"), serde_json::json!([want_a.2, want_b.2]));
+
+    // binary extension both ways: FP64 and BOOL outputs as little-endian bytes after the JSON
+    let (n, body) = v2_binary_request(&[a.clone(), b.clone()], None);
+    let req =
+        Request::post("/v2/models/part/infer").header("inference-header-content-length", n.to_string()).body(Body::from(body)).unwrap();
+    let (status, headers, body) = call(&state, req).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let json_len: usize = headers["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+    let head = json(&body[..json_len]);
+    assert_eq!(head["id"], "req-7");
+    let mut data = &body[json_len..];
+    let mut got = std::collections::BTreeMap::new();
+    for o in head["outputs"].as_array().unwrap() {
+        let size = o["parameters"]["binary_data_size"].as_u64().unwrap() as usize;
+        got.insert(o["name"].as_str().unwrap().to_string(), data[..size].to_vec());
+        data = &data[size..];
+    }
+    assert!(data.is_empty());
+    let f64s = |v: &[u8]| v.chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>();
+    assert_eq!(f64s(&got["score"]), [want_a.0, want_b.0]);
+    assert_eq!(f64s(&got["pred_score"]), [want_a.1, want_b.1]);
+    assert_eq!(got["pred_label"], [want_a.2 as u8, want_b.2 as u8]);
+    // one output asked for, in JSON
+    let (n, body) = v2_binary_request(std::slice::from_ref(&a), Some(serde_json::json!([{"name": "score"}])));
+    let req =
+        Request::post("/v2/models/part/infer").header("inference-header-content-length", n.to_string()).body(Body::from(body)).unwrap();
+    let (status, _, body) = call(&state, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["outputs"], serde_json::json!([{"name": "score", "datatype": "FP64", "shape": [1], "data": [want_a.0]}]));
+
+    // refused as /v1/score refuses: junk 422, a bomb 413, a large body 413; malformed requests 400
+    let infer_binary = |images: Vec<Vec<u8>>| {
+        let state = state.clone();
+        async move {
+            let (n, body) = v2_binary_request(&images, None);
+            let req = Request::post("/v2/models/part/infer")
+                .header("inference-header-content-length", n.to_string())
+                .body(Body::from(body))
+                .unwrap();
+            let (status, _, body) = call(&state, req).await;
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let (status, body) = infer_binary(vec![b"not an image at all".to_vec()]).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.contains("input[0]"), "{body}");
+    assert_eq!(infer_binary(vec![a.clone(), png_claiming(100_000)]).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(infer_binary(vec![vec![0u8; 400_000]]).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    let bad = |req: serde_json::Value| {
+        let state = state.clone();
+        async move { call(&state, post("/v2/models/part/infer", serde_json::to_vec(&req).unwrap())).await.0 }
+    };
+    let input = |shape: serde_json::Value, datatype: &str, data: serde_json::Value| serde_json::json!({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]});
+    assert_eq!(bad(input(serde_json::json!([2]), "BYTES", serde_json::json!([b64(&a)]))).await, StatusCode::BAD_REQUEST);
+    assert_eq!(bad(input(serde_json::json!([1]), "BYTES", serde_json::json!(["%%%"]))).await, StatusCode::BAD_REQUEST);
+    assert_eq!(bad(input(serde_json::json!([1]), "FP16", serde_json::json!([0.5]))).await, StatusCode::BAD_REQUEST);
+    assert_eq!(bad(input(serde_json::json!([-1]), "BYTES", serde_json::json!([b64(&a)]))).await, StatusCode::BAD_REQUEST);
+    assert_eq!(bad(serde_json::json!({"inputs": []})).await, StatusCode::BAD_REQUEST);
+    let mut wrong_output = input(serde_json::json!([1]), "BYTES", serde_json::json!([b64(&a)]));
+    wrong_output["outputs"] = serde_json::json!([{"name": "logits"}]);
+    assert_eq!(bad(wrong_output).await, StatusCode::BAD_REQUEST);
+    let req = Request::post("/v2/models/part/infer").header("inference-header-content-length", "999999").body(Body::from("{}")).unwrap();
+    assert_eq!(call(&state, req).await.0, StatusCode::BAD_REQUEST);
+    let mut truncated = v2_binary_request(std::slice::from_ref(&a), None);
+    truncated.1.truncate(truncated.1.len() - 10);
+    let req = Request::post("/v2/models/part/infer")
+        .header("inference-header-content-length", truncated.0.to_string())
+        .body(Body::from(truncated.1))
+        .unwrap();
+    assert_eq!(call(&state, req).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(call(&state, post("/v2/models/other/infer", b"{}".to_vec())).await.0, StatusCode::NOT_FOUND);
 }
 
 /// Reads from `s` until the server closes it; the bytes read.

@@ -1,6 +1,7 @@
-//! The inspection service (`differnet serve`): POST part images, get a score and verdict each.
-//! Bounded queue and worker pool, size limits checked before decoding, read timeouts and a cap on
-//! connections, an optional bearer token, metrics, SIGHUP reload.
+//! The inspection service (`differnet serve`): `/v1` and Open Inference Protocol routes over a
+//! bounded queue and worker pool; size limits, timeouts, a connection cap, a token, metrics, reload.
+
+pub mod open_inference;
 
 use crate::localize::MapKind;
 use crate::pipeline::{Detector, OpenOptions};
@@ -235,7 +236,8 @@ impl AppState {
             Ok(models) => {
                 let n = models.len();
                 let map: HashMap<String, Arc<ServedModel>> = models.into_iter().map(|m| (m.name.clone(), Arc::new(m))).collect();
-                *self.models.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+                let old = std::mem::replace(&mut *self.models.write().unwrap_or_else(|p| p.into_inner()), Arc::new(map));
+                release_when_unused(old);
                 self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
                 Ok(n)
             }
@@ -264,6 +266,27 @@ impl AppState {
     /// Jobs waiting for a worker.
     pub fn queue_depth(&self) -> usize {
         self.queue.max_capacity() - self.queue.capacity()
+    }
+}
+
+/// Hands replaced models' memory back to the system once the last job using them has finished
+/// (checked every 100 ms for at most a minute), so that reloads do not leave the process holding
+/// two models' worth of freed heap: measured with `scripts/soak.sh` on a 764 MB model, RSS rose
+/// from 2.37 GB to 4.69 GB over the first two reloads without this.
+fn release_when_unused(old: Models) {
+    let weak: Vec<std::sync::Weak<ServedModel>> = old.values().map(Arc::downgrade).collect();
+    drop(old);
+    let spawned = std::thread::Builder::new().name("differnet-release".into()).spawn(move || {
+        for _ in 0..600 {
+            if weak.iter().all(|w| w.strong_count() == 0) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        crate::return_freed_memory();
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the thread that releases a replaced model's memory: {e}");
     }
 }
 
@@ -356,59 +379,96 @@ async fn score(State(state): State<Arc<AppState>>, Query(q): Query<ScoreQuery>, 
 }
 
 async fn score_inner(state: &Arc<AppState>, q: ScoreQuery, headers: &HeaderMap, request: Request) -> Response {
-    let models = state.models();
-    let name = q.model.unwrap_or_else(|| state.default_model.clone());
-    let Some(model) = models.get(&name).cloned() else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no model named `{name}` (served: {})", models.keys().cloned().collect::<Vec<_>>().join(", ")),
-        );
+    let model = match find_model(state, q.model.as_deref()) {
+        Ok(m) => m,
+        Err(refusal) => return refuse(refusal),
     };
     let images = match tokio::time::timeout(state.limits.read_timeout, read_images(headers, request)).await {
         Ok(Ok(images)) => images,
         Ok(Err(response)) => return response,
-        Err(_) => {
-            return error(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("the request body did not arrive within {} s", state.limits.read_timeout.as_secs_f64()),
-            )
-        }
+        Err(_) => return body_timeout(state),
     };
     if images.is_empty() || images.iter().any(|(_, b)| b.is_empty()) {
         return error(StatusCode::BAD_REQUEST, "empty request: send an image as the body, or multipart/form-data with one image per field");
     }
+    match run_job(state, model, images, q.heatmap.unwrap_or(0) != 0).await {
+        Ok(verdicts) => Json(serde_json::json!({"results": verdicts})).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// A refused request: its status and the message answered as `{"error": message}`.
+type Refusal = (StatusCode, String);
+
+fn refuse((status, message): Refusal) -> Response {
+    error(status, message)
+}
+
+/// The model named `name` (the default one when `None`), or a 404 naming those served.
+fn find_model(state: &AppState, name: Option<&str>) -> std::result::Result<Arc<ServedModel>, Refusal> {
+    let models = state.models();
+    let name = name.unwrap_or(&state.default_model);
+    models.get(name).cloned().ok_or_else(|| {
+        (StatusCode::NOT_FOUND, format!("no model named `{name}` (served: {})", models.keys().cloned().collect::<Vec<_>>().join(", ")))
+    })
+}
+
+/// Reads a request's whole body within the read timeout (408 after it).
+async fn read_body(state: &AppState, request: Request) -> std::result::Result<axum::body::Bytes, Response> {
+    match tokio::time::timeout(state.limits.read_timeout, axum::body::Bytes::from_request(request, &())).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => Err(e.into_response()),
+        Err(_) => Err(body_timeout(state)),
+    }
+}
+
+fn body_timeout(state: &AppState) -> Response {
+    error(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {} s", state.limits.read_timeout.as_secs_f64()))
+}
+
+/// Checks the images' headers against the limits (413, 422), queues them for a worker (503 when
+/// the queue is full) and waits for the verdicts: the one path every scoring route takes.
+async fn run_job(
+    state: &AppState,
+    model: Arc<ServedModel>,
+    images: Vec<(String, Vec<u8>)>,
+    heatmap: bool,
+) -> std::result::Result<Vec<ImageVerdict>, Response> {
     for (name, bytes) in &images {
         match header_size(bytes) {
             HeaderSize::Unreadable(reason) => {
-                return error(StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}"))
+                return Err(error(StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))
             }
             HeaderSize::TooLarge => {
-                return error(StatusCode::PAYLOAD_TOO_LARGE, format!("{name}: the image header claims a size beyond the decoder's limits"))
+                return Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("{name}: the image header claims a size beyond the decoder's limits"),
+                ))
             }
             HeaderSize::Pixels(px) if px > state.limits.max_pixels => {
-                return error(
+                return Err(error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("{name}: {px} pixels, more than the limit of {}", state.limits.max_pixels),
-                )
+                ))
             }
             HeaderSize::Pixels(_) => {}
         }
     }
     let (reply, wait) = oneshot::channel();
-    let job = Job { model, images, heatmap: q.heatmap.unwrap_or(0) != 0, reply };
+    let job = Job { model, images, heatmap, reply };
     if state.queue.try_send(job).is_err() {
         state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
         let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "all workers busy and the queue is full; retry later");
         r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        return r;
+        return Err(r);
     }
     match wait.await {
         Ok(Ok(verdicts)) => {
             state.metrics.images.fetch_add(verdicts.len() as u64, Ordering::Relaxed);
-            Json(serde_json::json!({"results": verdicts})).into_response()
+            Ok(verdicts)
         }
-        Ok(Err((status, message))) => error(status, message),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the worker stopped before answering"),
+        Ok(Err((status, message))) => Err(error(status, message)),
+        Err(_) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "the worker stopped before answering")),
     }
 }
 
@@ -494,9 +554,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     let scoring = Router::new()
         .route("/v1/score", post(score))
         .route("/v1/model", get(model_info))
+        .merge(open_inference::model_routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(scoring)
+        .merge(open_inference::open_routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
