@@ -13,7 +13,7 @@ fn main() -> differnet::Result<()> {
     let (views, flow_steps) = if quick { (4, 1) } else { (32, 5) };
     // as the binary does: freed layer outputs are reused from the heap
     differnet::keep_freed_buffers();
-    println!("sgemm backend: {}", differnet::kernels::sgemm::backend().name());
+    println!("sgemm backends: {:?}", differnet::kernels::sgemm::choice().classes);
     for kind in [BackboneKind::EfficientnetLite0, BackboneKind::Alexnet] {
         let ex = match bench::extractor(kind, &Device::Cpu) {
             Ok(ex) => ex,

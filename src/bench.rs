@@ -40,11 +40,20 @@ pub fn sgemm_gflops(n: usize, reps: usize, backend: Backend) -> f64 {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     pub threads: usize,
-    /// The implementation of this process's matrix products (`sgemm::backend`).
-    pub sgemm_backend: String,
+    /// The processor's model name, and the widest vector instruction set it offers
+    /// (`kernels::isa`: avx512, avx2+fma or portable).
+    pub cpu: String,
+    pub isa: String,
+    /// The instruction set of the crate's own convolution, MBConv and pooling kernels.
+    pub kernels_isa: String,
+    /// The backend of each product shape class and both backends' figures on it
+    /// (`sgemm::choice`), and how the choice was made (measured, cached, forced).
+    pub sgemm_choice: crate::kernels::sgemm::Choice,
+    pub sgemm_choice_how: String,
     /// Best 2048³ sgemm of this process (either backend): the reference for every ratio below.
     pub sgemm_gflops: f64,
-    /// 2048³ sgemm with the pure-Rust `gemm` crate, for comparison.
+    /// 2048³ sgemm on each backend (OpenBLAS: `None` when it is not installed).
+    pub sgemm_openblas_gflops: Option<f64>,
     pub sgemm_rust_gflops: f64,
     pub backbone: String,
     pub backbone_views_per_s: f64,
@@ -100,11 +109,11 @@ pub const LATENCY_REPEATS: usize = 3;
 
 /// Runs every measurement; `views` backbone views are timed (after one warm-up batch).
 pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usize, flow_steps: usize) -> Result<BenchReport> {
-    let backend = crate::kernels::sgemm::backend();
+    let choice = crate::kernels::sgemm::choice();
     let sgemm_rust = sgemm_gflops(2048, 3, Backend::Rust);
-    let sgemm_active = if backend == Backend::Rust { sgemm_rust } else { sgemm_gflops(2048, 3, backend) };
+    let sgemm_openblas = crate::kernels::sgemm::openblas_loaded().then(|| sgemm_gflops(2048, 3, Backend::OpenBlas));
     // the ratios are against the best matrix product this process can do
-    let sgemm = sgemm_active.max(sgemm_rust);
+    let sgemm = sgemm_openblas.unwrap_or(0.0).max(sgemm_rust);
     let kind: BackboneKind = ex.kind();
     let x = Tensor::randn(0f32, 1.0, (ex.batch, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu)?;
     ex.features(&x)?;
@@ -195,8 +204,13 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     })?;
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
-        sgemm_backend: backend.name().into(),
+        cpu: crate::kernels::cpu_model(),
+        isa: crate::kernels::isa().into(),
+        kernels_isa: crate::kernels::kernels_isa().into(),
+        sgemm_choice: choice.clone(),
+        sgemm_choice_how: choice.how.clone(),
         sgemm_gflops: sgemm,
+        sgemm_openblas_gflops: sgemm_openblas,
         sgemm_rust_gflops: sgemm_rust,
         backbone: kind.id().into(),
         backbone_views_per_s: views_per_s,
@@ -231,9 +245,26 @@ impl BenchReport {
             (Some(t), Some(a), Some(how)) => format!("end to end (train + test)     {t:.0} s, image AUROC {a:.4} ({how})\n"),
             _ => String::new(),
         };
+        let classes: String = self
+            .sgemm_choice
+            .classes
+            .iter()
+            .map(|c| {
+                format!(
+                    "  sgemm {:<22} {} (OpenBLAS {:.1}, gemm crate {:.1} GFLOP/s)\n",
+                    format!("{:?}", c.class),
+                    c.backend.name(),
+                    c.openblas_gflops,
+                    c.rust_gflops
+                )
+            })
+            .collect();
+        let openblas = self.sgemm_openblas_gflops.map_or_else(|| "not installed".into(), |g| format!("{g:.1}"));
         let body = format!(
-            "threads                      {}\n\
-             sgemm 2048³                  {:.1} GFLOP/s (reference; used: {}; gemm crate: {:.1})\n\
+            "cpu                          {} ({}; own kernels {})\n\
+             threads                      {}\n\
+             sgemm 2048³                  {:.1} GFLOP/s (reference; OpenBLAS: {}; gemm crate: {:.1})\n\
+             sgemm backends ({})\n{}\
              backbone {:<19} {:.2} views/s (3 scales), {:.1} GFLOP/s, {:.2} of sgemm\n\
              flow training {}×{} b{:<4}  {:.1} samples/s, {:.1} GFLOP/s, {:.2} of sgemm\n\
              test latency 16 views        {:.2} s/image ({:.2} s of it the flow; best of {LATENCY_REPEATS})\n\
@@ -242,10 +273,15 @@ impl BenchReport {
              feature map                  {:.3} s/image beyond its features (1 view)\n\
              peak RSS flow training       {}\n\
              peak RSS testing             {}\n",
+            self.cpu,
+            self.isa,
+            self.kernels_isa,
             self.threads,
             self.sgemm_gflops,
-            self.sgemm_backend,
+            openblas,
             self.sgemm_rust_gflops,
+            self.sgemm_choice_how,
+            classes,
             self.backbone,
             self.backbone_views_per_s,
             self.backbone_gflops,

@@ -15,8 +15,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     // OpenBLAS (when installed) is loaded now, while this is the only thread: it reads its
-    // environment when loaded, and `sgemm` may set OPENBLAS_CORETYPE first
-    differnet::kernels::sgemm::backend();
+    // environment when loaded, and `sgemm` may set OPENBLAS_CORETYPE first; then the faster
+    // backend per product shape is read from this machine's cache, or measured (~0.3 s) and cached
+    differnet::kernels::sgemm::init(Some(&differnet::backbone::weights::home().join("sgemm-choice.json")));
     if let Err(e) = cli::run(&cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

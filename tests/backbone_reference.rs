@@ -45,7 +45,7 @@ fn alexnet_multiscale_features_and_input_gradient_match_pytorch() {
     // without gradient tracking the convolutions run in the Winograd domain (products on OpenBLAS when present)
     let fast = multiscale_features(net.as_ref(), &[0], &x).unwrap();
     let err = max_abs_diff(&fast, &f["y_f64"]);
-    assert!(err < 1e-6, "Winograd features differ by {err} (sgemm: {:?})", differnet::kernels::sgemm::backend());
+    assert!(err < 1e-6, "Winograd features differ by {err} (sgemm: {:?})", differnet::kernels::sgemm::choice().classes);
     // gradient of L = sum(y^2) with respect to the 448 input
     let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let g = g.get(xv.as_tensor()).unwrap();

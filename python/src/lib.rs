@@ -265,6 +265,8 @@ fn fetch_weights(py: Python<'_>, name: &str) -> PyResult<PathBuf> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // as the CLI does: load OpenBLAS and read (or measure and cache) the faster backend per shape
+    differnet::kernels::sgemm::init(Some(&differnet::backbone::weights::home().join("sgemm-choice.json")));
     m.add_class::<PyDetector>()?;
     m.add_function(wrap_pyfunction!(train, m)?)?;
     m.add_function(wrap_pyfunction!(fetch_weights, m)?)?;

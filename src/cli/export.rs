@@ -26,6 +26,8 @@ pub fn run(cli: &Cli, a: &ExportArgs) -> Result<()> {
     }
     let started = std::time::Instant::now();
     let mut model = Model::load(&a.model, &candle_core::Device::Cpu)?;
+    let flow_bytes = |m: &Model| m.manifest.flow.parameter_count() * m.manifest.flow_storage.bytes_per_parameter();
+    let flow_before = flow_bytes(&model);
     model.set_flow_storage(a.flow_storage.into())?;
     model.save(&a.out)?;
     let bytes = |p: &PathBuf| std::fs::metadata(p).map(|m| m.len()).with_context(|| format!("{}", p.display()));
@@ -33,7 +35,8 @@ pub fn run(cli: &Cli, a: &ExportArgs) -> Result<()> {
     if cli.json {
         print_json(&serde_json::json!({
             "model": a.model, "out": a.out, "flow_storage": model.manifest.flow_storage,
-            "bytes_in": before, "bytes_out": after, "seconds": started.elapsed().as_secs_f64(),
+            "bytes_in": before, "bytes_out": after,
+            "flow_bytes_in": flow_before, "flow_bytes_out": flow_bytes(&model), "seconds": started.elapsed().as_secs_f64(),
         }));
     } else if !cli.quiet {
         println!(

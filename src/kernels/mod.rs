@@ -35,6 +35,51 @@ pub(crate) fn has_avx2_fma() -> bool {
     *FAST.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+/// Whether this processor has AVX-512 F, BW, DQ and VL (checked once).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// The widest vector instruction set this processor offers of those the kernels and the two
+/// matrix-product backends dispatch on: "avx512", "avx2+fma" or "portable".
+pub fn isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            return "avx512";
+        }
+        if has_avx2_fma() {
+            return "avx2+fma";
+        }
+    }
+    "portable"
+}
+
+/// The instruction set this crate's own kernels (convolutions, MBConv, pooling, atan) run with
+/// here: their AVX2 paths where the CPU has AVX2 and FMA (AVX-512 CPUs included), else portable.
+pub fn kernels_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        return "avx2+fma";
+    }
+    "portable"
+}
+
+/// The processor's model name (Linux's `/proc/cpuinfo`), or "unknown CPU".
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
 /// A raw pointer that may be shared by rayon jobs writing disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub(crate) *mut f32);
