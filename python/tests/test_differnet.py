@@ -166,7 +166,10 @@ def test_fetch_weights_finds_the_installed_weights():
 def test_ctrl_c_stops_training_cleanly(work, tmp_path):
     out = tmp_path / "long.safetensors"
     script = (
-        "import sys, differnet\n"
+        # Python keeps SIGINT ignored when the parent ignored it (a job started in the background
+        # by a non-interactive shell, as CI may be): install the handler a terminal would give.
+        "import signal, sys, differnet\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "def show(phase, position, length, message):\n"
         "    if phase == 'flow' and position == 1: print('training', flush=True)\n"
         f"differnet.train({str(work / 'data')!r}, {str(out)!r}, progress=show, cache_dir={str(work / 'cache')!r}, "
