@@ -17,7 +17,7 @@ use crate::model::{
     FlowStorage, ImageScore, Manifest, Model, ScoreRange, ScoreStandardization, Threshold, TrainingData, FORMAT, FORMAT_VERSION,
 };
 use crate::progress::Progress;
-use crate::score::{anomaly_score, score_images, ScoreKind};
+use crate::score::{anomaly_score, largest_tile_score, score_images, view_scores, ScoreKind};
 use crate::views::{decode_rgb, resize_bilinear, square_tiles, test_views, tile_origins, InputNormalization, Rgb8, View};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
@@ -195,9 +195,39 @@ impl Detector {
         }
     }
 
+    /// Scores of several decoded images over `views`, the same as [`Self::score_image`] of each:
+    /// the backbone and maps image by image, the flow once over the views of all of them (its
+    /// weights are read once per batch instead of once per image, as a server needs under load).
+    pub fn score_batch(&self, imgs: &[Rgb8], views: &[View]) -> Result<Vec<f64>> {
+        let combined = matches!(self.model.manifest.image_score, ImageScore::FlowAndMapMax(_));
+        let parts = imgs.iter().map(|img| self.local_parts(img, views, combined, false)).collect::<Result<Vec<_>>>()?;
+        let all: Vec<f32> = parts.iter().flat_map(|p| p.features_per_view.iter().copied()).collect();
+        let m = &self.model;
+        let dim = m.flow.config.dim;
+        let scores = view_scores(&m.flow, &all, dim, m.manifest.score, &self.extractor.device)?;
+        let mut rest = &scores[..];
+        let mut out = Vec::with_capacity(parts.len());
+        for p in &parts {
+            let (own, next) = rest.split_at(p.features_per_view.len() / dim);
+            rest = next;
+            out.push(self.image_score(largest_tile_score(own, views.len()), p.features.as_deref()));
+        }
+        Ok(out)
+    }
+
     /// τ(x) of a decoded image over `views` (each tile's mean, the largest over tiles) and the
     /// feature and gradient maps asked for, at the image's resolution.
     fn inspect_parts(&self, img: &Rgb8, views: &[View], features: bool, gradient: bool) -> Result<InspectParts> {
+        let local = self.local_parts(img, views, features, gradient)?;
+        let m = &self.model;
+        let flow =
+            anomaly_score(&m.flow, &local.features_per_view, m.flow.config.dim, m.manifest.score, views.len(), &self.extractor.device)?;
+        Ok(InspectParts { flow, features: local.features, gradient: local.gradient })
+    }
+
+    /// The pooled features of every tile and view of a decoded image (rows of the flow's input)
+    /// and the feature and gradient maps asked for, at the image's resolution.
+    fn local_parts(&self, img: &Rgb8, views: &[View], features: bool, gradient: bool) -> Result<LocalParts> {
         let tiles = self.extractor.tiles_for(img.width, img.height);
         let mut feats = vec![];
         let blank = || vec![f32::NEG_INFINITY; img.width * img.height];
@@ -228,9 +258,7 @@ impl Detector {
                 place(full, &gradient_map(&self.extractor, &self.model.flow, &resized, views)?, origin);
             }
         }
-        let m = &self.model;
-        let flow = anomaly_score(&m.flow, &feats, m.flow.config.dim, m.manifest.score, views.len(), &self.extractor.device)?;
-        Ok(InspectParts { flow, features: fmap, gradient: gmap })
+        Ok(LocalParts { features_per_view: feats, features: fmap, gradient: gmap })
     }
 
     /// The model's local feature density, or an error saying the model has none.
@@ -370,6 +398,14 @@ impl Detector {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         decode_rgb(&bytes).map_err(|reason| Error::Image { path: path.to_path_buf(), reason })
     }
+}
+
+/// What a decoded image gives before the flow: its pooled features and the maps asked for.
+struct LocalParts {
+    /// [tiles × views, dim] row-major.
+    features_per_view: Vec<f32>,
+    features: Option<Vec<f32>>,
+    gradient: Option<Vec<f32>>,
 }
 
 /// What [`Detector::inspect_parts`] computed for one image.

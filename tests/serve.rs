@@ -433,3 +433,46 @@ async fn slow_clients_are_cut_off_and_a_normal_request_is_still_answered() {
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server stopped").unwrap().unwrap();
 }
+
+/// Requests waiting together share one flow pass (`Limits::batch_images`): their scores equal
+/// those of each image scored alone, and an unreadable image among them costs only its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_are_scored_together_with_the_same_scores() {
+    let images: Vec<Vec<u8>> = (0..6u8).map(|i| png_image(64 + 8 * i as u32, 48, 20 + i)).collect();
+    let model = served("part", 5);
+    let d = &model.detector;
+    let views = d.views(Some(1));
+    let decoded: Vec<_> = images.iter().map(|b| differnet::views::decode_rgb(b).unwrap()).collect();
+    let alone: Vec<f64> = decoded.iter().map(|img| d.score_image(img, &views).unwrap()).collect();
+    let together = d.score_batch(&decoded, &views).unwrap();
+    for (a, t) in alone.iter().zip(&together) {
+        assert!((a - t).abs() <= 1e-5 * a.abs().max(1.0), "alone {a}, in a batch {t}");
+    }
+
+    let limits = Limits { workers: 1, views: Some(1), batch_images: 8, ..Limits::default() };
+    let state = AppState::start(vec![model], limits, None).unwrap();
+    let mut bodies: Vec<Vec<u8>> = images.clone();
+    bodies.insert(3, b"not an image".to_vec());
+    let pending: Vec<_> = bodies
+        .into_iter()
+        .map(|b| {
+            let state = state.clone();
+            tokio::spawn(async move { call(&state, post("/v1/score", b)).await })
+        })
+        .collect();
+    let mut answers = vec![];
+    for p in pending {
+        answers.push(p.await.unwrap());
+    }
+    let mut expected = alone.iter();
+    for (i, (status, _, body)) in answers.iter().enumerate() {
+        if i == 3 {
+            assert_eq!(*status, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(body));
+            continue;
+        }
+        assert_eq!(*status, StatusCode::OK, "{}", String::from_utf8_lossy(body));
+        let score = json(body)["results"][0]["score"].as_f64().unwrap();
+        let a = expected.next().unwrap();
+        assert!((a - score).abs() <= 1e-5 * a.abs().max(1.0), "request {i}: alone {a}, served {score}");
+    }
+}

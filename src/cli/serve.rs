@@ -15,8 +15,9 @@ pub struct ServeArgs {
     pub models: Vec<String>,
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: String,
-    /// Inference threads (each uses all cores for its matrix products).
-    #[arg(long, default_value_t = 1)]
+    /// Inference threads (each uses all cores for its matrix products; two overlap one's
+    /// decoding and small steps with the other's products).
+    #[arg(long, default_value_t = 2)]
     pub workers: usize,
     /// Requests waiting for a worker before new ones get 503 + Retry-After.
     #[arg(long, default_value_t = 64)]
@@ -33,6 +34,10 @@ pub struct ServeArgs {
     /// Views per heat map for `?heatmap=1`.
     #[arg(long, default_value_t = 4)]
     pub heatmap_views: usize,
+    /// Most images a worker scores together: requests already waiting for the same model
+    /// (without `?heatmap=1`) share one flow pass, read from memory once; 1: each on its own.
+    #[arg(long, default_value_t = 8)]
+    pub batch_images: usize,
     /// Views per backbone forward pass.
     #[arg(long, default_value_t = 4)]
     pub backbone_batch: usize,
@@ -78,6 +83,7 @@ pub fn run(a: &ServeArgs, dev: &candle_core::Device) -> Result<()> {
         workers: a.workers,
         views: a.views,
         heatmap_views: a.heatmap_views,
+        batch_images: a.batch_images.max(1),
         read_timeout: std::time::Duration::from_secs_f64(a.read_timeout),
         max_connections: a.max_connections,
         token,

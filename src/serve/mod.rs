@@ -65,6 +65,9 @@ pub struct Limits {
     pub views: Option<usize>,
     /// Views per heat map (`?heatmap=1`).
     pub heatmap_views: usize,
+    /// Most images a worker scores together: requests waiting in the queue for the same model
+    /// (without `?heatmap=1`) share one flow pass; 1 scores each request alone.
+    pub batch_images: usize,
     /// A request's headers must arrive within this time (also the longest a kept-alive connection
     /// may sit idle), and its body within this time after them (408 otherwise).
     pub read_timeout: Duration,
@@ -81,9 +84,10 @@ impl Default for Limits {
             max_body_bytes: 32 << 20,
             max_pixels: 40_000_000,
             queue: 64,
-            workers: 1,
+            workers: 2,
             views: None,
             heatmap_views: 4,
+            batch_images: 8,
             read_timeout: Duration::from_secs(30),
             max_connections: 256,
             token: None,
@@ -204,12 +208,21 @@ impl AppState {
             std::thread::Builder::new()
                 .name(format!("differnet-worker-{i}"))
                 .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
-                    let Some(job) = job else { break };
-                    // a bug must cost one request, not a worker: catch a panic and answer 500
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_job(&job, &limits)))
-                        .unwrap_or_else(|_| Err((StatusCode::INTERNAL_SERVER_ERROR, "internal error while scoring (logged)".into())));
-                    let _ = job.reply.send(result);
+                    let jobs = {
+                        let mut rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                        let Some(first) = rx.blocking_recv() else { break };
+                        take_waiting(first, &mut rx, limits.batch_images)
+                    };
+                    // a bug must cost one batch, not a worker: catch a panic and answer 500
+                    let results =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_jobs(&jobs, &limits))).unwrap_or_else(|_| {
+                            jobs.iter()
+                                .map(|_| Err((StatusCode::INTERNAL_SERVER_ERROR, "internal error while scoring (logged)".into())))
+                                .collect()
+                        });
+                    for (job, result) in jobs.into_iter().zip(results) {
+                        let _ = job.reply.send(result);
+                    }
                 })
                 .map_err(|e| crate::Error::Config(format!("cannot start worker thread: {e}")))?;
         }
@@ -290,8 +303,88 @@ fn release_when_unused(old: Models) {
     }
 }
 
+type JobResult = std::result::Result<Vec<ImageVerdict>, (StatusCode, String)>;
+
+/// `first` and the jobs already waiting behind it that can share its flow pass (same model, no
+/// heat map), up to `batch_images` images in all; a job that cannot share ends the batch and is
+/// scored in it on its own.
+fn take_waiting(first: Job, rx: &mut mpsc::Receiver<Job>, batch_images: usize) -> Vec<Job> {
+    let shares = |a: &Job, b: &Job| !a.heatmap && !b.heatmap && Arc::ptr_eq(&a.model, &b.model);
+    let mut images = first.images.len();
+    let mut jobs = vec![first];
+    while images < batch_images {
+        let Ok(next) = rx.try_recv() else { break };
+        images += next.images.len();
+        let alone = !shares(&jobs[0], &next);
+        jobs.push(next);
+        if alone {
+            break;
+        }
+    }
+    jobs
+}
+
+/// Answers of a worker's jobs: those that share the first's model and have no heat map are
+/// decoded one by one and scored together (one flow pass), the others each on their own.
+fn score_jobs(jobs: &[Job], limits: &Limits) -> Vec<JobResult> {
+    let together = |j: &Job| !j.heatmap && Arc::ptr_eq(&j.model, &jobs[0].model);
+    if jobs.len() == 1 || !jobs.iter().all(together) {
+        return jobs.iter().map(|j| score_job(j, limits)).collect();
+    }
+    let t = Instant::now();
+    let d = &jobs[0].model.detector;
+    // each job's images are decoded into one list; a job with an unreadable image gets 422
+    let mut images: Vec<Rgb8> = vec![];
+    let decoded: Vec<std::result::Result<(), (StatusCode, String)>> = jobs
+        .iter()
+        .map(|j| {
+            let mut own = Vec::with_capacity(j.images.len());
+            for (name, bytes) in &j.images {
+                own.push(
+                    decode_rgb(bytes)
+                        .map_err(|reason| (StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))?,
+                );
+            }
+            images.append(&mut own);
+            Ok(())
+        })
+        .collect();
+    let scores = match d.score_batch(&images, &d.views(limits.views)) {
+        Ok(scores) => scores,
+        Err(e) => return jobs.iter().map(|_| Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))).collect(),
+    };
+    let latency_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut scores = scores.into_iter();
+    jobs.iter()
+        .zip(decoded)
+        .map(|(job, decoded)| {
+            decoded.map(|_| {
+                job.images.iter().zip(scores.by_ref()).map(|((name, _), score)| verdict(job, name, score, latency_ms, None)).collect()
+            })
+        })
+        .collect()
+}
+
+/// The answer for one image of a job.
+fn verdict(job: &Job, name: &str, score: f64, latency_ms: f64, overlay_png_base64: Option<String>) -> ImageVerdict {
+    let d = &job.model.detector;
+    let decision = d.decide(score);
+    ImageVerdict {
+        name: name.to_string(),
+        score: decision.score,
+        pred_score: decision.pred_score,
+        pred_label: decision.is_anomaly,
+        is_anomaly: decision.is_anomaly,
+        threshold: decision.threshold,
+        model: job.model.name.clone(),
+        model_id: d.model.manifest.parameters_sha256.chars().take(16).collect(),
+        latency_ms,
+        overlay_png_base64,
+    }
+}
+
 /// Scores (and optionally localizes) the images of a job on a worker thread.
-fn score_job(job: &Job, limits: &Limits) -> std::result::Result<Vec<ImageVerdict>, (StatusCode, String)> {
+fn score_job(job: &Job, limits: &Limits) -> JobResult {
     let m = &job.model;
     let d = &m.detector;
     let views = d.views(limits.views);
@@ -314,20 +407,8 @@ fn score_job(job: &Job, limits: &Limits) -> std::result::Result<Vec<ImageVerdict
                 (score, Some(d.localization_images(&original, &d.views(Some(limits.heatmap_views)), &style).map_err(internal)?))
             }
         };
-        let decision = d.decide(score);
         let overlay_png_base64 = pictures.map(|p| base64::engine::general_purpose::STANDARD.encode(crate::views::png_bytes(&p.overlay)));
-        out.push(ImageVerdict {
-            name: name.clone(),
-            score: decision.score,
-            pred_score: decision.pred_score,
-            pred_label: decision.is_anomaly,
-            is_anomaly: decision.is_anomaly,
-            threshold: decision.threshold,
-            model: m.name.clone(),
-            model_id: d.model.manifest.parameters_sha256.chars().take(16).collect(),
-            latency_ms: t.elapsed().as_secs_f64() * 1e3,
-            overlay_png_base64,
-        });
+        out.push(verdict(job, name, score, t.elapsed().as_secs_f64() * 1e3, overlay_png_base64));
     }
     Ok(out)
 }
