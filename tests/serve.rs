@@ -451,13 +451,15 @@ async fn waiting_requests_are_scored_together_with_the_same_scores() {
 
     let limits = Limits { workers: 1, views: Some(1), batch_images: 8, ..Limits::default() };
     let state = AppState::start(vec![model], limits, None).unwrap();
-    let mut bodies: Vec<Vec<u8>> = images.clone();
-    bodies.insert(3, b"not an image".to_vec());
+    // a junk body and a heat-map request among them: neither may change the others' answers
+    let mut bodies: Vec<(&str, Vec<u8>)> = images.iter().map(|b| ("/v1/score", b.clone())).collect();
+    bodies.insert(3, ("/v1/score", b"not an image".to_vec()));
+    bodies.insert(5, ("/v1/score?heatmap=1", images[0].clone()));
     let pending: Vec<_> = bodies
         .into_iter()
-        .map(|b| {
+        .map(|(uri, b)| {
             let state = state.clone();
-            tokio::spawn(async move { call(&state, post("/v1/score", b)).await })
+            tokio::spawn(async move { call(&state, post(uri, b)).await })
         })
         .collect();
     let mut answers = vec![];
@@ -471,8 +473,15 @@ async fn waiting_requests_are_scored_together_with_the_same_scores() {
             continue;
         }
         assert_eq!(*status, StatusCode::OK, "{}", String::from_utf8_lossy(body));
-        let score = json(body)["results"][0]["score"].as_f64().unwrap();
-        let a = expected.next().unwrap();
+        let result = &json(body)["results"][0];
+        let score = result["score"].as_f64().unwrap();
+        let a = if i == 5 {
+            assert!(result["overlay_png_base64"].as_str().is_some_and(|s| !s.is_empty()), "request {i} asked for a heat map");
+            &alone[0]
+        } else {
+            assert!(result.get("overlay_png_base64").is_none_or(|v| v.is_null()), "request {i} asked for no heat map");
+            expected.next().unwrap()
+        };
         assert!((a - score).abs() <= 1e-5 * a.abs().max(1.0), "request {i}: alone {a}, served {score}");
     }
 }

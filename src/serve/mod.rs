@@ -324,13 +324,30 @@ fn take_waiting(first: Job, rx: &mut mpsc::Receiver<Job>, batch_images: usize) -
     jobs
 }
 
-/// Answers of a worker's jobs: those that share the first's model and have no heat map are
-/// decoded one by one and scored together (one flow pass), the others each on their own.
+/// Answers of a worker's jobs, in order: those that share the first's model and have no heat map
+/// are decoded one by one and scored together (one flow pass), a last one that cannot share on
+/// its own.
 fn score_jobs(jobs: &[Job], limits: &Limits) -> Vec<JobResult> {
     let together = |j: &Job| !j.heatmap && Arc::ptr_eq(&j.model, &jobs[0].model);
-    if jobs.len() == 1 || !jobs.iter().all(together) {
+    if jobs.first().is_some_and(|j| j.heatmap) {
         return jobs.iter().map(|j| score_job(j, limits)).collect();
     }
+    // `take_waiting` puts a job that cannot share last
+    let (jobs, alone) = match jobs.split_last() {
+        Some((last, rest)) if !together(last) => (rest, Some(last)),
+        _ => (jobs, None),
+    };
+    let mut results = match jobs {
+        [] => vec![],
+        [one] => vec![score_job(one, limits)],
+        _ => score_together(jobs, limits),
+    };
+    results.extend(alone.map(|j| score_job(j, limits)));
+    results
+}
+
+/// [`score_jobs`] of jobs that share one model and ask for no heat map: one flow pass.
+fn score_together(jobs: &[Job], limits: &Limits) -> Vec<JobResult> {
     let t = Instant::now();
     let d = &jobs[0].model.detector;
     // each job's images are decoded into one list; a job with an unreadable image gets 422
