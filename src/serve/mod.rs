@@ -305,17 +305,21 @@ fn release_when_unused(old: Models) {
 
 type JobResult = std::result::Result<Vec<ImageVerdict>, (StatusCode, String)>;
 
-/// `first` and the jobs already waiting behind it that can share its flow pass (same model, no
-/// heat map), up to `batch_images` images in all; a job that cannot share ends the batch and is
-/// scored in it on its own.
+/// Whether `job` can share the flow pass of a batch led by `first`: the same model, and neither
+/// asks for a heat map.
+fn shares_pass(first: &Job, job: &Job) -> bool {
+    !first.heatmap && !job.heatmap && Arc::ptr_eq(&first.model, &job.model)
+}
+
+/// `first` and the jobs already waiting behind it, up to `batch_images` images in all; a job that
+/// cannot share the first's flow pass ([`shares_pass`]) ends the batch.
 fn take_waiting(first: Job, rx: &mut mpsc::Receiver<Job>, batch_images: usize) -> Vec<Job> {
-    let shares = |a: &Job, b: &Job| !a.heatmap && !b.heatmap && Arc::ptr_eq(&a.model, &b.model);
     let mut images = first.images.len();
     let mut jobs = vec![first];
     while images < batch_images {
         let Ok(next) = rx.try_recv() else { break };
         images += next.images.len();
-        let alone = !shares(&jobs[0], &next);
+        let alone = !shares_pass(&jobs[0], &next);
         jobs.push(next);
         if alone {
             break;
@@ -324,25 +328,12 @@ fn take_waiting(first: Job, rx: &mut mpsc::Receiver<Job>, batch_images: usize) -
     jobs
 }
 
-/// Answers of a worker's jobs, in order: those that share the first's model and have no heat map
-/// are decoded one by one and scored together (one flow pass), a last one that cannot share on
-/// its own.
+/// Answers of a worker's jobs, in order: the leading ones that share the first's flow pass are
+/// scored together, every other one on its own.
 fn score_jobs(jobs: &[Job], limits: &Limits) -> Vec<JobResult> {
-    let together = |j: &Job| !j.heatmap && Arc::ptr_eq(&j.model, &jobs[0].model);
-    if jobs.first().is_some_and(|j| j.heatmap) {
-        return jobs.iter().map(|j| score_job(j, limits)).collect();
-    }
-    // `take_waiting` puts a job that cannot share last
-    let (jobs, alone) = match jobs.split_last() {
-        Some((last, rest)) if !together(last) => (rest, Some(last)),
-        _ => (jobs, None),
-    };
-    let mut results = match jobs {
-        [] => vec![],
-        [one] => vec![score_job(one, limits)],
-        _ => score_together(jobs, limits),
-    };
-    results.extend(alone.map(|j| score_job(j, limits)));
+    let sharing = jobs.iter().take_while(|j| shares_pass(&jobs[0], j)).count();
+    let mut results = if sharing > 1 { score_together(&jobs[..sharing], limits) } else { vec![] };
+    results.extend(jobs[results.len()..].iter().map(|j| score_job(j, limits)));
     results
 }
 
@@ -357,10 +348,7 @@ fn score_together(jobs: &[Job], limits: &Limits) -> Vec<JobResult> {
         .map(|j| {
             let mut own = Vec::with_capacity(j.images.len());
             for (name, bytes) in &j.images {
-                own.push(
-                    decode_rgb(bytes)
-                        .map_err(|reason| (StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))?,
-                );
+                own.push(decode_image(name, bytes)?);
             }
             images.append(&mut own);
             Ok(())
@@ -380,6 +368,11 @@ fn score_together(jobs: &[Job], limits: &Limits) -> Vec<JobResult> {
             })
         })
         .collect()
+}
+
+/// A request's image decoded, or the 422 answer naming it.
+fn decode_image(name: &str, bytes: &[u8]) -> std::result::Result<Rgb8, (StatusCode, String)> {
+    decode_rgb(bytes).map_err(|reason| (StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))
 }
 
 /// The answer for one image of a job.
@@ -409,8 +402,7 @@ fn score_job(job: &Job, limits: &Limits) -> JobResult {
     let mut out = vec![];
     for (name, bytes) in &job.images {
         let t = Instant::now();
-        let original: Rgb8 =
-            decode_rgb(bytes).map_err(|reason| (StatusCode::UNPROCESSABLE_ENTITY, format!("{name}: cannot read image: {reason}")))?;
+        let original = decode_image(name, bytes)?;
         let style = d.map_style(None);
         // feature maps come from the scoring passes themselves; gradient maps need their own
         let (score, pictures) = match (job.heatmap, style.kind) {
