@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod experiments;
+pub mod export;
 pub mod features;
 pub mod flow;
 pub mod fuzzing;

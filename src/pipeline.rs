@@ -261,6 +261,26 @@ impl Detector {
         Ok(LocalParts { features_per_view: feats, features: fmap, gradient: gmap })
     }
 
+    /// What an exported graph (`differnet export --format onnx`) takes for a decoded image: per
+    /// tile, its views' network inputs and the size its anomaly map is resized to (the image's
+    /// own size for one tile). The image's score is the largest of its tiles' graph scores.
+    pub fn network_inputs(&self, img: &Rgb8, views: &[View]) -> Result<Vec<NetworkInput>> {
+        let tiles = self.extractor.tiles_for(img.width, img.height);
+        let n = crate::backbone::INPUT_SIZE;
+        square_tiles(img, tiles)
+            .iter()
+            .map(|tile| {
+                let (height, width) = if tiles == 1 { (img.height, img.width) } else { (tile.height, tile.width) };
+                Ok(NetworkInput {
+                    values: self.extractor.view_inputs(&resize_bilinear(tile, n, n), views)?,
+                    rows: views.len(),
+                    height,
+                    width,
+                })
+            })
+            .collect()
+    }
+
     /// The model's local feature density, or an error saying the model has none.
     fn local_density(&self) -> Result<&LocalGaussian> {
         self.model.local.as_ref().ok_or_else(|| {
@@ -398,6 +418,16 @@ impl Detector {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         decode_rgb(&bytes).map_err(|reason| Error::Image { path: path.to_path_buf(), reason })
     }
+}
+
+/// The rows of an exported graph's `input` for one tile of an image, and its `image_size`.
+#[derive(Clone, Debug)]
+pub struct NetworkInput {
+    /// [rows, 3, 448, 448] row-major, one row per view.
+    pub values: Vec<f32>,
+    pub rows: usize,
+    pub height: usize,
+    pub width: usize,
 }
 
 /// What a decoded image gives before the flow: its pooled features and the maps asked for.

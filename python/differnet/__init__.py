@@ -122,6 +122,20 @@ class Detector:
         data, height, width, _kind = self._native.heat_map(**_image_args(image), kind=kind, views=views)
         return np.frombuffer(data, dtype=np.float32).reshape(height, width).copy()
 
+    def network_inputs(self, image: Image, views: Optional[int] = None) -> dict[str, np.ndarray]:
+        """The inputs of the graph `differnet export --format onnx` writes, for one image: a
+        feed for ONNX Runtime's `session.run(None, feed)` or a Triton request. `input`: float32
+        [tiles x views, 3, 448, 448]; `tiles`: int64 [1]; `image_size`: int64 [height, width]
+        of each tile (the image's own size when it is one tile)."""
+        tiles = self._native.network_inputs(**_image_args(image), views=views)
+        rows = [np.frombuffer(data, dtype=np.float32).reshape(n, 3, 448, 448) for data, n, _h, _w in tiles]
+        _, _, height, width = tiles[0]
+        return {
+            "input": np.concatenate(rows, axis=0),
+            "tiles": np.array([len(tiles)], dtype=np.int64),
+            "image_size": np.array([height, width], dtype=np.int64),
+        }
+
     def __repr__(self) -> str:
         m = self.manifest
         return f"Detector({self.path!r}, backbone={m.get('backbone')!r}, threshold={self.threshold})"

@@ -114,6 +114,29 @@ impl PyDetector {
         py.detach(|| d.score_image(&image.decode()?, &d.views(views))).map_err(to_py)
     }
 
+    /// The rows of an exported ONNX graph's `input` for one image, per tile: (float32 bytes of
+    /// [views, 3, 448, 448], views, height, width), height and width being its `image_size`.
+    #[pyo3(signature = (path=None, pixels=None, shape=(0, 0, 0), views=None))]
+    fn network_inputs<'py>(
+        &self,
+        py: Python<'py>,
+        path: Option<PathBuf>,
+        pixels: Option<&Bound<'_, PyBytes>>,
+        shape: (usize, usize, usize),
+        views: Option<usize>,
+    ) -> PyResult<Vec<(Bound<'py, PyBytes>, usize, usize, usize)>> {
+        let image = image_in(path, pixels, shape)?;
+        let d = &self.inner;
+        let tiles = py.detach(|| d.network_inputs(&image.decode()?, &d.views(views))).map_err(to_py)?;
+        Ok(tiles
+            .into_iter()
+            .map(|t| {
+                let bytes: Vec<u8> = t.values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+                (PyBytes::new(py, &bytes), t.rows, t.height, t.width)
+            })
+            .collect())
+    }
+
     /// The decision on a score: (pred_score, pred_label, threshold), each `None` when the
     /// model has no threshold (pred_score also without a score range).
     fn decide(&self, score: f64) -> (Option<f64>, Option<bool>, Option<f64>) {

@@ -1,6 +1,7 @@
 //! torchvision AlexNet's convolutional part (`features`), the paper's feature extractor.
 //! Max-pools use our differentiable op so input gradients reach the pixels (localization).
 
+use super::layers::{Activation, ConvLayer, Layer};
 use super::{expect_shape, get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
 use crate::kernels::max_pool2d;
@@ -18,6 +19,7 @@ enum FastKernel {
 }
 
 struct Conv {
+    name: String,
     weight: Tensor,
     bias: Tensor,
     fast: FastKernel,
@@ -91,7 +93,7 @@ impl AlexNet {
             } else {
                 FastKernel::PhaseSplit(PhaseSplitConv::new(&weight_rows, &bias_values, k, stride, padding))
             };
-            convs.push(Conv { weight, bias, fast, stride, padding });
+            convs.push(Conv { name: format!("features.{idx}"), weight, bias, fast, stride, padding });
         }
         Ok(AlexNet { convs })
     }
@@ -118,4 +120,34 @@ impl Backbone for AlexNet {
         let xs = c[4].forward_each(&c[3].forward_each(&c[2].forward_each(&xs)?)?)?;
         Ok(pool_each(xs)?.into_iter().map(|x| vec![x]).collect())
     }
+
+    fn layers(&self, _input_size: usize, last_stage: usize) -> Result<Vec<Layer>> {
+        if last_stage != 0 {
+            return Err(Error::Config(format!("AlexNet has one feature stage (0), not {last_stage}")));
+        }
+        let mut out = vec![];
+        for (i, c) in self.convs.iter().enumerate() {
+            out.push(Layer::Conv(conv_layer(&c.name, &c.weight, &c.bias, c.stride, c.padding)?));
+            if i < 2 || i == 4 {
+                out.push(Layer::MaxPool { kernel: 3, stride: 2 });
+            }
+        }
+        out.push(Layer::StageOutput(0));
+        Ok(out)
+    }
+}
+
+/// A torchvision convolution (symmetric padding, ReLU after) as a [`Layer`]'s data.
+pub(crate) fn conv_layer(name: &str, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<ConvLayer> {
+    let d = weight.dims4()?;
+    Ok(ConvLayer {
+        name: name.to_string(),
+        weight: weight.flatten_all()?.to_vec1::<f32>()?.into(),
+        shape: [d.0, d.1, d.2, d.3],
+        bias: bias.to_vec1::<f32>()?.into(),
+        stride,
+        padding: [padding; 4],
+        groups: 1,
+        activation: Activation::Relu,
+    })
 }

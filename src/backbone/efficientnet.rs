@@ -1,6 +1,7 @@
 //! EfficientNet-Lite0 (lukemelas key layout) with batch norm folded into the convolutions,
 //! TF-SAME padding computed from the actual input size; feature maps from any MBConv stage.
 
+use super::layers::{Activation, ConvLayer, Layer};
 use super::{get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
 use crate::kernels::{dense_conv2d, depthwise_conv2d, mbconv_fused, pointwise_conv, MbConvWeights};
@@ -28,6 +29,7 @@ pub const STAGE_CHANNELS: [usize; 7] = [16, 24, 40, 80, 112, 192, 320];
 /// A convolution with batch norm folded in: weight [O, I/groups, k, k] and bias [O]
 /// (also kept as plain vectors for the fused kernels).
 struct FoldedConv {
+    name: String,
     weight: Tensor,
     weight_vec: std::sync::Arc<[f32]>,
     bias_vec: std::sync::Arc<[f32]>,
@@ -56,7 +58,32 @@ fn fold(tensors: &HashMap<String, Tensor>, conv: &str, bn: &str, path: &Path) ->
         bias[o] = (beta[o] as f64 - mean[o] as f64 * scale) as f32;
     }
     let dev = w.device();
-    Ok(FoldedConv { weight: Tensor::from_vec(folded.clone(), dims.as_slice(), dev)?, weight_vec: folded.into(), bias_vec: bias.into() })
+    Ok(FoldedConv {
+        name: conv.to_string(),
+        weight: Tensor::from_vec(folded.clone(), dims.as_slice(), dev)?,
+        weight_vec: folded.into(),
+        bias_vec: bias.into(),
+    })
+}
+
+impl FoldedConv {
+    /// This convolution as a [`Layer`] on a square input of side `size` (TF-SAME padding for
+    /// it); `depthwise`: one group per channel.
+    fn layer(&self, size: usize, stride: usize, depthwise: bool, activation: Activation) -> Layer {
+        let d = self.weight.dims();
+        let (t, b) = same_padding(size, d[2], stride);
+        let groups = if depthwise { d[0] } else { 1 };
+        Layer::Conv(ConvLayer {
+            name: self.name.clone(),
+            weight: self.weight_vec.clone(),
+            shape: [d[0], d[1], d[2], d[3]],
+            bias: self.bias_vec.clone(),
+            stride,
+            padding: [t, t, b, b],
+            groups,
+            activation,
+        })
+    }
 }
 
 /// TF "SAME" padding for one axis: (before, after).
@@ -195,6 +222,31 @@ impl Backbone for EfficientNetLite0 {
             found[stage] = Some(h.clone());
         }
         Ok(stages.iter().map(|&s| found[s].clone().expect("stage computed")).collect())
+    }
+
+    fn layers(&self, input_size: usize, last_stage: usize) -> Result<Vec<Layer>> {
+        if last_stage >= STAGES.len() {
+            return Err(Error::Config(format!("EfficientNet-Lite0 has stages 0..{}, not {last_stage}", STAGES.len())));
+        }
+        let mut out = vec![self.stem.layer(input_size, 2, false, Activation::Relu6)];
+        let mut side = input_size.div_ceil(2);
+        let mut first = 0;
+        for (stage, (.., reps)) in STAGES.iter().enumerate().take(last_stage + 1) {
+            for b in &self.blocks[first..first + reps] {
+                let mut block: Vec<Layer> = b.expand.iter().map(|e| e.layer(side, 1, false, Activation::Relu6)).collect();
+                block.push(b.depthwise.layer(side, b.stride, true, Activation::Relu6));
+                side = side.div_ceil(b.stride);
+                block.push(b.project.layer(side, 1, false, Activation::None));
+                if b.residual {
+                    out.push(Layer::Residual(block));
+                } else {
+                    out.extend(block);
+                }
+            }
+            first += reps;
+            out.push(Layer::StageOutput(stage));
+        }
+        Ok(out)
     }
 }
 

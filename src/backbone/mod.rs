@@ -2,6 +2,7 @@
 //! input 448×448, scales 448/224/112 by nearest subsampling, global average pooling of the chosen
 //! stages' maps, concatenated.
 
+pub mod layers;
 pub mod weights;
 
 pub mod alexnet;
@@ -120,6 +121,9 @@ pub trait Backbone: Send + Sync {
     fn stage_maps_of_each(&self, xs: &[Tensor], stages: &[usize]) -> Result<Vec<Vec<Tensor>>> {
         xs.iter().map(|x| self.stage_maps(x, stages)).collect()
     }
+    /// The layers that compute stages up to `last_stage` from an input of side `input_size`, as
+    /// plain data (each stage's output marked), for export to other runtimes.
+    fn layers(&self, input_size: usize, last_stage: usize) -> Result<Vec<layers::Layer>>;
 }
 
 /// Loads a backbone from a safetensors weights file.

@@ -1,6 +1,7 @@
 //! torchvision VGG16's convolutional part (`features`): 13 3×3 convolutions with ReLU in 5 blocks,
 //! each block closed by a 2×2 max-pool; a stage is the pooled output of a block (stage 4 is `features`).
 
+use super::layers::Layer;
 use super::{expect_shape, get, Backbone, BackboneKind};
 use crate::error::{Error, Result};
 use crate::kernels::max_pool2d;
@@ -49,6 +50,7 @@ pub fn flops(size: usize, last_stage: usize) -> f64 {
 }
 
 struct Conv {
+    name: String,
     weight: Tensor,
     bias: Tensor,
     fast: WinogradConv,
@@ -92,7 +94,7 @@ impl Vgg16 {
             expect_shape(&weight, &[o, i, 3, 3], &wn, path)?;
             expect_shape(&bias, &[o], &bn, path)?;
             let fast = WinogradConv::new(&weight.flatten_all()?.to_vec1::<f32>()?, &bias.to_vec1::<f32>()?, 3);
-            convs.push(Conv { weight, bias, fast });
+            convs.push(Conv { name: format!("features.{idx}"), weight, bias, fast });
         }
         Ok(Vgg16 { convs })
     }
@@ -123,6 +125,21 @@ impl Backbone for Vgg16 {
                     o.push(x.clone());
                 }
             }
+        }
+        Ok(out)
+    }
+
+    fn layers(&self, _input_size: usize, last_stage: usize) -> Result<Vec<Layer>> {
+        BackboneKind::Vgg16.check_stages(&[last_stage])?;
+        let mut out = vec![];
+        let mut layer = 0;
+        for (block, &n) in BLOCKS[..=last_stage].iter().enumerate() {
+            for c in &self.convs[layer..layer + n] {
+                out.push(Layer::Conv(super::alexnet::conv_layer(&c.name, &c.weight, &c.bias, 1, 1)?));
+            }
+            layer += n;
+            out.push(Layer::MaxPool { kernel: 2, stride: 2 });
+            out.push(Layer::StageOutput(block));
         }
         Ok(out)
     }

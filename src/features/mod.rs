@@ -151,6 +151,12 @@ impl Extractor {
         self.stages.iter().map(|&s| self.kind().stage_channels()[s]).sum()
     }
 
+    /// The network inputs of `views` of a 448×448 image, [views, 3, 448, 448] row-major: the
+    /// rows an exported graph's `input` takes.
+    pub fn view_inputs(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
+        Ok(self.batch_input(resized, views)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
     /// The network inputs of `views` of a 448×448 image, [views, 3, 448, 448].
     fn batch_input(&self, resized: &Rgb8, views: &[View]) -> Result<Tensor> {
         use rayon::prelude::*;

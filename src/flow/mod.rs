@@ -144,7 +144,12 @@ pub struct NormalizingFlow {
 
 /// Soft clamp of eq. 2 as the official code writes it: log e(s) = α·0.636·atan(s/α).
 pub fn soft_clamp(s: &Tensor, alpha: f64) -> Result<Tensor> {
-    Ok((atan(&(s / alpha)?)? * (alpha * 0.636))?)
+    Ok((atan(&(s / alpha)?)? * soft_clamp_factor(alpha))?)
+}
+
+/// The factor α·0.636 of [`soft_clamp`] (the official code's 2/π, rounded).
+pub fn soft_clamp_factor(alpha: f64) -> f64 {
+    alpha * 0.636
 }
 
 impl NormalizingFlow {

@@ -56,13 +56,19 @@ pub fn feature_map(grids: &[DistanceGrid], views: &[View]) -> Vec<f32> {
     gaussian_blur(&acc, INPUT_SIZE, INPUT_SIZE, FEATURE_MAP_SIGMA)
 }
 
-/// Separable Gaussian blur of a w×h plane, kernel truncated at 4σ, mirrored edges (scipy's
-/// `gaussian_filter` defaults: mode `reflect`, truncate 4).
-pub fn gaussian_blur(plane: &[f32], w: usize, h: usize, sigma: f32) -> Vec<f32> {
+/// The normalized 1-D Gaussian kernel of [`gaussian_blur`]: 2r + 1 taps, r = ⌊4σ + 0.5⌋.
+pub fn gaussian_kernel(sigma: f32) -> Vec<f32> {
     let r = (4.0 * sigma + 0.5) as isize;
     let k: Vec<f32> = (-r..=r).map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp()).collect();
     let total: f32 = k.iter().sum();
-    let k: Vec<f32> = k.iter().map(|v| v / total).collect();
+    k.iter().map(|v| v / total).collect()
+}
+
+/// Separable Gaussian blur of a w×h plane, kernel truncated at 4σ, mirrored edges (scipy's
+/// `gaussian_filter` defaults: mode `reflect`, truncate 4).
+pub fn gaussian_blur(plane: &[f32], w: usize, h: usize, sigma: f32) -> Vec<f32> {
+    let k = gaussian_kernel(sigma);
+    let r = (k.len() / 2) as isize;
     let reflect = |i: isize, n: usize| -> usize {
         let n = n as isize;
         let mut i = i;
