@@ -281,6 +281,43 @@ impl Detector {
             .collect()
     }
 
+    /// Scores of images given as network inputs (the rows an exported graph takes, e.g. from
+    /// [`Self::network_inputs`] of one-tile images): [images × views, 3, 448, 448] row-major, each
+    /// image's `views` rows consecutive. A combined score's map maximum is taken at 448 × 448
+    /// (the graph's default `image_size`) and needs one view per image.
+    pub fn score_network_inputs(&self, rows: &[f32], views: usize) -> Result<Vec<f64>> {
+        let n = crate::backbone::INPUT_SIZE;
+        let per_row = 3 * n * n;
+        let count = rows.len() / per_row;
+        if views == 0 || count == 0 || rows.len() % per_row != 0 || count % views != 0 {
+            return Err(Error::Config(format!(
+                "network inputs: {} values are not whole images of {views} views of 3 x {n} x {n}",
+                rows.len()
+            )));
+        }
+        let combined = matches!(self.model.manifest.image_score, ImageScore::FlowAndMapMax(_));
+        if combined && views > 1 {
+            return Err(Error::Config(format!(
+                "the model combines the flow's score with its feature map; network inputs give one view per image, not {views}"
+            )));
+        }
+        let density = if combined { Some(self.local_density()?) } else { None };
+        let (mut features, mut maps) = (Vec::with_capacity(count * self.model.flow.config.dim), vec![]);
+        for chunk in rows.chunks(per_row * self.extractor.batch.max(1)) {
+            let x = candle_core::Tensor::from_slice(chunk, (chunk.len() / per_row, 3, n, n), &self.extractor.device)?;
+            let (f, grids) = self.extractor.input_features(&x, density)?;
+            features.extend(f);
+            maps.extend(grids.iter().map(|g| feature_map(std::slice::from_ref(g), &[View::rotation(0.0)])));
+        }
+        let m = &self.model;
+        let scores = view_scores(&m.flow, &features, m.flow.config.dim, m.manifest.score, &self.extractor.device)?;
+        Ok(crate::score::mean_per_image(&scores, views)
+            .into_iter()
+            .enumerate()
+            .map(|(i, flow)| self.image_score(flow, maps.get(i).map(Vec::as_slice)))
+            .collect())
+    }
+
     /// The model's local feature density, or an error saying the model has none.
     fn local_density(&self) -> Result<&LocalGaussian> {
         self.model.local.as_ref().ok_or_else(|| {

@@ -64,7 +64,7 @@ def server(tmp_path_factory):
                     break
             except OSError:
                 time.sleep(0.25)
-        yield {"url": f"127.0.0.1:{port}", "port": port, "images": sorted((data / "test").rglob("*.png"))}
+        yield {"url": f"127.0.0.1:{port}", "port": port, "images": sorted((data / "test").rglob("*.png")), "model": model}
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -72,9 +72,9 @@ def server(tmp_path_factory):
 
 def v1_scores(port, images):
     out = []
-    for path in images:
+    for image in images:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        c.request("POST", "/v1/score", body=path.read_bytes())
+        c.request("POST", "/v1/score", body=image if isinstance(image, bytes) else image.read_bytes())
         r = c.getresponse()
         assert r.status == 200
         out.append(json.loads(r.read())["results"][0])
@@ -127,3 +127,36 @@ def test_junk_and_bombs_are_refused_as_on_v1(server):
         c = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
         c.request("POST", "/v1/score", body=blob)
         assert str(c.getresponse().status) == status
+
+
+def test_fp32_network_inputs_give_the_scores_of_their_images(server):
+    """Preprocessed views (as the exported ONNX graph takes them) score as the encoded images
+    they came from; 448 x 448 images, where a combined score's map maximum is taken."""
+    import io
+
+    from PIL import Image
+
+    import differnet
+
+    det = differnet.Detector.load(server["model"], no_cache=True)
+    pictures = [Image.open(p).convert("RGB").resize((448, 448)) for p in server["images"][:3]]
+    pngs = []
+    for pic in pictures:
+        buf = io.BytesIO()
+        pic.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    want = [w["score"] for w in v1_scores(server["port"], pngs)]
+    feeds = [det.network_inputs(np.asarray(pic)) for pic in pictures]
+    assert all(f["tiles"][0] == 1 for f in feeds)
+    batch = np.concatenate([f["input"] for f in feeds])
+    inp = tritonclient_http.InferInput("input", list(batch.shape), "FP32")
+    inp.set_data_from_numpy(batch, binary_data=True)
+    client = tritonclient_http.InferenceServerClient(url=server["url"], network_timeout=120)
+    result = client.infer("part", [inp])
+    np.testing.assert_allclose(result.as_numpy("score"), want, rtol=1e-5)
+    # a tensor that is not [N, 3, 448, 448] is refused
+    bad = tritonclient_http.InferInput("input", [1, 3, 224, 224], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 3, 224, 224), dtype=np.float32), binary_data=True)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("part", [bad])
+    assert e.value.status() == "400" and "448" in str(e.value)

@@ -174,16 +174,24 @@ impl Extractor {
         let mut out = Vec::with_capacity(views.len() * self.feature_dim());
         let mut grids = vec![];
         for chunk in views.chunks(self.batch.max(1)) {
-            let x = self.batch_input(resized, chunk)?;
-            let (y, local) = multiscale_features_and_local(self.backbone.as_ref(), &self.stages, &x, density.is_some())?;
-            out.extend(y.flatten_all()?.to_vec1::<f32>()?);
-            if let (Some(g), Some(l)) = (density, local) {
-                let v = l.vectors.flatten_all()?.to_vec1::<f32>()?;
-                let per_view = l.height * l.width * g.dim;
-                grids.extend(v.chunks_exact(per_view).map(|v| DistanceGrid { width: l.width, height: l.height, values: g.distances(v) }));
-            }
+            let (f, g) = self.input_features(&self.batch_input(resized, chunk)?, density)?;
+            out.extend(f);
+            grids.extend(g);
         }
         Ok((out, grids))
+    }
+
+    /// Pooled features of network inputs [N, 3, 448, 448] ([N, dim] row-major) and, with a
+    /// density, each input's local distances.
+    pub fn input_features(&self, x: &Tensor, density: Option<&LocalGaussian>) -> Result<(Vec<f32>, Vec<DistanceGrid>)> {
+        let (y, local) = multiscale_features_and_local(self.backbone.as_ref(), &self.stages, x, density.is_some())?;
+        let mut grids = vec![];
+        if let (Some(g), Some(l)) = (density, local) {
+            let v = l.vectors.flatten_all()?.to_vec1::<f32>()?;
+            let per_view = l.height * l.width * g.dim;
+            grids.extend(v.chunks_exact(per_view).map(|v| DistanceGrid { width: l.width, height: l.height, values: g.distances(v) }));
+        }
+        Ok((y.flatten_all()?.to_vec1::<f32>()?, grids))
     }
 }
 

@@ -160,6 +160,9 @@ pub struct ImageVerdict {
 struct Job {
     model: Arc<ServedModel>,
     images: Vec<(String, Vec<u8>)>,
+    /// Network inputs instead of images (a `/v2` FP32 tensor): [rows, 3, 448, 448] row-major,
+    /// the views of each image consecutive; `images` is then empty.
+    network_inputs: Option<Vec<f32>>,
     heatmap: bool,
     reply: oneshot::Sender<std::result::Result<Vec<ImageVerdict>, (StatusCode, String)>>,
 }
@@ -308,7 +311,11 @@ type JobResult = std::result::Result<Vec<ImageVerdict>, (StatusCode, String)>;
 /// Whether `job` can share the flow pass of a batch led by `first`: the same model, and neither
 /// asks for a heat map.
 fn shares_pass(first: &Job, job: &Job) -> bool {
-    !first.heatmap && !job.heatmap && Arc::ptr_eq(&first.model, &job.model)
+    !first.heatmap
+        && !job.heatmap
+        && first.network_inputs.is_none()
+        && job.network_inputs.is_none()
+        && Arc::ptr_eq(&first.model, &job.model)
 }
 
 /// `first` and the jobs already waiting behind it, up to `batch_images` images in all; a job that
@@ -399,6 +406,15 @@ fn score_job(job: &Job, limits: &Limits) -> JobResult {
     let d = &m.detector;
     let views = d.views(limits.views);
     let internal = |e: crate::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    if let Some(rows) = &job.network_inputs {
+        let t = Instant::now();
+        let scores = d.score_network_inputs(rows, views.len()).map_err(|e| match e {
+            crate::Error::Config(m) => (StatusCode::UNPROCESSABLE_ENTITY, m),
+            e => internal(e),
+        })?;
+        let latency_ms = t.elapsed().as_secs_f64() * 1e3;
+        return Ok(scores.into_iter().enumerate().map(|(i, s)| verdict(job, &format!("input[{i}]"), s, latency_ms, None)).collect());
+    }
     let mut out = vec![];
     for (name, bytes) in &job.images {
         let t = Instant::now();
@@ -545,7 +561,25 @@ async fn run_job(
         }
     }
     let (reply, wait) = oneshot::channel();
-    let job = Job { model, images, heatmap, reply };
+    submit(state, Job { model, images, network_inputs: None, heatmap, reply }, wait).await
+}
+
+/// Scores network inputs ([`Job::network_inputs`]) on a worker, as [`run_job`] images.
+async fn run_network_inputs_job(
+    state: &AppState,
+    model: Arc<ServedModel>,
+    rows: Vec<f32>,
+) -> std::result::Result<Vec<ImageVerdict>, Response> {
+    let (reply, wait) = oneshot::channel();
+    submit(state, Job { model, images: vec![], network_inputs: Some(rows), heatmap: false, reply }, wait).await
+}
+
+/// Queues a job (503 when the queue is full) and waits for its answer.
+async fn submit(
+    state: &AppState,
+    job: Job,
+    wait: oneshot::Receiver<std::result::Result<Vec<ImageVerdict>, (StatusCode, String)>>,
+) -> std::result::Result<Vec<ImageVerdict>, Response> {
     if state.queue.try_send(job).is_err() {
         state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
         let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "all workers busy and the queue is full; retry later");

@@ -1,7 +1,8 @@
 //! The Open Inference Protocol (KServe v2) REST subset beside `/v1`: health, model metadata and
-//! readiness, and `infer` with a BYTES input of encoded images, as JSON (base64) or binary data.
+//! readiness, and `infer` with a BYTES input of encoded images or an FP32 input of network
+//! inputs, as JSON or binary data.
 
-use super::{find_model, read_body, refuse, run_job, AppState, ImageVerdict, Refusal, ServedModel};
+use super::{find_model, read_body, refuse, run_job, run_network_inputs_job, AppState, ImageVerdict, Refusal, ServedModel};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +22,8 @@ const VERSION: &str = "1";
 /// An infer request's input is one BYTES tensor of N elements, each an encoded image (PNG, JPEG,
 /// BMP, TIFF): in JSON `data` as base64 strings, or in the binary tensor extension (the body is
 /// `Inference-Header-Content-Length` bytes of JSON, then each element as a 4-byte little-endian
-/// length and its bytes). Outputs per image: `score` (FP64), with a threshold `pred_label` (BOOL)
+/// length and its bytes). Or an FP32 tensor [N, 3, 448, 448] of network inputs, preprocessed as
+/// the exported ONNX graph's `input` (docs/deploy.md), each image's test views consecutive. Outputs per image: `score` (FP64), with a threshold `pred_label` (BOOL)
 /// and with a threshold and score range `pred_score` (FP64), in JSON or, when asked (`binary_data`, `binary_data_output`),
 /// as binary data. Images go through the same limits, queue and 4xx answers as `/v1/score`.
 pub fn model_routes() -> Router<Arc<AppState>> {
@@ -182,14 +184,93 @@ fn split_body<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<(InferRequest, 
     Ok((request, &body[json_len..]))
 }
 
-/// The encoded images of the request's one BYTES input, named `input[i]`.
-fn input_images(request: &InferRequest, binary: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Refusal> {
+/// What a request's one input holds.
+enum Inputs {
+    /// Encoded images, named `input[i]`.
+    Images(Vec<(String, Vec<u8>)>),
+    /// Network inputs, [N, 3, 448, 448] row-major (the exported ONNX graph's `input`).
+    NetworkInputs(Vec<f32>),
+}
+
+/// The request's one input: a BYTES tensor of encoded images, or an FP32 tensor of network
+/// inputs, `views` rows per image.
+fn request_inputs(request: &InferRequest, binary: &[u8], views: usize, combined: bool) -> Result<Inputs, Refusal> {
     let [input] = request.inputs.as_slice() else {
         return Err(bad_request(format!("one input (a BYTES tensor of encoded images) expected, got {}", request.inputs.len())));
     };
+    if input.datatype == "FP32" {
+        return network_inputs(input, binary, views, combined).map(Inputs::NetworkInputs);
+    }
+    input_images(input, binary).map(Inputs::Images)
+}
+
+/// An FP32 input [N, 3, 448, 448] of network inputs (preprocessed as docs/deploy.md says), the
+/// `views` views of each image consecutive.
+fn network_inputs(input: &InputTensor, binary: &[u8], views: usize, combined: bool) -> Result<Vec<f32>, Refusal> {
+    let side = crate::backbone::INPUT_SIZE as i64;
+    let [n, 3, h, w] = input.shape.as_slice() else {
+        return Err(bad_request(format!("FP32 input shape {:?}: expected [N, 3, {side}, {side}]", input.shape)));
+    };
+    if (*h, *w) != (side, side) || *n < 1 {
+        return Err(bad_request(format!("FP32 input shape {:?}: expected [N, 3, {side}, {side}] with N >= 1", input.shape)));
+    }
+    let n = usize::try_from(*n).map_err(|_| bad_request("FP32 input: N is too large"))?;
+    if n % views != 0 {
+        return Err(bad_request(format!("FP32 input: {n} rows are not whole images of {views} views each")));
+    }
+    if combined && views > 1 {
+        return Err(bad_request(format!(
+            "FP32 input: this model combines the flow's score with its feature map over {views} rotated views; send encoded images"
+        )));
+    }
+    let count = n.checked_mul(3 * (side * side) as usize).ok_or_else(|| bad_request("FP32 input: N is too large"))?;
+    let size = input.parameters.as_ref().and_then(|p| p.get("binary_data_size"));
+    let values: Vec<f32> = match (size, &input.data) {
+        (Some(_), None) => {
+            if binary.len() != count * 4 {
+                return Err(bad_request(format!(
+                    "FP32 input of shape {:?} needs {} bytes of binary data, got {}",
+                    input.shape,
+                    count * 4,
+                    binary.len()
+                )));
+            }
+            binary.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        }
+        (None, Some(data)) => {
+            let mut values = Vec::with_capacity(count);
+            flatten_numbers(data, &mut values).map_err(bad_request)?;
+            values
+        }
+        (Some(_), Some(_)) => return Err(bad_request("an input has either `data` or `binary_data_size`, not both")),
+        (None, None) => return Err(bad_request(format!("input `{}` has no data", input.name))),
+    };
+    if values.len() != count {
+        return Err(bad_request(format!("FP32 input shape {:?} says {count} values, the data holds {}", input.shape, values.len())));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(bad_request(format!("FP32 input value {i} is not finite")));
+    }
+    Ok(values)
+}
+
+/// The numbers of an FP32 tensor's JSON `data`, flat or nested, in row-major order.
+fn flatten_numbers(v: &serde_json::Value, out: &mut Vec<f32>) -> Result<(), String> {
+    match v {
+        serde_json::Value::Array(items) => items.iter().try_for_each(|i| flatten_numbers(i, out)),
+        serde_json::Value::Number(x) => {
+            out.push(x.as_f64().ok_or("FP32 data holds a number out of range")? as f32);
+            Ok(())
+        }
+        other => Err(format!("FP32 data holds numbers, not {other}")),
+    }
+}
+
+/// The encoded images of a BYTES input, named `input[i]`.
+fn input_images(input: &InputTensor, binary: &[u8]) -> Result<Vec<(String, Vec<u8>)>, Refusal> {
     if input.datatype != "BYTES" {
         return Err(bad_request(format!(
-            "input `{}` is {}: this service takes BYTES elements holding encoded images (PNG, JPEG, BMP, TIFF)",
+            "input `{}` is {}: this service takes BYTES elements holding encoded images (PNG, JPEG, BMP, TIFF), or FP32 network inputs [N, 3, 448, 448]",
             input.name, input.datatype
         )));
     }
@@ -322,9 +403,14 @@ async fn infer_inner(
     let model = model_at(state, name, version).map_err(refuse)?;
     let body = read_body(state, request).await?;
     let (request, binary) = split_body(headers, &body).map_err(refuse)?;
-    let images = input_images(&request, binary).map_err(refuse)?;
-    let available = available_outputs(&model.detector.model.manifest);
-    let verdicts = run_job(state, model.clone(), images, false).await?;
+    let d = &model.detector;
+    let combined = matches!(d.model.manifest.image_score, crate::model::ImageScore::FlowAndMapMax(_));
+    let inputs = request_inputs(&request, binary, d.views(state.limits.views).len(), combined).map_err(refuse)?;
+    let available = available_outputs(&d.model.manifest);
+    let verdicts = match inputs {
+        Inputs::Images(images) => run_job(state, model.clone(), images, false).await?,
+        Inputs::NetworkInputs(rows) => run_network_inputs_job(state, model.clone(), rows).await?,
+    };
     let all_binary = flag(&request.parameters, "binary_data_output").unwrap_or(false);
     let wanted: Vec<(String, bool)> = match &request.outputs {
         Some(outputs) => outputs.iter().map(|o| (o.name.clone(), flag(&o.parameters, "binary_data").unwrap_or(all_binary))).collect(),
