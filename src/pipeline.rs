@@ -289,7 +289,7 @@ impl Detector {
         let n = crate::backbone::INPUT_SIZE;
         let per_row = 3 * n * n;
         let count = rows.len() / per_row;
-        if views == 0 || count == 0 || rows.len() % per_row != 0 || count % views != 0 {
+        if views == 0 || count == 0 || !rows.len().is_multiple_of(per_row) || !count.is_multiple_of(views) {
             return Err(Error::Config(format!(
                 "network inputs: {} values are not whole images of {views} views of 3 x {n} x {n}",
                 rows.len()

@@ -215,7 +215,7 @@ fn network_inputs(input: &InputTensor, binary: &[u8], views: usize, combined: bo
         return Err(bad_request(format!("FP32 input shape {:?}: expected [N, 3, {side}, {side}] with N >= 1", input.shape)));
     }
     let n = usize::try_from(*n).map_err(|_| bad_request("FP32 input: N is too large"))?;
-    if n % views != 0 {
+    if !n.is_multiple_of(views) {
         return Err(bad_request(format!("FP32 input: {n} rows are not whole images of {views} views each")));
     }
     if combined && views > 1 {
