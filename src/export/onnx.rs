@@ -376,3 +376,26 @@ fn emit_blur(g: &mut GraphBuilder, x: &str, n: usize, sigma: f32) -> String {
     }
     cur
 }
+
+#[cfg(test)]
+mod tests {
+    use super::stage_side;
+    use crate::backbone::{AlexNet, Backbone, Vgg16};
+    use candle_core::{Device, Tensor};
+
+    /// The sides the layer lists imply are those of the maps the networks compute.
+    #[test]
+    fn layer_lists_give_the_stage_map_sides() {
+        let dev = Device::Cpu;
+        let nets: [(Box<dyn Backbone>, usize); 2] =
+            [(Box::new(AlexNet::random(&dev).unwrap()), 0), (Box::new(Vgg16::random(&dev).unwrap()), 2)];
+        for (net, stage) in nets {
+            for size in [112, 100] {
+                let x = Tensor::zeros((1, 3, size, size), candle_core::DType::F32, &dev).unwrap();
+                let maps = net.stage_maps(&x, &[stage]).unwrap();
+                let layers = net.layers(size, stage).unwrap();
+                assert_eq!(maps[0].dims()[2], stage_side(&layers, size, stage), "{:?} at {size}", net.kind());
+            }
+        }
+    }
+}
