@@ -18,6 +18,15 @@ use std::sync::Mutex;
 /// The library's error as a Python exception: files that cannot be read or written are
 /// `OSError`, an interruption `KeyboardInterrupt`, everything else `ValueError`; the message is
 /// the library's, which names the file or setting.
+/// One tile's network inputs for Python: (float32 bytes, rows, height, width).
+type TileInputs<'py> = (Bound<'py, PyBytes>, usize, usize, usize);
+
+/// f32 values as native-endian bytes (numpy's `frombuffer(..., float32)` reads them back).
+fn f32_bytes<'py>(py: Python<'py>, values: &[f32]) -> Bound<'py, PyBytes> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    PyBytes::new(py, &bytes)
+}
+
 fn to_py(e: differnet::Error) -> PyErr {
     match e {
         differnet::Error::Io { .. } => PyOSError::new_err(e.to_string()),
@@ -124,17 +133,11 @@ impl PyDetector {
         pixels: Option<&Bound<'_, PyBytes>>,
         shape: (usize, usize, usize),
         views: Option<usize>,
-    ) -> PyResult<Vec<(Bound<'py, PyBytes>, usize, usize, usize)>> {
+    ) -> PyResult<Vec<TileInputs<'py>>> {
         let image = image_in(path, pixels, shape)?;
         let d = &self.inner;
         let tiles = py.detach(|| d.network_inputs(&image.decode()?, &d.views(views))).map_err(to_py)?;
-        Ok(tiles
-            .into_iter()
-            .map(|t| {
-                let bytes: Vec<u8> = t.values.iter().flat_map(|v| v.to_ne_bytes()).collect();
-                (PyBytes::new(py, &bytes), t.rows, t.height, t.width)
-            })
-            .collect())
+        Ok(tiles.into_iter().map(|t| (f32_bytes(py, &t.values), t.rows, t.height, t.width)).collect())
     }
 
     /// The decision on a score: (pred_score, pred_label, threshold), each `None` when the
@@ -159,8 +162,7 @@ impl PyDetector {
         let d = &self.inner;
         let kind = map_kind(kind)?.unwrap_or_else(|| d.default_map());
         let map = py.detach(|| d.anomaly_map(&image.decode()?, &d.views(views), kind)).map_err(to_py)?;
-        let bytes: Vec<u8> = map.values.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        Ok((PyBytes::new(py, &bytes), map.height, map.width, map.kind.id()))
+        Ok((f32_bytes(py, &map.values), map.height, map.width, map.kind.id()))
     }
 
     /// `differnet test --json` of this model on a dataset (MVTec AD layout), as JSON text;
