@@ -44,8 +44,12 @@ impl ScoreRange {
 
     /// `pred_score` of a score at threshold θ: 0.5 at θ, clamped to [0, 1].
     pub fn normalize(&self, score: f64, threshold: f64) -> f64 {
-        let span = (self.max - self.min).max(f64::EPSILON * threshold.abs().max(1.0));
-        ((score - threshold) / span + 0.5).clamp(0.0, 1.0)
+        ((score - threshold) / self.span(threshold) + 0.5).clamp(0.0, 1.0)
+    }
+
+    /// max − min, kept above rounding for a range of one score.
+    pub fn span(&self, threshold: f64) -> f64 {
+        (self.max - self.min).max(f64::EPSILON * threshold.abs().max(1.0))
     }
 }
 

@@ -112,8 +112,11 @@ impl GraphBuilder {
         self.graph.input.push(value_info(name, elem, dims));
     }
 
-    pub fn output(&mut self, name: &str, elem: DataType, dims: &[Dim]) {
-        self.graph.output.push(value_info(name, elem, dims));
+    /// A graph output with its description.
+    pub fn output(&mut self, name: &str, elem: DataType, dims: &[Dim], doc: &str) {
+        let mut v = value_info(name, elem, dims);
+        v.doc_string = doc.to_string();
+        self.graph.output.push(v);
     }
 
     /// The model: this graph, the operator set, the producer and the metadata properties.

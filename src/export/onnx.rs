@@ -131,8 +131,7 @@ pub fn scoring_graph(det: &Detector, name: &str) -> Result<ModelProto> {
 
     let threshold = manifest.threshold.as_ref().map(|t| t.value);
     if let (Some(t), Some(r)) = (threshold, manifest.score_range) {
-        let span = (r.max - r.min).max(f64::EPSILON * t.abs().max(1.0));
-        let (tc, sc, half) = (g.scalar_f64(t), g.scalar_f64(span), g.scalar_f64(0.5));
+        let (tc, sc, half) = (g.scalar_f64(t), g.scalar_f64(r.span(t)), g.scalar_f64(0.5));
         let c = g.op("Sub", &[&score, &tc], &[]);
         let q = g.op("Div", &[&c, &sc], &[]);
         let shifted = g.op("Add", &[&q, &half], &[]);
@@ -145,7 +144,7 @@ pub fn scoring_graph(det: &Detector, name: &str) -> Result<ModelProto> {
         g.op_into("GreaterOrEqual", &[&score, &tc], &[], "pred_label");
     }
 
-    for (out, _) in OUTPUTS {
+    for (out, doc) in OUTPUTS {
         let present = match out {
             "pred_score" => threshold.is_some() && manifest.score_range.is_some(),
             "pred_label" => threshold.is_some(),
@@ -163,7 +162,7 @@ pub fn scoring_graph(det: &Detector, name: &str) -> Result<ModelProto> {
             }
             _ => (DataType::FLOAT, vec![Dim::Named("images")]),
         };
-        g.output(out, elem, &dims);
+        g.output(out, elem, &dims, doc);
     }
     let doc = format!("differnet {} model `{name}`: anomaly scores of parts from their views (docs/deploy.md)", manifest.backbone.id());
     Ok(g.finish(name, &doc, &super::metadata(det)?))
