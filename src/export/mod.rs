@@ -39,8 +39,8 @@ pub fn preprocessing(det: &Detector) -> String {
     };
     let tiles = match det.extractor.tiles() {
         1 => "the whole image".to_string(),
-        0 => "square tiles along the long side when it is at least 1.5 times the short one (ceil(long / short) tiles, evenly spaced), else the whole image".to_string(),
-        n => format!("{n} square tiles along the long side, evenly spaced"),
+        0 => "square tiles along the long side when it is at least 1.5 times the short one (n = ceil(long / short) tiles, tile i at floor(i * (long - short) / (n - 1))), else the whole image".to_string(),
+        n => format!("{n} square tiles of the short side along the long side, tile i at floor(i * (long - short) / {})", n - 1),
     };
     let views = det.model.manifest.test_views.max(1);
     format!(
