@@ -29,6 +29,8 @@ MODELS = {
     # the default: combined score, tiles by aspect ratio, one view
     "effnet-combined": ["--backbone", "efficientnet-lite0"],
     "alexnet-combined": ["--backbone", "alexnet"],
+    # the flow stored in f16: in the graph too, widened by Cast nodes
+    "effnet-combined-f16": ["--backbone", "efficientnet-lite0", "--flow-storage", "f16"],
     # the paper's score over 4 rotated views, NLL per view
     "effnet-flow-4views": ["--backbone", "efficientnet-lite0", "--image-score", "flow", "--test-views", "4", "--score", "nll"],
 }
@@ -70,6 +72,15 @@ def test_onnx_runtime_scores_equal_the_native_model(exported, name):
         assert bool(got["pred_label"][0]) == native["pred_label"], path
         assert abs(float(got["pred_score"][0]) - native["pred_score"]) <= 1e-4, path
     assert tiled > 0, "no tiled image among those compared"
+
+
+def test_an_f16_model_keeps_its_flow_in_f16(exported):
+    def flow_types(name):
+        g = onnx.load(str(exported[name][1])).graph
+        return {t.data_type for t in g.initializer if t.name.startswith("flow.")}
+
+    assert flow_types("effnet-combined-f16") == {onnx.TensorProto.FLOAT16}
+    assert flow_types("effnet-combined") == {onnx.TensorProto.FLOAT}
 
 
 def test_views_of_several_images_are_scored_in_one_call(exported):

@@ -28,7 +28,8 @@ pub struct ExportArgs {
     pub format: ExportFormat,
     /// How the written model file stores the flow: `f16` halves it (scores within 1e-3
     /// relative; the threshold is kept as it is), `f32` widens an f16 model back (its rounded
-    /// values stay). The ONNX graph always holds f32.
+    /// values stay). An ONNX graph stores the flow as the model file does (f16 weights are
+    /// widened in the graph).
     #[arg(long, value_enum, default_value = "f16")]
     pub flow_storage: FlowStorageArg,
     /// The model's name in the Triton repository (default: the model file's stem).

@@ -67,6 +67,20 @@ impl GraphBuilder {
         name.to_string()
     }
 
+    /// f32 values stored as an f16 initializer `name` and widened by a `Cast` node; returns the
+    /// f32 tensor's name. For values that are f16 already (an f16 model's flow), exactly them.
+    pub fn f16s_as_f32(&mut self, name: &str, dims: &[usize], values: &[f32]) -> String {
+        let stored = format!("{name}.f16");
+        if self.initializers.insert(stored.clone()) {
+            assert_eq!(dims.iter().product::<usize>(), values.len(), "initializer {name}: shape and values disagree");
+            let mut t = tensor(&stored, dims, DataType::FLOAT16);
+            t.raw_data = values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+            self.graph.initializer.push(t);
+            self.op_into("Cast", &[&stored], &[("to", Attr::Int(DataType::FLOAT as i64))], name);
+        }
+        name.to_string()
+    }
+
     /// A one-element f32 constant (a 0-d initializer, broadcast by the arithmetic ops).
     pub fn scalar(&mut self, value: f32) -> String {
         self.next += 1;

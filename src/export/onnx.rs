@@ -8,7 +8,7 @@ use crate::backbone::{INPUT_SIZE, N_SCALES};
 use crate::error::{Error, Result};
 use crate::flow::{soft_clamp_factor, NormalizingFlow, Subnet};
 use crate::localize::FEATURE_MAP_SIGMA;
-use crate::model::ImageScore;
+use crate::model::{FlowStorage, ImageScore};
 use crate::pipeline::Detector;
 use crate::score::ScoreKind;
 use onnx_protobuf::tensor_proto::DataType;
@@ -79,7 +79,7 @@ pub fn scoring_graph(det: &Detector, name: &str) -> Result<ModelProto> {
     let pooled: Vec<&str> = pooled.iter().map(String::as_str).collect();
     let features = g.op("Concat", &pooled, &[("axis", Attr::Int(1))]);
 
-    let (z, logdet) = emit_flow(&mut g, &m.flow, &features)?;
+    let (z, logdet) = emit_flow(&mut g, &m.flow, &features, manifest.flow_storage == FlowStorage::F16)?;
     let dim = m.flow.config.dim as f32;
     let z2 = g.op("Mul", &[&z, &z], &[]);
     let axis1 = g.i64s(&[1]);
@@ -237,8 +237,9 @@ fn stage_side(layers: &[Layer], input: usize, stage: usize) -> usize {
     walk(layers, input, stage).0
 }
 
-/// The flow's nodes (fig. 3, eq. 2): z and log|det J| of `y`.
-fn emit_flow(g: &mut GraphBuilder, flow: &NormalizingFlow, y: &str) -> Result<(String, String)> {
+/// The flow's nodes (fig. 3, eq. 2): z and log|det J| of `y`; `f16`: its weights stored in f16
+/// (an f16 model's, exactly) and widened in the graph.
+fn emit_flow(g: &mut GraphBuilder, flow: &NormalizingFlow, y: &str, f16: bool) -> Result<(String, String)> {
     let (n1, d) = (flow.config.dim / 2, flow.config.dim as i64);
     let alpha = flow.config.alpha;
     let mut x = y.to_string();
@@ -249,11 +250,11 @@ fn emit_flow(g: &mut GraphBuilder, flow: &NormalizingFlow, y: &str) -> Result<(S
         let xp = g.op("Gather", &[&x, &perm], &[("axis", Attr::Int(1))]);
         let x1 = g.slice(&xp, 1, 0, n1 as i64, 1);
         let x2 = g.slice(&xp, 1, n1 as i64, d, 1);
-        let (ls2, t2) = emit_scale_shift(g, &b.s2, &format!("flow.blocks.{k}.s2"), &x2, n1, alpha)?;
+        let (ls2, t2) = emit_scale_shift(g, &b.s2, &format!("flow.blocks.{k}.s2"), &x2, n1, alpha, f16)?;
         let e2 = g.op("Exp", &[&ls2], &[]);
         let m1 = g.op("Mul", &[&e2, &x1], &[]);
         let y1 = g.op("Add", &[&m1, &t2], &[]);
-        let (ls1, t1) = emit_scale_shift(g, &b.s1, &format!("flow.blocks.{k}.s1"), &y1, d as usize - n1, alpha)?;
+        let (ls1, t1) = emit_scale_shift(g, &b.s1, &format!("flow.blocks.{k}.s1"), &y1, d as usize - n1, alpha, f16)?;
         let e1 = g.op("Exp", &[&ls1], &[]);
         let m2 = g.op("Mul", &[&e1, &x2], &[]);
         let y2 = g.op("Add", &[&m2, &t1], &[]);
@@ -273,13 +274,18 @@ fn emit_flow(g: &mut GraphBuilder, flow: &NormalizingFlow, y: &str) -> Result<(S
 }
 
 /// A subnet's output split into (soft-clamped log-scale, shift) for a half of length `n`.
-fn emit_scale_shift(g: &mut GraphBuilder, s: &Subnet, name: &str, x: &str, n: usize, alpha: f64) -> Result<(String, String)> {
+fn emit_scale_shift(g: &mut GraphBuilder, s: &Subnet, name: &str, x: &str, n: usize, alpha: f64, f16: bool) -> Result<(String, String)> {
     let mut h = x.to_string();
     for (i, l) in s.layers.iter().enumerate() {
         let w = l.weight.as_tensor();
         let (out, inp) = w.dims2()?;
-        let wn = g.f32s(&format!("{name}.{}.weight", 2 * i), &[out, inp], &w.flatten_all()?.to_vec1::<f32>()?);
-        let bn = g.f32s(&format!("{name}.{}.bias", 2 * i), &[out], &l.bias.as_tensor().to_vec1::<f32>()?);
+        let (w, b) = (w.flatten_all()?.to_vec1::<f32>()?, l.bias.as_tensor().to_vec1::<f32>()?);
+        let (wn, bn) = (format!("{name}.{}.weight", 2 * i), format!("{name}.{}.bias", 2 * i));
+        let (wn, bn) = if f16 {
+            (g.f16s_as_f32(&wn, &[out, inp], &w), g.f16s_as_f32(&bn, &[out], &b))
+        } else {
+            (g.f32s(&wn, &[out, inp], &w), g.f32s(&bn, &[out], &b))
+        };
         h = g.op("Gemm", &[&h, &wn, &bn], &[("transB", Attr::Int(1))]);
         if i < 3 {
             h = g.op("Relu", &[&h], &[]);
