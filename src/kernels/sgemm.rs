@@ -116,8 +116,21 @@ impl Choice {
     }
 
     /// Times both backends on every class's probe product, alternating them so that both see
-    /// the same state of the machine (a few hundred ms in all).
+    /// the same state of the machine (a few hundred ms in all). The probes run on a pool of
+    /// their own with as many threads as rayon's global one: a product called from a global
+    /// rayon job waits on [`choice`] while this runs, so a measurement needing the global
+    /// workers would deadlock once every worker waits.
     pub fn measure(machine: String) -> Self {
+        match rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).build() {
+            Ok(pool) => pool.install(|| Self::measure_here(machine)),
+            Err(e) => {
+                tracing::debug!("sgemm: no pool of its own for the measurement ({e}); measuring on the caller's");
+                Self::measure_here(machine)
+            }
+        }
+    }
+
+    fn measure_here(machine: String) -> Self {
         let probes: Vec<Probe> = ShapeClass::ALL.iter().map(|&c| Probe::new(c)).collect();
         // one warm-up round: the thread pool, page faults, the clock's ramp
         for p in &probes {
@@ -510,6 +523,34 @@ mod tests {
         assert_eq!(faster(100.0, 100.0 * RUST_MARGIN), Backend::Rust);
         assert_eq!(faster(300.0, 150.0), Backend::OpenBlas);
         assert_eq!(faster(75.0, 150.0), Backend::Rust);
+    }
+
+    #[test]
+    fn measuring_needs_no_global_rayon_worker() {
+        // every global worker busy until the measurement ends, as when each runs a product that
+        // waits on `choice()` while another thread measures
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::time::Duration;
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        static DONE: AtomicBool = AtomicBool::new(false);
+        let workers = std::thread::spawn(|| {
+            rayon::broadcast(|_| {
+                STARTED.fetch_add(1, Ordering::SeqCst);
+                let t = Instant::now();
+                while !DONE.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                DONE.load(Ordering::SeqCst)
+            })
+        });
+        while STARTED.load(Ordering::SeqCst) < rayon::current_num_threads() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let measured = Choice::measure(machine());
+        DONE.store(true, Ordering::SeqCst);
+        let waited_for_it = workers.join().unwrap();
+        assert!(waited_for_it.iter().all(|&done| done), "the measurement waited for a busy global worker");
+        assert_eq!(measured.classes.len(), ShapeClass::ALL.len());
     }
 
     #[test]
