@@ -116,18 +116,29 @@ impl Choice {
     }
 
     /// Times both backends on every class's probe product, alternating them so that both see
-    /// the same state of the machine (a few hundred ms in all). The probes run on a pool of
-    /// their own with as many threads as rayon's global one: a product called from a global
-    /// rayon job waits on [`choice`] while this runs, so a measurement needing the global
-    /// workers would deadlock once every worker waits.
+    /// the same state of the machine (a few hundred ms in all).
+    ///
+    /// It runs on a thread of its own with a pool of its own (as many threads as rayon's global
+    /// one), and the caller waits in a plain join. Products called from global rayon jobs wait on
+    /// [`choice`] while this runs: probes on the global pool would deadlock once every worker
+    /// waits, and a global worker that measured itself would, while waiting for its probes, run
+    /// such a job and wait on its own initialization.
     pub fn measure(machine: String) -> Self {
-        match rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).build() {
-            Ok(pool) => pool.install(|| Self::measure_here(machine)),
-            Err(e) => {
-                tracing::debug!("sgemm: no pool of its own for the measurement ({e}); measuring on the caller's");
-                Self::measure_here(machine)
-            }
-        }
+        let threads = rayon::current_num_threads();
+        let name = machine.clone();
+        let run = move || -> std::result::Result<Self, String> {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| e.to_string())?;
+            Ok(pool.install(|| Self::measure_here(machine)))
+        };
+        let measured = std::thread::Builder::new()
+            .name("sgemm-measure".into())
+            .spawn(run)
+            .map_err(|e| e.to_string())
+            .and_then(|h| h.join().map_err(|_| "the measurement panicked".to_string())?);
+        measured.unwrap_or_else(|e| {
+            tracing::warn!("sgemm: backends not measured ({e}); OpenBLAS for every product");
+            Self::uniform(Backend::OpenBlas, name, format!("not measured: {e}"))
+        })
     }
 
     fn measure_here(machine: String) -> Self {
@@ -551,6 +562,35 @@ mod tests {
         let waited_for_it = workers.join().unwrap();
         assert!(waited_for_it.iter().all(|&done| done), "the measurement waited for a busy global worker");
         assert_eq!(measured.classes.len(), ShapeClass::ALL.len());
+    }
+
+    #[test]
+    fn a_global_worker_that_measures_runs_no_other_job_meanwhile() {
+        // a global worker measuring must not pick up queued global jobs while it waits for its
+        // probes: such a job may call `choice()` and wait on the initialization it is inside
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Mutex;
+        static MEASURING: AtomicBool = AtomicBool::new(false);
+        let measurer = Mutex::new(None);
+        let nested = AtomicBool::new(false);
+        rayon::scope(|s| {
+            s.spawn(|_| {
+                *measurer.lock().unwrap() = Some(std::thread::current().id());
+                MEASURING.store(true, Ordering::SeqCst);
+                let c = Choice::measure(machine());
+                MEASURING.store(false, Ordering::SeqCst);
+                assert_eq!(c.classes.len(), ShapeClass::ALL.len());
+            });
+            for _ in 0..64 {
+                s.spawn(|_| {
+                    if MEASURING.load(Ordering::SeqCst) && *measurer.lock().unwrap() == Some(std::thread::current().id()) {
+                        nested.store(true, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                });
+            }
+        });
+        assert!(!nested.load(Ordering::SeqCst), "the measuring worker ran another global job inside the measurement");
     }
 
     #[test]
