@@ -4,7 +4,7 @@
 use crate::backbone::BackboneKind;
 use crate::error::{Error, Result};
 use crate::features::FeatureCache;
-use crate::flow::train::{Schedule, SchedulePlan, TrainConfig, DEFAULT_TILES};
+use crate::flow::train::{Schedule, SchedulePlan, TrainConfig};
 use crate::model::FlowStorage;
 use crate::pipeline::{OpenOptions, TrainOptions, DEFAULT_HOLDOUT, DEFAULT_TARGET_FPR};
 use crate::score::ScoreKind;
@@ -133,6 +133,7 @@ impl TrainSettings {
             cached_views: self.cached_views.unwrap_or(base.cached_views.max(views)),
             test_views: self.test_views.unwrap_or(base.test_views),
             rotate: self.rotate.unwrap_or(base.rotate),
+            tiles: base.tiles,
         }
     }
 
@@ -166,12 +167,12 @@ impl TrainSettings {
         if let Some(n) = self.input_norm {
             cfg.input_normalization = n;
         }
-        cfg.tiles = self.tiles.as_ref().map(TilesSetting::count).transpose()?.unwrap_or(DEFAULT_TILES);
+        let plan = self.plan();
+        cfg.tiles = self.tiles.as_ref().map(TilesSetting::count).transpose()?.unwrap_or(plan.tiles);
         cfg.flow.blocks = self.blocks;
         cfg.flow.hidden = self.hidden;
         cfg.flow.alpha = self.alpha;
         cfg.adam.lr = self.lr;
-        let plan = self.plan();
         cfg.epochs = plan.epochs;
         cfg.batch_images = self.batch;
         cfg.views_per_image = plan.views_per_image;
@@ -225,9 +226,13 @@ mod tests {
         let fast = TrainSettings { backbone: Some(BackboneKind::Alexnet), ..TrainSettings::default() };
         let o = fast.options("d".into(), "m".into(), &dev).unwrap();
         assert!(o.combined_score && !o.config.augment.rotate && o.test_views == 1 && o.holdout == Some(DEFAULT_HOLDOUT));
+        assert_eq!(o.config.tiles, 0, "the fast schedule tiles long images");
         let paper = TrainSettings { schedule: Schedule::Paper, no_holdout: true, ..fast.clone() };
         let o = paper.options("d".into(), "m".into(), &dev).unwrap();
         assert!(!o.combined_score && o.config.augment.rotate && o.test_views == 64 && o.holdout.is_none());
+        assert_eq!(o.config.tiles, 1, "the paper squashes every image into the square input");
+        let tiled = TrainSettings { tiles: Some(TilesSetting::Word("auto".into())), ..paper.clone() };
+        assert_eq!(tiled.options("d".into(), "m".into(), &dev).unwrap().config.tiles, 0);
         assert!(TrainSettings { target_fpr: 1.0, ..fast }.options("d".into(), "m".into(), &dev).is_err());
     }
 }

@@ -20,7 +20,8 @@ pub struct TrainArgs {
     pub backbone: BackboneArgs,
     /// Schedule. `fast` (default): upright views only, 1 per image, 16 epochs, 1 test view; use it
     /// when parts arrive in a fixed pose (a fixture, a conveyor with guides). `paper` (section 4.2):
-    /// random rotations, 4 views per image and epoch from 16 cached, 192 epochs, 64 test views; use
+    /// random rotations, 4 views per image and epoch from 16 cached, 192 epochs, 64 test views,
+    /// whole images squashed to the square input (`--tiles 1`); use
     /// it when parts arrive in any orientation (many times the cost; e.g. `--epochs 16
     /// --cached-views 8 --test-views 16` for a cheaper rotation-trained model). The flags below
     /// override single settings of either.

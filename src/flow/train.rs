@@ -62,13 +62,18 @@ pub struct SchedulePlan {
     pub cached_views: usize,
     pub test_views: usize,
     pub rotate: bool,
+    /// Tiles per image (0: by aspect ratio, [`DEFAULT_TILES`]; 1: the whole image squashed to
+    /// the square input, as the paper's `Resize(448, 448)` does).
+    pub tiles: usize,
 }
 
 impl Schedule {
     pub fn plan(self) -> SchedulePlan {
         match self {
-            Schedule::Fast => SchedulePlan { epochs: 16, views_per_image: 1, cached_views: 1, test_views: 1, rotate: false },
-            Schedule::Paper => SchedulePlan { epochs: 192, views_per_image: 4, cached_views: 16, test_views: 64, rotate: true },
+            Schedule::Fast => {
+                SchedulePlan { epochs: 16, views_per_image: 1, cached_views: 1, test_views: 1, rotate: false, tiles: DEFAULT_TILES }
+            }
+            Schedule::Paper => SchedulePlan { epochs: 192, views_per_image: 4, cached_views: 16, test_views: 64, rotate: true, tiles: 1 },
         }
     }
 }
@@ -81,13 +86,13 @@ pub const DEFAULT_TILES: usize = 0;
 
 impl TrainConfig {
     /// `train`'s configuration of `schedule` for `backbone`: its default stages and
-    /// normalization, [`DEFAULT_TILES`], no colour jitter.
+    /// normalization, the schedule's tiles, no colour jitter.
     pub fn with_schedule(backbone: BackboneKind, schedule: Schedule) -> Self {
         let p = schedule.plan();
         let mut cfg = TrainConfig::new(backbone);
         (cfg.epochs, cfg.views_per_image, cfg.cached_views) = (p.epochs, p.views_per_image, p.cached_views);
         cfg.augment.rotate = p.rotate;
-        cfg.tiles = DEFAULT_TILES;
+        cfg.tiles = p.tiles;
         cfg
     }
 }
