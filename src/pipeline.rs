@@ -8,8 +8,9 @@ use crate::error::{Error, Result};
 use crate::eval::evaluation::{Evaluation, SampleScore};
 use crate::eval::pixel_metrics::PixelMetrics;
 use crate::features::local_density::{GaussianFit, LocalDensityInfo, LocalGaussian, SHRINKAGE};
+use crate::features::pose::{check_pose, PoseCheck};
 use crate::features::{Extractor, FeatureCache};
-use crate::flow::train::{train_flow_with_checkpoints, training_features, Checkpoint, TrainConfig, TrainingSummary};
+use crate::flow::train::{train_flow_with_checkpoints, training_features, Checkpoint, SchedulePlan, TrainConfig, TrainingSummary};
 use crate::flow::NormalizingFlow;
 use crate::localize::render::{write_heatmaps, LocalizationFiles, LocalizationImages, MapStyle};
 use crate::localize::{feature_map, gradient_map, resize_plane, GoodMapRange, MapKind};
@@ -520,6 +521,10 @@ pub struct TrainOptions {
     pub combined_score: bool,
     /// How the model file stores the flow (f16 halves it; the flow is rounded before calibration).
     pub flow_storage: FlowStorage,
+    /// When set, `train` first checks whether the good images show parts in a fixed pose
+    /// ([`check_pose`]); parts in any orientation are trained and scored with this plan's
+    /// epochs, views, cached views, rotation, Adam betas and test views instead.
+    pub any_pose_plan: Option<SchedulePlan>,
     pub open: OpenOptions,
 }
 
@@ -544,6 +549,7 @@ impl TrainOptions {
             feature_maps: true,
             combined_score: true,
             flow_storage: FlowStorage::F32,
+            any_pose_plan: None,
             open: OpenOptions::default(),
         }
     }
@@ -579,10 +585,8 @@ pub fn holdout_threshold(good: &[f64], fpr: f64) -> Option<Threshold> {
 /// reproduce and check it. `features`, `flow` and `after` receive the progress of the phases:
 /// training features, the flow's epochs, then the local density and the held-out images.
 pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, after: &dyn Progress) -> Result<Model> {
-    let cfg = &opts.config;
-    cfg.validate()?;
-    let kind = cfg.backbone;
-    let ex = extractor_for(cfg, &opts.open)?;
+    opts.config.validate()?;
+    let ex = extractor_for(&opts.config, &opts.open)?;
     let ds = Dataset::open(&opts.data)?;
     ds.require_train()?;
     let mut images = ds.train.clone();
@@ -592,7 +596,7 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
     let held_out = match opts.holdout {
         Some(f) if images.len() >= MIN_IMAGES_FOR_HOLDOUT => {
             let f = f.max(MIN_HELD_OUT as f64 / images.len() as f64);
-            let split = crate::data::validation::holdout_split(&images, f, cfg.seed)?;
+            let split = crate::data::validation::holdout_split(&images, f, opts.config.seed)?;
             images = split.fit;
             split.held_out
         }
@@ -614,6 +618,10 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
             (1.0 / opts.target_fpr).ceil()
         );
     }
+    let (opts, pose_check) = resolve_pose(opts, &ex, &images, &held_out, features)?;
+    let opts = &opts;
+    let cfg = &opts.config;
+    let kind = cfg.backbone;
     tracing::info!(backbone = kind.id(), images = images.len(), held_out = held_out.len(), "training");
     let t0 = std::time::Instant::now();
     let feats = training_features(&images, cfg, &ex, &opts.open.cache, features)?;
@@ -643,7 +651,7 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
         local_density: None,
         localization: None,
         training_data: training_data.clone(),
-        training: TrainingSummary { feature_seconds, ..summary },
+        training: TrainingSummary { feature_seconds, pose_check: pose_check.clone(), ..summary },
         flow_storage: opts.flow_storage,
         parameters_sha256: String::new(),
     };
@@ -678,6 +686,49 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
     let m = detector.model;
     let manifest = crate::model::write(&opts.out, m.manifest, &m.flow, m.local.as_ref())?;
     Ok(Model { manifest, flow: m.flow, local: m.local })
+}
+
+/// `opts` with the pose check done when it asks for one ([`TrainOptions::any_pose_plan`]): the
+/// held-out images (or, with none, a seeded fifth of the training images) probed against the
+/// fitted ones; parts found in any orientation get the any-pose plan. Returns what the check
+/// measured (`None` when none was asked for or there were too few images).
+fn resolve_pose(
+    opts: &TrainOptions,
+    ex: &Extractor,
+    fit: &[PathBuf],
+    held_out: &[PathBuf],
+    progress: &dyn Progress,
+) -> Result<(TrainOptions, Option<PoseCheck>)> {
+    let Some(plan) = opts.any_pose_plan else { return Ok((opts.clone(), None)) };
+    let (references, probes) = if !held_out.is_empty() {
+        (fit.to_vec(), held_out.to_vec())
+    } else if fit.len() >= 2 {
+        let split = crate::data::validation::holdout_split(fit, 0.2, opts.config.seed)?;
+        (split.fit, split.held_out)
+    } else {
+        tracing::warn!(images = fit.len(), "too few training images to check their pose: trained for a fixed pose");
+        return Ok((opts.clone(), None));
+    };
+    let check = check_pose(ex, &opts.open.cache, &references, &probes, progress)?;
+    tracing::info!(
+        ratio = check.ratio,
+        any_pose_below = check.any_pose_below,
+        probes = check.probes,
+        references = check.references,
+        "pose check: {}",
+        if check.any_pose { "parts in any orientation: rotation schedule" } else { "parts in a fixed pose: fast schedule" }
+    );
+    let mut resolved = opts.clone();
+    resolved.any_pose_plan = None;
+    if check.any_pose {
+        let cfg = &mut resolved.config;
+        (cfg.epochs, cfg.views_per_image, cfg.cached_views) = (plan.epochs, plan.views_per_image, plan.cached_views);
+        cfg.augment.rotate = plan.rotate;
+        (cfg.adam.beta1, cfg.adam.beta2) = plan.adam_betas;
+        resolved.test_views = plan.test_views;
+        cfg.validate()?;
+    }
+    Ok((resolved, Some(check)))
 }
 
 /// The local feature density of the training images: the first scale's stage maps of `views` of

@@ -57,6 +57,8 @@ pub struct TrainSettings {
     pub hidden: usize,
     pub alpha: f64,
     pub lr: f64,
+    /// Adam's (β₁, β₂); `None`: the schedule's.
+    pub adam_betas: Option<[f64; 2]>,
     pub brightness: f32,
     pub contrast: f32,
     pub saturation: f32,
@@ -86,7 +88,7 @@ pub struct TrainSettings {
 impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
-            schedule: Schedule::Fast,
+            schedule: Schedule::Auto,
             epochs: None,
             views: None,
             cached_views: None,
@@ -96,6 +98,7 @@ impl Default for TrainSettings {
             hidden: 2048,
             alpha: 3.0,
             lr: 2e-4,
+            adam_betas: None,
             brightness: 0.0,
             contrast: 0.0,
             saturation: 0.0,
@@ -134,7 +137,15 @@ impl TrainSettings {
             test_views: self.test_views.unwrap_or(base.test_views),
             rotate: self.rotate.unwrap_or(base.rotate),
             tiles: base.tiles,
+            adam_betas: self.adam_betas.map_or(base.adam_betas, |[b1, b2]| (b1, b2)),
         }
+    }
+
+    /// With `--schedule auto` and no `--rotate` (which states the pose): the plan `train` uses if
+    /// its pose check finds parts in any orientation, the rotation schedule with these overrides.
+    pub fn any_pose_plan(&self) -> Option<SchedulePlan> {
+        (self.schedule == Schedule::Auto && self.rotate.is_none())
+            .then(|| TrainSettings { schedule: Schedule::Rotation, ..self.clone() }.plan())
     }
 
     /// The backbone asked for, or the first whose weights are installed.
@@ -173,6 +184,7 @@ impl TrainSettings {
         cfg.flow.hidden = self.hidden;
         cfg.flow.alpha = self.alpha;
         cfg.adam.lr = self.lr;
+        (cfg.adam.beta1, cfg.adam.beta2) = plan.adam_betas;
         cfg.epochs = plan.epochs;
         cfg.batch_images = self.batch;
         cfg.views_per_image = plan.views_per_image;
@@ -197,6 +209,7 @@ impl TrainSettings {
             feature_maps: !self.no_feature_maps,
             combined_score: combined == ImageScoreChoice::Combined,
             flow_storage: self.flow_storage,
+            any_pose_plan: self.any_pose_plan(),
             open,
         })
     }
@@ -226,11 +239,27 @@ mod tests {
         let fast = TrainSettings { backbone: Some(BackboneKind::Alexnet), ..TrainSettings::default() };
         let o = fast.options("d".into(), "m".into(), &dev).unwrap();
         assert!(o.combined_score && !o.config.augment.rotate && o.test_views == 1 && o.holdout == Some(DEFAULT_HOLDOUT));
+        assert_eq!((o.config.adam.beta1, o.config.adam.beta2), (0.8, 0.8), "the official code's betas");
+        // the default checks the pose; parts in any orientation get the rotation schedule
+        let any = o.any_pose_plan.expect("auto asks for a pose check");
+        assert!(any.rotate && (any.epochs, any.views_per_image, any.cached_views, any.test_views) == (16, 4, 8, 16), "{any:?}");
+        let shorter = TrainSettings { epochs: Some(4), test_views: Some(2), ..fast.clone() }.any_pose_plan().unwrap();
+        assert_eq!((shorter.epochs, shorter.test_views), (4, 2), "overrides hold for either pose");
+        assert!(TrainSettings { rotate: Some(true), ..fast.clone() }.any_pose_plan().is_none(), "a stated pose: no check");
+        assert!(TrainSettings { schedule: Schedule::Fast, ..fast.clone() }.any_pose_plan().is_none());
         assert_eq!(o.config.tiles, 0, "the fast schedule tiles long images");
         let paper = TrainSettings { schedule: Schedule::Paper, no_holdout: true, ..fast.clone() };
         let o = paper.options("d".into(), "m".into(), &dev).unwrap();
         assert!(!o.combined_score && o.config.augment.rotate && o.test_views == 64 && o.holdout.is_none());
         assert_eq!(o.config.tiles, 1, "the paper squashes every image into the square input");
+        assert_eq!((o.config.adam.beta1, o.config.adam.beta2), (0.9, 0.999), "section 4.2: the Adam authors' betas");
+        let official = TrainSettings { adam_betas: Some([0.8, 0.8]), ..paper.clone() };
+        let c = official.options("d".into(), "m".into(), &dev).unwrap().config;
+        assert_eq!((c.adam.beta1, c.adam.beta2), (0.8, 0.8));
+        assert!(c.validate().is_ok());
+        let mut bad = c.clone();
+        bad.adam.beta2 = 1.0;
+        assert!(bad.validate().unwrap_err().to_string().contains("betas"));
         let tiled = TrainSettings { tiles: Some(TilesSetting::Word("auto".into())), ..paper.clone() };
         assert_eq!(tiled.options("d".into(), "m".into(), &dev).unwrap().config.tiles, 0);
         assert!(TrainSettings { target_fpr: 1.0, ..fast }.options("d".into(), "m".into(), &dev).is_err());

@@ -21,6 +21,9 @@ pub struct SynthArgs {
     pub per_defect: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// `parts` only: parts turned by at most 5° (a fixture) instead of any orientation.
+    #[arg(long)]
+    pub fixed_pose: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -47,7 +50,7 @@ pub struct ValidationSetArgs {
 pub fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
     match a.kind {
         SynthKind::Textures => differnet::data::synth::generate(&a.out, a.train, a.test_good, a.per_defect, a.seed)?,
-        SynthKind::Parts => differnet::data::synth::generate_parts(&a.out, a.train, a.test_good, a.per_defect, a.seed)?,
+        SynthKind::Parts => differnet::data::synth::generate_parts(&a.out, a.train, a.test_good, a.per_defect, a.seed, a.fixed_pose)?,
     }
     if !cli.quiet {
         println!("synthetic dataset written to {}", a.out.display());

@@ -83,6 +83,10 @@ pub struct ExperimentArgs {
     /// Hidden width of the flows' subnets (paper: 2048).
     #[arg(long, default_value_t = 2048)]
     pub hidden: usize,
+    /// Adam's β₁,β₂ of every flow (default: the paper's "author-suggested" 0.9,0.999; the
+    /// official code uses 0.8,0.8).
+    #[arg(long, value_name = "B1,B2", value_delimiter = ',', num_args = 2, default_values_t = [0.9, 0.999])]
+    pub adam_betas: Vec<f64>,
     /// An already trained model to use as the full DifferNet configuration (table2, table3).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -121,6 +125,7 @@ pub fn run(cli: &Cli, a: &ExperimentArgs, dev: &candle_core::Device) -> Result<(
     train.views_per_image = a.views;
     train.augment = a.jitter.augment(a.rotate == Switch::On);
     train.seed = a.seed;
+    (train.adam.beta1, train.adam.beta2) = (a.adam_betas[0], a.adam_betas[1]);
     train.validate()?;
     let config =
         ExperimentConfig { train, test_views: a.test_views, shots: a.shots.clone(), subsets: a.subsets.max(1), multimodal_blocks: 12 };

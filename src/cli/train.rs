@@ -18,28 +18,30 @@ pub struct TrainArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub backbone: BackboneArgs,
-    /// Schedule. `fast` (default): upright views only, 1 per image, 16 epochs, 1 test view; use it
-    /// when parts arrive in a fixed pose (a fixture, a conveyor with guides). `paper` (section 4.2):
-    /// random rotations, 4 views per image and epoch from 16 cached, 192 epochs, 64 test views,
-    /// whole images squashed to the square input (`--tiles 1`); use
-    /// it when parts arrive in any orientation (many times the cost; e.g. `--epochs 16
-    /// --cached-views 8 --test-views 16` for a cheaper rotation-trained model). The flags below
-    /// override single settings of either.
-    #[arg(long, value_enum, default_value = "fast")]
+    /// Schedule. `auto` (default): `fast` or `rotation`, whichever a pose check of the training
+    /// images finds (rotated held-out good images far from the upright ones: a fixed pose);
+    /// `--rotate on|off` states the pose instead. `fast`: upright views only, 1 per image, 16
+    /// epochs, 1 test view: parts in a fixed pose (a fixture, a conveyor with guides).
+    /// `rotation`: random rotations, 4 views per image and epoch from 8 cached, 16 epochs, 16
+    /// test views: parts in any orientation (about 5 times `fast`'s cost). `paper` (section
+    /// 4.2): random rotations, 4 views per image and epoch from 16 cached, 192 epochs, 64 test
+    /// views, Adam β 0.9,0.999, whole images squashed to the square input (`--tiles 1`). The
+    /// flags below override single settings of any.
+    #[arg(long, value_enum, default_value = "auto")]
     pub schedule: Schedule,
-    /// Training epochs (fast: 16, paper: 192).
+    /// Training epochs (fast, rotation: 16; paper: 192).
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Views of each image per epoch (fast: 1, paper: 4).
+    /// Views of each image per epoch (fast: 1; rotation, paper: 4).
     #[arg(long)]
     pub views: Option<usize>,
-    /// Views extracted once per training image and sampled each epoch (fast: 1, paper: 16).
+    /// Views extracted once per training image and sampled each epoch (fast: 1, rotation: 8, paper: 16).
     #[arg(long)]
     pub cached_views: Option<usize>,
     /// Images per batch (official: 24, i.e. 96 views).
     #[arg(long, default_value_t = 24)]
     pub batch: usize,
-    /// Test views stored with the model (rotations i*360/n; fast: 1, paper: 64).
+    /// Test views stored with the model (rotations i*360/n; fast: 1, rotation: 16, paper: 64).
     #[arg(long)]
     pub test_views: Option<usize>,
     /// Coupling blocks (paper: 8).
@@ -54,9 +56,14 @@ pub struct TrainArgs {
     /// Adam learning rate (paper: 2e-4).
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
+    /// Adam's β₁,β₂ (fast: the official code's 0.8,0.8; paper: 0.9,0.999, the "author-suggested"
+    /// values of section 4.2).
+    #[arg(long, value_name = "B1,B2", value_delimiter = ',', num_args = 2)]
+    pub adam_betas: Option<Vec<f64>>,
     #[command(flatten)]
     pub jitter: JitterArgs,
-    /// Random rotations in training: on (paper) or off (fast).
+    /// Random rotations in training: on (rotation, paper) or off (fast); with `--schedule auto`
+    /// this states the pose and skips the pose check.
     #[arg(long, value_name = "on|off")]
     pub rotate: Option<Switch>,
     /// Per-view score stored with the model.
@@ -113,14 +120,18 @@ pub enum ImageScoreArg {
 /// Training schedules (see `train --schedule`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Schedule {
+    Auto,
     Fast,
+    Rotation,
     Paper,
 }
 
 impl From<Schedule> for differnet::flow::train::Schedule {
     fn from(s: Schedule) -> Self {
         match s {
+            Schedule::Auto => Self::Auto,
             Schedule::Fast => Self::Fast,
+            Schedule::Rotation => Self::Rotation,
             Schedule::Paper => Self::Paper,
         }
     }
@@ -149,6 +160,7 @@ impl TrainArgs {
             hidden: self.hidden,
             alpha: self.alpha,
             lr: self.lr,
+            adam_betas: self.adam_betas.as_deref().map(|b| [b[0], b[1]]),
             brightness: self.jitter.brightness,
             contrast: self.jitter.contrast,
             saturation: self.jitter.saturation,
@@ -195,6 +207,18 @@ pub fn run(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<()> {
             model.flow.parameter_count(),
             model.manifest.backbone.id()
         );
+        if let Some(p) = &model.manifest.training.pose_check {
+            println!(
+                "pose check: rotated good images {:.3} times as far from the training images as upright ones (any pose below {}): {}",
+                p.ratio,
+                p.any_pose_below,
+                if p.any_pose {
+                    "parts in any orientation, trained with rotations (--schedule rotation)"
+                } else {
+                    "parts in a fixed pose, trained upright (--schedule fast)"
+                }
+            );
+        }
     }
     Ok(())
 }

@@ -124,8 +124,10 @@ fn on_part(u: f32, v: f32, filled_hole: Option<usize>) -> bool {
 
 /// Renders one part rotated by `angle` and shifted by (dx, dy) on a dark, noisy background;
 /// `defect` paints one defect on it and returns its mask.
-fn part_image(rng: &mut impl Rng, defect: Option<&str>) -> (Vec<f32>, Vec<u8>) {
+fn part_image(rng: &mut impl Rng, defect: Option<&str>, fixed_pose: bool) -> (Vec<f32>, Vec<u8>) {
     let angle = rng.random_range(0.0..std::f32::consts::TAU);
+    // a fixture: the same draw mapped to ±5°
+    let angle = if fixed_pose { (angle / std::f32::consts::TAU - 0.5) * 10f32.to_radians() } else { angle };
     let (dx, dy) = (rng.random_range(-12.0..12.0f32), rng.random_range(-12.0..12.0f32));
     let (ca, sa) = (angle.cos(), angle.sin());
     let c = SIZE as f32 / 2.0;
@@ -181,19 +183,20 @@ fn part_image(rng: &mut impl Rng, defect: Option<&str>) -> (Vec<f32>, Vec<u8>) {
 }
 
 /// Writes a synthetic dataset of parts that arrive in any orientation (a plate with two holes
-/// and a notch, rotated uniformly and shifted a little): `n_train` good training images,
-/// `n_test_good` good test images and `n_per_defect` of each of [`PART_DEFECTS`] with masks.
-pub fn generate_parts(root: &Path, n_train: usize, n_test_good: usize, n_per_defect: usize, seed: u64) -> Result<()> {
+/// and a notch, rotated uniformly and shifted a little; with `fixed_pose`, turned by at most 5°
+/// as in a fixture): `n_train` good training images, `n_test_good` good test images and
+/// `n_per_defect` of each of [`PART_DEFECTS`] with masks.
+pub fn generate_parts(root: &Path, n_train: usize, n_test_good: usize, n_per_defect: usize, seed: u64, fixed_pose: bool) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9A27_5000);
     for i in 0..n_train {
-        save_gray(&root.join(format!("train/good/{i:03}.png")), SIZE, SIZE, &to_u8(&part_image(&mut rng, None).0))?;
+        save_gray(&root.join(format!("train/good/{i:03}.png")), SIZE, SIZE, &to_u8(&part_image(&mut rng, None, fixed_pose).0))?;
     }
     for i in 0..n_test_good {
-        save_gray(&root.join(format!("test/good/{i:03}.png")), SIZE, SIZE, &to_u8(&part_image(&mut rng, None).0))?;
+        save_gray(&root.join(format!("test/good/{i:03}.png")), SIZE, SIZE, &to_u8(&part_image(&mut rng, None, fixed_pose).0))?;
     }
     for kind in PART_DEFECTS {
         for i in 0..n_per_defect {
-            let (img, mask) = part_image(&mut rng, Some(kind));
+            let (img, mask) = part_image(&mut rng, Some(kind), fixed_pose);
             save_gray(&root.join(format!("test/{kind}/{i:03}.png")), SIZE, SIZE, &to_u8(&img))?;
             save_gray(&root.join(format!("ground_truth/{kind}/{i:03}_mask.png")), SIZE, SIZE, &mask)?;
         }

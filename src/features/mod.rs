@@ -3,6 +3,7 @@
 //! and the local feature vectors' Gaussian density ([`local_density`]) the feature maps read.
 
 pub mod local_density;
+pub mod pose;
 
 use crate::backbone::weights::sha256_hex;
 use crate::backbone::{self, multiscale_features, multiscale_features_and_local, Backbone, BackboneKind, INPUT_SIZE};

@@ -43,19 +43,26 @@ pub struct TrainConfig {
     pub tiles: usize,
 }
 
-/// The two training schedules: what they fix (the rest is the paper's everywhere).
+/// The training schedules: what they fix (the rest is the paper's everywhere).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Schedule {
+    /// `Fast` or `Rotation`, whichever the pose check of the training images
+    /// ([`crate::features::pose`]) finds: rotated good parts far from the upright ones mean a
+    /// fixed pose. Its plan is `Fast`'s; `pipeline::train` switches to `Rotation`'s.
+    Auto,
     /// Upright views only, 1 per image, 16 epochs, 1 test view: parts in a fixed pose.
     Fast,
+    /// Random rotations, 4 views per image and epoch from 8 cached, 16 epochs, 16 test views:
+    /// parts in any orientation, at a fraction of the paper schedule's cost.
+    Rotation,
     /// Section 4.2: random rotations, 4 views per image and epoch from 16 cached, 192 epochs,
-    /// 64 test views.
+    /// 64 test views, Adam with its authors' β = (0.9, 0.999).
     Paper,
 }
 
 /// The numbers a schedule sets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SchedulePlan {
     pub epochs: usize,
     pub views_per_image: usize,
@@ -65,15 +72,41 @@ pub struct SchedulePlan {
     /// Tiles per image (0: by aspect ratio, [`DEFAULT_TILES`]; 1: the whole image squashed to
     /// the square input, as the paper's `Resize(448, 448)` does).
     pub tiles: usize,
+    /// Adam's (β₁, β₂): the official code's (0.8, 0.8) for the fast schedule, the paper's
+    /// "author-suggested" (0.9, 0.999) (section 4.2, Kingma and Ba's defaults) for its own.
+    pub adam_betas: (f64, f64),
 }
 
 impl Schedule {
     pub fn plan(self) -> SchedulePlan {
         match self {
-            Schedule::Fast => {
-                SchedulePlan { epochs: 16, views_per_image: 1, cached_views: 1, test_views: 1, rotate: false, tiles: DEFAULT_TILES }
-            }
-            Schedule::Paper => SchedulePlan { epochs: 192, views_per_image: 4, cached_views: 16, test_views: 64, rotate: true, tiles: 1 },
+            Schedule::Auto | Schedule::Fast => SchedulePlan {
+                epochs: 16,
+                views_per_image: 1,
+                cached_views: 1,
+                test_views: 1,
+                rotate: false,
+                tiles: DEFAULT_TILES,
+                adam_betas: (0.8, 0.8),
+            },
+            Schedule::Rotation => SchedulePlan {
+                epochs: 16,
+                views_per_image: 4,
+                cached_views: 8,
+                test_views: 16,
+                rotate: true,
+                tiles: DEFAULT_TILES,
+                adam_betas: (0.8, 0.8),
+            },
+            Schedule::Paper => SchedulePlan {
+                epochs: 192,
+                views_per_image: 4,
+                cached_views: 16,
+                test_views: 64,
+                rotate: true,
+                tiles: 1,
+                adam_betas: (0.9, 0.999),
+            },
         }
     }
 }
@@ -93,6 +126,7 @@ impl TrainConfig {
         (cfg.epochs, cfg.views_per_image, cfg.cached_views) = (p.epochs, p.views_per_image, p.cached_views);
         cfg.augment.rotate = p.rotate;
         cfg.tiles = p.tiles;
+        (cfg.adam.beta1, cfg.adam.beta2) = p.adam_betas;
         cfg
     }
 }
@@ -155,6 +189,10 @@ impl TrainConfig {
                 self.cached_views, self.views_per_image
             )));
         }
+        let (b1, b2) = (self.adam.beta1, self.adam.beta2);
+        if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
+            return Err(Error::Config(format!("Adam's betas must each be in [0, 1), got ({b1}, {b2})")));
+        }
         Ok(())
     }
 }
@@ -166,6 +204,9 @@ pub struct TrainingSummary {
     pub epoch_losses: Vec<f64>,
     pub feature_seconds: f64,
     pub flow_seconds: f64,
+    /// What `train`'s pose check measured, when it ran one (`--schedule auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pose_check: Option<crate::features::pose::PoseCheck>,
 }
 
 /// The random training views of image `i`: deterministic in (seed, i).
