@@ -49,7 +49,7 @@ def server(tmp_path_factory):
     cli("synth", "textures", "--out", str(data), "--train", "12", "--test-good", "2", "--per-defect", "1", "--seed", "2")
     model = root / "part.safetensors"
     cli("train", "--data", str(data), "--out", str(model), "--cache-dir", str(root / "cache"),
-        "--epochs", "2", "--blocks", "2", "--hidden", "64", "--seed", "1")
+        "--schedule", "fast", "--epochs", "2", "--blocks", "2", "--hidden", "64", "--seed", "1")
     port = free_port()
     proc = subprocess.Popen([BIN, "--quiet", "serve", "--model", f"part={model}", "--addr", f"127.0.0.1:{port}"],
                             stderr=subprocess.PIPE)

@@ -4,9 +4,8 @@
 use super::{print_json, BackboneArg, Bar, Cli};
 use anyhow::Result;
 use clap::Args;
-use differnet::features::FeatureCache;
-use differnet::flow::train::{Schedule, TrainConfig};
-use differnet::pipeline::{Detector, OpenOptions, TrainOptions};
+use differnet::pipeline::Detector;
+use differnet::settings::TrainSettings;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -33,7 +32,7 @@ pub struct BenchArgs {
     /// cache: reports `e2e_seconds` and `image_auroc`.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Training epochs of the end-to-end run, which uses `train`'s default schedule (fast: 16).
+    /// Training epochs of the end-to-end run, which uses `train`'s default schedule (16 epochs).
     #[arg(long)]
     pub e2e_epochs: Option<usize>,
 }
@@ -46,28 +45,33 @@ pub fn run(cli: &Cli, a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
     let mut r = differnet::bench::run(&ex, a.views, &flow, a.flow_batch, a.flow_steps)?;
     if let Some(data) = &a.data {
         let tmp = std::env::temp_dir().join(format!("differnet-bench-{}", std::process::id()));
-        let schedule = Schedule::Fast; // train's default
-        let mut config = TrainConfig::with_schedule(differnet::backbone::BackboneKind::EfficientnetLite0, schedule);
-        config.flow.hidden = a.hidden;
-        if let Some(e) = a.e2e_epochs {
-            config.epochs = e;
-        }
-        let open = OpenOptions { device: dev.clone(), cache: FeatureCache { dir: Some(tmp.join("cache")) }, ..OpenOptions::default() };
-        let opts = TrainOptions { open: open.clone(), ..TrainOptions::new(data.clone(), tmp.join("model.safetensors"), config.clone()) };
+        // train's defaults, the pose check included
+        let settings = TrainSettings {
+            backbone: Some(differnet::backbone::BackboneKind::EfficientnetLite0),
+            hidden: a.hidden,
+            epochs: a.e2e_epochs,
+            backbone_batch: a.backbone_batch.max(1),
+            cache_dir: Some(tmp.join("cache")),
+            ..TrainSettings::default()
+        };
+        let opts = settings.options(data.clone(), tmp.join("model.safetensors"), dev)?;
+        let open = opts.open.clone();
         let t = std::time::Instant::now();
         let model = differnet::pipeline::train(&opts, &Bar::new(cli, "features"), &Bar::new(cli, "flow"), &Bar::new(cli, "calibrate"))?;
         let d = Detector::open(&opts.out, &open)?;
         let ev = d.evaluate(&differnet::data::Dataset::open(data)?, None, &Bar::new(cli, "scoring"))?;
         r.e2e_seconds = Some(t.elapsed().as_secs_f64());
         r.image_auroc = Some(ev.image_auroc);
+        let (cfg, pose) = (&model.manifest.train, model.manifest.training.pose_check.as_ref());
         r.e2e_settings = Some(format!(
-            "{} training images, fast schedule: {} epochs, {} view(s) per image, rotation {}; {} test images x {} view(s); flow width {}; empty feature cache",
+            "{} training images, train's default schedule ({}): {} epochs, {} view(s) per image, rotation {}; {} test images x {} view(s); flow width {}; empty feature cache",
             model.manifest.training_data.n_images,
-            config.epochs,
-            config.views_per_image,
-            if config.augment.rotate { "on" } else { "off" },
+            pose.map_or_else(|| "no pose check".to_string(), |p| p.verdict()),
+            cfg.epochs,
+            cfg.views_per_image,
+            if cfg.augment.rotate { "on" } else { "off" },
             ev.n_good + ev.n_defect,
-            opts.test_views,
+            model.manifest.test_views,
             a.hidden
         ));
         r.peak_rss_bytes = differnet::bench::peak_rss_bytes().max(r.peak_rss_bytes);

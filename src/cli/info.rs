@@ -37,6 +37,7 @@ pub fn summary(m: &Manifest, bytes: u64) -> String {
             format!("image score: the flow's + the feature map's maximum, standardized on {} held-out images", st.images)
         }
     };
+    let pose = m.training.pose_check.as_ref().map(|p| format!("; {}", p.verdict())).unwrap_or_default();
     let last_loss = m.training.epoch_losses.last().map(|l| format!(", last loss {l:.4}")).unwrap_or_default();
     [
         format!(
@@ -55,13 +56,15 @@ pub fn summary(m: &Manifest, bytes: u64) -> String {
             params as f64 / 1e6
         ),
         format!(
-            "schedule      {} epochs, batch {} images x {} views (from {} cached), rotation {}{jitter}, lr {:e}, seed {}",
+            "schedule      {} epochs, batch {} images x {} views (from {} cached), rotation {}{jitter}, lr {:e}, Adam betas ({}, {}), seed {}{pose}",
             t.epochs,
             t.batch_images,
             t.views_per_image,
             t.cached_views,
             if a.rotate { "on" } else { "off" },
             t.adam.lr,
+            t.adam.beta1,
+            t.adam.beta2,
             t.seed
         ),
         format!("scoring       {:?}, {} test view(s), {image_score}; threshold {threshold}; heat maps {heat_maps}", m.score, m.test_views),

@@ -88,7 +88,7 @@ pub struct TrainArgs {
     /// Do not fit the local feature density (no feature maps; heat maps are gradient maps).
     #[arg(long)]
     pub no_feature_maps: bool,
-    /// Image score. `combined` (default with the fast schedule): the flow's score plus the
+    /// Image score. `combined` (default but with `--schedule paper`): the flow's score plus the
     /// feature map's maximum, each standardized on the held-out good images, so that a small
     /// defect global pooling washes out still counts; `flow`: the flow's score alone, the
     /// paper's (default with `--schedule paper`, and whenever nothing is held out or there are no
@@ -208,16 +208,7 @@ pub fn run(cli: &Cli, a: &TrainArgs, dev: &candle_core::Device) -> Result<()> {
             model.manifest.backbone.id()
         );
         if let Some(p) = &model.manifest.training.pose_check {
-            println!(
-                "pose check: rotated good images {:.3} times as far from the training images as upright ones (any pose below {}): {}",
-                p.ratio,
-                p.any_pose_below,
-                if p.any_pose {
-                    "parts in any orientation, trained with rotations (--schedule rotation)"
-                } else {
-                    "parts in a fixed pose, trained upright (--schedule fast)"
-                }
-            );
+            println!("pose check: {} ({} held-out images against {} fitted ones)", p.verdict(), p.probes, p.references);
         }
     }
     Ok(())

@@ -34,6 +34,17 @@ pub struct PoseCheck {
     pub references: usize,
 }
 
+impl PoseCheck {
+    /// One line: the ratio, the bound, and what `train` did with it.
+    pub fn verdict(&self) -> String {
+        if self.any_pose {
+            format!("pose ratio {:.3} < {}: parts in any orientation, trained with rotations", self.ratio, self.any_pose_below)
+        } else {
+            format!("pose ratio {:.3} >= {}: parts in a fixed pose, trained upright", self.ratio, self.any_pose_below)
+        }
+    }
+}
+
 /// At most `n` of `items`, evenly spaced.
 fn spread<T: Clone>(items: &[T], n: usize) -> Vec<T> {
     if items.len() <= n {
