@@ -88,7 +88,7 @@ pub struct TrainSettings {
 impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
-            schedule: Schedule::Auto,
+            schedule: Schedule::Fast,
             epochs: None,
             views: None,
             cached_views: None,
@@ -240,14 +240,14 @@ mod tests {
         let o = fast.options("d".into(), "m".into(), &dev).unwrap();
         assert!(o.combined_score && !o.config.augment.rotate && o.test_views == 1 && o.holdout == Some(DEFAULT_HOLDOUT));
         assert_eq!((o.config.adam.beta1, o.config.adam.beta2), (0.8, 0.8), "the official code's betas");
-        // the default checks the pose; parts in any orientation get the rotation schedule
-        let any = o.any_pose_plan.expect("auto asks for a pose check");
+        assert!(o.any_pose_plan.is_none(), "the default trains upright without a pose check");
+        // `auto` checks the pose; parts in any orientation get the rotation schedule
+        let auto = TrainSettings { schedule: Schedule::Auto, ..fast.clone() };
+        let any = auto.any_pose_plan().expect("auto asks for a pose check");
         assert!(any.rotate && (any.epochs, any.views_per_image, any.cached_views, any.test_views) == (16, 4, 8, 16), "{any:?}");
-        let shorter = TrainSettings { epochs: Some(4), test_views: Some(2), ..fast.clone() }.any_pose_plan().unwrap();
+        let shorter = TrainSettings { epochs: Some(4), test_views: Some(2), ..auto.clone() }.any_pose_plan().unwrap();
         assert_eq!((shorter.epochs, shorter.test_views), (4, 2), "overrides hold for either pose");
-        assert!(TrainSettings { rotate: Some(true), ..fast.clone() }.any_pose_plan().is_none(), "a stated pose: no check");
-        assert!(TrainSettings { schedule: Schedule::Fast, ..fast.clone() }.any_pose_plan().is_none());
-        assert_eq!(o.config.tiles, 0, "the fast schedule tiles long images");
+        assert!(TrainSettings { rotate: Some(true), ..auto.clone() }.any_pose_plan().is_none(), "a stated pose: no check");
         let paper = TrainSettings { schedule: Schedule::Paper, no_holdout: true, ..fast.clone() };
         let o = paper.options("d".into(), "m".into(), &dev).unwrap();
         assert!(!o.combined_score && o.config.augment.rotate && o.test_views == 64 && o.holdout.is_none());

@@ -279,5 +279,5 @@ fn bench_reports_the_issue_keys_and_an_end_to_end_run() {
     }
     assert!(r["backbone_views_per_s"].as_f64().unwrap() > 0.0);
     let settings = r["e2e_settings"].as_str().unwrap();
-    assert!(settings.contains("train's default schedule (pose ratio") && settings.contains(": 1 epochs"), "{settings}");
+    assert!(settings.contains("train's defaults: 1 epochs") && settings.contains("rotation off"), "{settings}");
 }

@@ -45,7 +45,7 @@ pub fn run(cli: &Cli, a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
     let mut r = differnet::bench::run(&ex, a.views, &flow, a.flow_batch, a.flow_steps)?;
     if let Some(data) = &a.data {
         let tmp = std::env::temp_dir().join(format!("differnet-bench-{}", std::process::id()));
-        // train's defaults, the pose check included
+        // train's defaults
         let settings = TrainSettings {
             backbone: Some(differnet::backbone::BackboneKind::EfficientnetLite0),
             hidden: a.hidden,
@@ -64,9 +64,9 @@ pub fn run(cli: &Cli, a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
         r.image_auroc = Some(ev.image_auroc);
         let (cfg, pose) = (&model.manifest.train, model.manifest.training.pose_check.as_ref());
         r.e2e_settings = Some(format!(
-            "{} training images, train's default schedule ({}): {} epochs, {} view(s) per image, rotation {}; {} test images x {} view(s); flow width {}; empty feature cache",
+            "{} training images, train's defaults{}: {} epochs, {} view(s) per image, rotation {}; {} test images x {} view(s); flow width {}; empty feature cache",
             model.manifest.training_data.n_images,
-            pose.map_or_else(|| "no pose check".to_string(), |p| p.verdict()),
+            pose.map(|p| format!(" ({})", p.verdict())).unwrap_or_default(),
             cfg.epochs,
             cfg.views_per_image,
             if cfg.augment.rotate { "on" } else { "off" },
