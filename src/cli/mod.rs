@@ -260,7 +260,7 @@ pub struct BackboneArgs {
     #[arg(long, value_enum)]
     pub input_norm: Option<NormArg>,
     /// Square tiles cut along each image's long side when training, each scored on its own, the
-    /// image's score the largest: `auto` (the default of `--schedule fast`; per image, the long
+    /// image's score the largest: `auto` (the default but with `--schedule paper`; per image, the long
     /// side over the short, rounded up, for images at least 1.5 times as long as wide, e.g. 3 for
     /// KolektorSDD's 500 x 1250; 1 for images closer to square) or a number (1: the whole image
     /// squashed to a square, as the paper does; the default of `--schedule paper`). A model keeps
