@@ -721,12 +721,9 @@ fn resolve_pose(
     let mut resolved = opts.clone();
     resolved.any_pose_plan = None;
     if check.any_pose {
-        let cfg = &mut resolved.config;
-        (cfg.epochs, cfg.views_per_image, cfg.cached_views) = (plan.epochs, plan.views_per_image, plan.cached_views);
-        cfg.augment.rotate = plan.rotate;
-        (cfg.adam.beta1, cfg.adam.beta2) = plan.adam_betas;
+        resolved.config.train_by(&plan);
         resolved.test_views = plan.test_views;
-        cfg.validate()?;
+        resolved.config.validate()?;
     }
     Ok((resolved, Some(check)))
 }

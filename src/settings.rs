@@ -184,12 +184,9 @@ impl TrainSettings {
         cfg.flow.hidden = self.hidden;
         cfg.flow.alpha = self.alpha;
         cfg.adam.lr = self.lr;
-        (cfg.adam.beta1, cfg.adam.beta2) = plan.adam_betas;
-        cfg.epochs = plan.epochs;
         cfg.batch_images = self.batch;
-        cfg.views_per_image = plan.views_per_image;
-        cfg.cached_views = plan.cached_views;
         cfg.augment = Augment { rotate: plan.rotate, brightness: self.brightness, contrast: self.contrast, saturation: self.saturation };
+        cfg.train_by(&plan);
         cfg.seed = self.seed;
         let open =
             OpenOptions { device: device.clone(), backbone_batch: self.backbone_batch, cache: self.cache(), ..OpenOptions::default() };

@@ -123,11 +123,17 @@ impl TrainConfig {
     pub fn with_schedule(backbone: BackboneKind, schedule: Schedule) -> Self {
         let p = schedule.plan();
         let mut cfg = TrainConfig::new(backbone);
-        (cfg.epochs, cfg.views_per_image, cfg.cached_views) = (p.epochs, p.views_per_image, p.cached_views);
-        cfg.augment.rotate = p.rotate;
+        cfg.train_by(&p);
         cfg.tiles = p.tiles;
-        (cfg.adam.beta1, cfg.adam.beta2) = p.adam_betas;
         cfg
+    }
+
+    /// Takes a plan's training numbers: epochs, views per image, cached views, rotation and
+    /// Adam's betas (not its tiles or test views, which belong to the extractor and the model).
+    pub fn train_by(&mut self, p: &SchedulePlan) {
+        (self.epochs, self.views_per_image, self.cached_views) = (p.epochs, p.views_per_image, p.cached_views);
+        self.augment.rotate = p.rotate;
+        (self.adam.beta1, self.adam.beta2) = p.adam_betas;
     }
 }
 
