@@ -195,7 +195,7 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let dim = ex.local_dim();
     let mut identity = vec![0f32; dim * dim];
     (0..dim).for_each(|i| identity[i * dim + i] = 1.0);
-    let density = crate::features::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity };
+    let density = crate::features::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity, image_contrast: false };
     let plain = fastest(&|| ex.view_features(&resized, &one).map(drop))?;
     let with_map = fastest(&|| {
         let (_, grids) = ex.view_features_and_distances(&resized, &one, &density)?;

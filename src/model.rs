@@ -264,6 +264,7 @@ fn describe(
         (Some(g), Some(info)) => {
             info.sha256 = g.sha256();
             info.dim = g.dim;
+            info.image_contrast = g.image_contrast;
         }
         (None, None) => {}
         _ => return Err(Error::Config("a local density and its manifest entry go together".into())),
@@ -357,7 +358,7 @@ impl Model {
         }
         let local = match &manifest.local_density {
             Some(info) => {
-                let g = LocalGaussian::from_tensors(&tensors, info.dim, path)?;
+                let g = LocalGaussian::from_tensors(&tensors, info.dim, info.image_contrast, path)?;
                 if g.sha256() != info.sha256 {
                     return Err(bad("local density checksum mismatch: the file is corrupted or was edited".into()));
                 }

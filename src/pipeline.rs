@@ -515,6 +515,9 @@ pub struct TrainOptions {
     pub target_fpr: f64,
     /// Fit the local feature density that feature maps need.
     pub feature_maps: bool,
+    /// The local vectors carry their difference from their view's median
+    /// ([`crate::features::local_density::with_image_contrast`]).
+    pub image_contrast: bool,
     /// Score images by the flow's score and the feature map's maximum, standardized on the
     /// held-out images ([`ImageScore::FlowAndMapMax`]); needs `feature_maps` and held-out images,
     /// else the flow's score alone.
@@ -547,6 +550,7 @@ impl TrainOptions {
             holdout: Some(DEFAULT_HOLDOUT),
             target_fpr: DEFAULT_TARGET_FPR,
             feature_maps: true,
+            image_contrast: DEFAULT_IMAGE_CONTRAST,
             combined_score: true,
             flow_storage: FlowStorage::F32,
             any_pose_plan: None,
@@ -554,6 +558,9 @@ impl TrainOptions {
         }
     }
 }
+
+/// Whether `train`'s feature maps use image contrast by default.
+pub const DEFAULT_IMAGE_CONTRAST: bool = false;
 
 /// `train`'s default held-out fraction of the training images.
 pub const DEFAULT_HOLDOUT: f64 = 0.15;
@@ -671,9 +678,15 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
     let mut manifest = manifest(cfg, summary);
     let local = if opts.feature_maps {
         let views = test_views(opts.test_views.clamp(1, LOCAL_FIT_VIEWS));
-        let g = fit_local_density(&ex, &images, &views, after)?;
-        manifest.local_density =
-            Some(LocalDensityInfo { dim: g.0.dim, vectors: g.1, images: images.len(), shrinkage: SHRINKAGE, sha256: String::new() });
+        let g = fit_local_density(&ex, &images, &views, opts.image_contrast, after)?;
+        manifest.local_density = Some(LocalDensityInfo {
+            dim: g.0.dim,
+            image_contrast: opts.image_contrast,
+            vectors: g.1,
+            images: images.len(),
+            shrinkage: SHRINKAGE,
+            sha256: String::new(),
+        });
         Some(g.0)
     } else {
         None
@@ -730,19 +743,29 @@ fn resolve_pose(
 
 /// The local feature density of the training images: the first scale's stage maps of `views` of
 /// every tile. Returns it with the number of vectors fitted.
-fn fit_local_density(ex: &Extractor, images: &[PathBuf], views: &[View], progress: &dyn Progress) -> Result<(LocalGaussian, u64)> {
-    tracing::info!(images = images.len(), views = views.len(), "fitting the local feature density");
+fn fit_local_density(
+    ex: &Extractor,
+    images: &[PathBuf],
+    views: &[View],
+    image_contrast: bool,
+    progress: &dyn Progress,
+) -> Result<(LocalGaussian, u64)> {
+    tracing::info!(images = images.len(), views = views.len(), image_contrast, "fitting the local feature density");
     progress.set_message("local density");
     progress.set_length(images.len() as u64);
-    let mut fit = GaussianFit::new(ex.local_dim());
+    let mut fit = GaussianFit::new(ex.local_dim() * if image_contrast { 2 } else { 1 });
     for p in images {
         let img = Detector::read_image(p)?;
         for tile in square_tiles(&img, ex.tiles_for(img.width, img.height)) {
-            fit.add(&ex.local_vectors(&resize_bilinear(&tile, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE), views)?);
+            fit.add(&ex.local_vectors(
+                &resize_bilinear(&tile, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE),
+                views,
+                image_contrast,
+            )?);
         }
         progress.step(1)?;
     }
-    Ok((fit.finish()?, fit.count()))
+    Ok((LocalGaussian { image_contrast, ..fit.finish()? }, fit.count()))
 }
 
 /// Scores (and maps) the held-out good images and stores in the model what they set: the

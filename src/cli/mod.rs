@@ -79,8 +79,9 @@ pub enum Command {
     /// (a plate with holes and a notch in any orientation; missing holes, scratches, chips).
     Synth(data::SynthArgs),
     /// Validation data from a dataset's own good images: a seeded held-out part of train/good as
-    /// test/good, the same images with pasted synthetic defects as test/synthetic, the rest as
-    /// train/good (links), for choosing settings without touching the real test set.
+    /// test/good, the same images with one pasted synthetic defect each as test/<kind> (scratch,
+    /// spot, crack, region: a band of another held-out image's surface), the rest as train/good
+    /// (links), for choosing settings without touching the real test set.
     ValidationSet(data::ValidationSetArgs),
     /// Measure backbone and flow throughput, test latency and peak memory on this machine.
     Bench(bench::BenchArgs),

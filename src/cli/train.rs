@@ -89,6 +89,11 @@ pub struct TrainArgs {
     /// Do not fit the local feature density (no feature maps; heat maps are gradient maps).
     #[arg(long)]
     pub no_feature_maps: bool,
+    /// Feature maps from each local vector together with its difference from its image's median
+    /// vector (on), or from the vector alone (off): on finds a large region of a surface unlike
+    /// the rest of the part (uneven finish, a band of other material) that looks good by itself.
+    #[arg(long, value_name = "on|off")]
+    pub image_contrast: Option<Switch>,
     /// Image score. `combined` (default but with `--schedule paper`): the flow's score plus the
     /// feature map's maximum, each standardized on the held-out good images, so that a small
     /// defect global pooling washes out still counts; `flow`: the flow's score alone, the
@@ -172,6 +177,7 @@ impl TrainArgs {
             no_holdout: self.no_holdout,
             target_fpr: self.target_fpr,
             no_feature_maps: self.no_feature_maps,
+            image_contrast: self.image_contrast.map_or(differnet::pipeline::DEFAULT_IMAGE_CONTRAST, |s| s == Switch::On),
             image_score: self.image_score.map(|s| match s {
                 ImageScoreArg::Combined => ImageScoreChoice::Combined,
                 ImageScoreArg::Flow => ImageScoreChoice::Flow,

@@ -8,8 +8,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
-/// The kinds of synthetic defect pasted into held-out images, in turn.
-pub const SYNTHETIC_DEFECTS: [&str; 3] = ["scratch", "spot", "crack"];
+/// The kinds of synthetic defect pasted into held-out images, in turn: three small ones drawn in
+/// ([`paste_defect`]) and one large region of another good image's surface ([`paste_region`]).
+pub const SYNTHETIC_DEFECTS: [&str; 4] = ["scratch", "spot", "crack", "region"];
 
 /// A seeded split of training images into the part the flow is fitted on and a held-out part.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +98,44 @@ pub fn paste_defect(img: &Rgb8, kind: &str, rng: &mut impl Rng) -> (Rgb8, Vec<u8
     (out, mask)
 }
 
+/// A copy of `img` whose band along one edge (chosen at random, 15-45% of the image deep, its
+/// inner boundary wandering by up to 3% of the side) holds the pixels of `donor` (another good
+/// image, resized to `img`'s size) at the same places: a large area of a surface that is good
+/// on its own but not this part's, as a whole region of uneven finish or a wrong material is.
+/// Returns the image and the region's mask (255 inside).
+pub fn paste_region(img: &Rgb8, donor: &Rgb8, rng: &mut impl Rng) -> (Rgb8, Vec<u8>) {
+    let donor = crate::views::resize_bilinear(donor, img.width, img.height);
+    let (w, h) = (img.width, img.height);
+    let edge = rng.random_range(0..4u8);
+    // along the edge: position t in 0..len; across it: depth from the edge
+    let (len, across) = if edge < 2 { (w, h) } else { (h, w) };
+    let depth = rng.random_range(0.15..0.45f32) * across as f32;
+    let wander = 0.03 * len.min(across) as f32;
+    let (mut off, mut boundary) = (0f32, Vec::with_capacity(len));
+    for _ in 0..len {
+        off = (off + rng.random_range(-1.0..1.0f32) * wander * 0.1).clamp(-wander, wander);
+        boundary.push(depth + off);
+    }
+    let mut out = img.clone();
+    let mut mask = vec![0u8; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let (t, d) = match edge {
+                0 => (x, y),
+                1 => (x, h - 1 - y),
+                2 => (y, x),
+                _ => (y, w - 1 - x),
+            };
+            if (d as f32) < boundary[t] {
+                let i = y * w + x;
+                out.data[i * 3..i * 3 + 3].copy_from_slice(&donor.data[i * 3..i * 3 + 3]);
+                mask[i] = 255;
+            }
+        }
+    }
+    (out, mask)
+}
+
 /// What [`write_validation_set`] wrote.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ValidationSet {
@@ -109,8 +148,10 @@ pub struct ValidationSet {
 }
 
 /// Writes a validation dataset for `ds` under `out` (MVTec AD layout): `train/good` links to the
-/// fitted part of `ds.train`, `test/good` links to the held-out part, `test/synthetic` holds a
-/// copy of each held-out image with one pasted defect, and `ground_truth/synthetic` their masks.
+/// fitted part of `ds.train`, `test/good` links to the held-out part, `test/<kind>` holds a copy
+/// of each held-out image with one pasted defect of that kind (the kinds of [`SYNTHETIC_DEFECTS`]
+/// in turn, so `test` reports each; a region comes from the next held-out image), and
+/// `ground_truth/<kind>` their masks.
 pub fn write_validation_set(ds: &Dataset, out: &Path, fraction: f64, seed: u64) -> Result<ValidationSet> {
     ds.require_train()?;
     let split = holdout_split(&ds.train, fraction, seed)?;
@@ -130,14 +171,23 @@ pub fn write_validation_set(ds: &Dataset, out: &Path, fraction: f64, seed: u64) 
         link(p, "test/good")?;
         let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
         let img = decode_rgb(&bytes).map_err(|reason| Error::Image { path: p.clone(), reason })?;
-        let (bad, mask) = paste_defect(&img, SYNTHETIC_DEFECTS[i % SYNTHETIC_DEFECTS.len()], &mut rng);
+        let kind = SYNTHETIC_DEFECTS[i % SYNTHETIC_DEFECTS.len()];
+        let (bad, mask) = match kind {
+            "region" => {
+                let q = &split.held_out[(i + 1) % split.held_out.len()];
+                let bytes = std::fs::read(q).map_err(|e| Error::io(q, e))?;
+                let donor = decode_rgb(&bytes).map_err(|reason| Error::Image { path: q.clone(), reason })?;
+                paste_region(&img, &donor, &mut rng)
+            }
+            small => paste_defect(&img, small, &mut rng),
+        };
         let stem = p.file_stem().unwrap_or_default().to_string_lossy();
         let rgb = image::RgbImage::from_raw(bad.width as u32, bad.height as u32, bad.data).expect("buffer matches size");
-        write_atomic(&out.join(format!("test/synthetic/{stem}.png")), &crate::views::png_bytes(&rgb))?;
+        write_atomic(&out.join(format!("test/{kind}/{stem}.png")), &crate::views::png_bytes(&rgb))?;
         let gray = image::GrayImage::from_raw(img.width as u32, img.height as u32, mask).expect("buffer matches size");
         let mut png = vec![];
         gray.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).map_err(|e| Error::format(p, e.to_string()))?;
-        write_atomic(&out.join(format!("ground_truth/synthetic/{stem}_mask.png")), &png)?;
+        write_atomic(&out.join(format!("ground_truth/{kind}/{stem}_mask.png")), &png)?;
     }
     Ok(ValidationSet {
         root: out.to_path_buf(),
@@ -174,7 +224,7 @@ mod tests {
     fn pasted_defects_change_exactly_their_mask() {
         let img = Rgb8 { width: 120, height: 300, data: (0..120 * 300 * 3).map(|i| (100 + (i / 3) % 7) as u8).collect() };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        for kind in SYNTHETIC_DEFECTS {
+        for kind in &SYNTHETIC_DEFECTS[..3] {
             let (bad, mask) = paste_defect(&img, kind, &mut rng);
             let marked = mask.iter().filter(|&&m| m == 255).count();
             assert!(marked > 3, "{kind}: {marked} pixels");
@@ -183,5 +233,27 @@ mod tests {
                 assert_eq!(changed, *m == 255, "{kind}: pixel {i}");
             }
         }
+    }
+
+    #[test]
+    fn a_pasted_region_is_the_donors_surface_along_one_edge() {
+        let img = Rgb8 { width: 90, height: 60, data: vec![10; 90 * 60 * 3] };
+        let donor = Rgb8 { width: 45, height: 30, data: vec![200; 45 * 30 * 3] };
+        let mut edges = std::collections::HashSet::new();
+        for seed in 0..12 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let (bad, mask) = paste_region(&img, &donor, &mut rng);
+            let marked = mask.iter().filter(|&&m| m == 255).count() as f32 / mask.len() as f32;
+            assert!((0.10..0.50).contains(&marked), "seed {seed}: {marked} of the image");
+            for (i, m) in mask.iter().enumerate() {
+                assert_eq!(bad.data[i * 3], if *m == 255 { 200 } else { 10 }, "seed {seed}: pixel {i}");
+            }
+            // the band touches exactly one edge's middle
+            let at = |x: usize, y: usize| mask[y * 90 + x] == 255;
+            let touched = [at(45, 0), at(45, 59), at(0, 30), at(89, 30)];
+            assert_eq!(touched.iter().filter(|&&t| t).count(), 1, "seed {seed}: {touched:?}");
+            edges.insert(touched.iter().position(|&t| t));
+        }
+        assert!(edges.len() >= 3, "edges chosen: {edges:?}");
     }
 }

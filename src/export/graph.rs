@@ -45,11 +45,23 @@ impl GraphBuilder {
 
     /// A node `op` whose output gets the name `out` (graph outputs are named so).
     pub fn op_into(&mut self, op: &str, inputs: &[&str], attrs: &[(&str, Attr)], out: &str) {
+        self.node(op, inputs, attrs, vec![out.to_string()]);
+    }
+
+    /// A node `op` with `outputs` outputs (TopK's values and indices); returns their names.
+    pub fn op_outputs(&mut self, op: &str, inputs: &[&str], attrs: &[(&str, Attr)], outputs: usize) -> Vec<String> {
+        self.next += 1;
+        let names: Vec<String> = (0..outputs).map(|i| format!("{}_{}_{i}", op.to_lowercase(), self.next)).collect();
+        self.node(op, inputs, attrs, names.clone());
+        names
+    }
+
+    fn node(&mut self, op: &str, inputs: &[&str], attrs: &[(&str, Attr)], outputs: Vec<String>) {
         let mut node = NodeProto::new();
         node.op_type = op.to_string();
-        node.name = format!("{out}_node");
+        node.name = format!("{}_node", outputs[0]);
         node.input = inputs.iter().map(|s| s.to_string()).collect();
-        node.output = vec![out.to_string()];
+        node.output = outputs;
         node.attribute = attrs.iter().map(|(name, a)| attribute(name, a)).collect();
         self.graph.node.push(node);
     }

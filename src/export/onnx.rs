@@ -334,7 +334,10 @@ fn emit_feature_map(
     }
     let same: Vec<&str> = same.iter().map(String::as_str).collect();
     let all = g.op("Concat", &same, &[("axis", Attr::Int(1))]);
-    let nhwc = g.op("Transpose", &[&all], &[("perm", Attr::Ints(vec![0, 2, 3, 1]))]);
+    let mut nhwc = g.op("Transpose", &[&all], &[("perm", Attr::Ints(vec![0, 2, 3, 1]))]);
+    if density.image_contrast {
+        nhwc = emit_image_contrast(g, &nhwc, side, density.dim / 2);
+    }
     let c = density.dim;
     let mean = g.f32s("local_density.mean", &[c], &density.mean);
     let precision = g.f32s("local_density.precision", &[c, c], &density.precision);
@@ -358,6 +361,23 @@ fn emit_feature_map(
     let sizes = g.op("Concat", &[&lead, "image_size"], &[("axis", Attr::Int(0))]);
     let at_image = bilinear(g, "anomaly_map", &sizes);
     Ok(g.op("ReduceMax", &[&at_image], &[("axes", Attr::Ints(vec![1, 2, 3])), ("keepdims", Attr::Int(0))]))
+}
+
+/// `local_density::with_image_contrast` on [N, side, side, C] local vectors: each followed by
+/// its difference from its view's median (TopK of the positions' values, its last: rank
+/// ⌊positions / 2⌋ from below); [N, side, side, 2C].
+fn emit_image_contrast(g: &mut GraphBuilder, nhwc: &str, side: usize, channels: usize) -> String {
+    let positions = side * side;
+    let flat_shape = g.i64s(&[0, positions as i64, channels as i64]);
+    let flat = g.op("Reshape", &[nhwc, &flat_shape], &[]);
+    let k = positions - positions / 2;
+    let k_input = g.i64s(&[k as i64]);
+    let top = g.op_outputs("TopK", &[&flat, &k_input], &[("axis", Attr::Int(1)), ("largest", Attr::Int(1)), ("sorted", Attr::Int(1))], 2);
+    let median = g.slice(&top[0], 1, k as i64 - 1, k as i64, 1);
+    let contrast = g.op("Sub", &[&flat, &median], &[]);
+    let both = g.op("Concat", &[&flat, &contrast], &[("axis", Attr::Int(2))]);
+    let grid_shape = g.i64s(&[0, side as i64, side as i64, 2 * channels as i64]);
+    g.op("Reshape", &[&both, &grid_shape], &[])
 }
 
 /// Bilinear resize to `sizes` (half-pixel centres, edges clamped: `localize::resize_plane`).

@@ -5,6 +5,10 @@
 //! Shared rather than per position (PaDiM): a part may arrive in any orientation or offset, and
 //! tiles of a long image see different places of it, so "what a good vector looks like" must not
 //! depend on where it is.
+//!
+//! With image contrast ([`with_image_contrast`]) each vector is followed by its difference from
+//! its own view's median vector: a region whose surface is good on some part but not like the
+//! rest of this one (a band of another finish) stands out, where the vector alone looks good.
 
 use crate::error::{Error, Result};
 
@@ -15,10 +19,32 @@ pub const SHRINKAGE: f64 = 0.01;
 /// The fitted density: mean μ and precision Σ⁻¹ of the local vectors.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalGaussian {
+    /// Length of the vectors it models: a view's channels, twice that with `image_contrast`.
     pub dim: usize,
     pub mean: Vec<f32>,
     /// Σ⁻¹, dim × dim row-major (symmetric).
     pub precision: Vec<f32>,
+    /// The vectors are [`with_image_contrast`]'s: each followed by its difference from its
+    /// view's median vector.
+    pub image_contrast: bool,
+}
+
+/// Each of a view's local vectors (`positions` × `channels`, row-major) followed by its
+/// difference from the view's median vector (per channel, the value of rank ⌊positions / 2⌋):
+/// `positions` × 2·`channels`.
+pub fn with_image_contrast(vectors: &[f32], positions: usize, channels: usize) -> Vec<f32> {
+    let mut median = vec![0f32; channels];
+    let mut column = vec![0f32; positions];
+    for (c, m) in median.iter_mut().enumerate() {
+        column.iter_mut().enumerate().for_each(|(p, v)| *v = vectors[p * channels + c]);
+        *m = *column.select_nth_unstable_by(positions / 2, f32::total_cmp).1;
+    }
+    let mut out = Vec::with_capacity(2 * vectors.len());
+    for v in vectors.chunks_exact(channels) {
+        out.extend_from_slice(v);
+        out.extend(v.iter().zip(&median).map(|(a, m)| a - m));
+    }
+    out
 }
 
 /// Running sums of local vectors for [`LocalGaussian`]: the vectors are shifted by the first
@@ -85,6 +111,7 @@ impl GaussianFit {
             dim: d,
             mean: m.iter().zip(shift).map(|(a, c)| (a + *c as f64) as f32).collect(),
             precision: precision.iter().map(|v| *v as f32).collect(),
+            image_contrast: false,
         })
     }
 }
@@ -127,6 +154,16 @@ pub fn invert_spd(a: &[f64], n: usize) -> Option<Vec<f64>> {
 }
 
 impl LocalGaussian {
+    /// Distances of one view's local vectors as the backbone gives them (`positions` × channels),
+    /// made into the vectors this density models first.
+    pub fn view_distances(&self, vectors: &[f32], positions: usize) -> Vec<f32> {
+        if self.image_contrast {
+            self.distances(&with_image_contrast(vectors, positions, vectors.len() / positions.max(1)))
+        } else {
+            self.distances(vectors)
+        }
+    }
+
     /// Mahalanobis distance √((x−μ)ᵀ Σ⁻¹ (x−μ)) of each row of `vectors` (rows × dim).
     pub fn distances(&self, vectors: &[f32]) -> Vec<f32> {
         let d = self.dim;
@@ -154,6 +191,7 @@ impl LocalGaussian {
     pub fn from_tensors(
         tensors: &std::collections::HashMap<String, candle_core::Tensor>,
         dim: usize,
+        image_contrast: bool,
         path: &std::path::Path,
     ) -> Result<Self> {
         let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
@@ -163,7 +201,7 @@ impl LocalGaussian {
             }
             Ok(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
         };
-        Ok(LocalGaussian { dim, mean: get(MEAN_TENSOR, &[dim])?, precision: get(PRECISION_TENSOR, &[dim, dim])? })
+        Ok(LocalGaussian { dim, mean: get(MEAN_TENSOR, &[dim])?, precision: get(PRECISION_TENSOR, &[dim, dim])?, image_contrast })
     }
 
     /// sha256 over the mean and precision (f32 little-endian), recorded in the manifest.
@@ -187,8 +225,13 @@ pub const PRECISION_TENSOR: &str = "local_density.precision";
 /// What the manifest records of a model's local density.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LocalDensityInfo {
-    /// Length of a local vector: the pooled stages' channels together.
+    /// Length of a modelled vector: the pooled stages' channels together, twice that with
+    /// `image_contrast`.
     pub dim: usize,
+    /// The vectors carry their difference from their view's median ([`with_image_contrast`]);
+    /// absent (false) in models written before it existed.
+    #[serde(default)]
+    pub image_contrast: bool,
     /// Local vectors (positions × views × images) it was fitted on.
     pub vectors: u64,
     pub images: usize,
@@ -255,9 +298,59 @@ mod tests {
 
     #[test]
     fn tensors_round_trip() {
-        let g = LocalGaussian { dim: 2, mean: vec![1.0, 2.0], precision: vec![1.0, 0.5, 0.5, 2.0] };
+        let g = LocalGaussian { dim: 2, mean: vec![1.0, 2.0], precision: vec![1.0, 0.5, 0.5, 2.0], image_contrast: true };
         let map: std::collections::HashMap<_, _> = g.tensors().unwrap().into_iter().collect();
-        assert_eq!(LocalGaussian::from_tensors(&map, 2, std::path::Path::new("m")).unwrap(), g);
-        assert!(LocalGaussian::from_tensors(&map, 3, std::path::Path::new("m")).is_err());
+        assert_eq!(LocalGaussian::from_tensors(&map, 2, true, std::path::Path::new("m")).unwrap(), g);
+        assert!(LocalGaussian::from_tensors(&map, 3, true, std::path::Path::new("m")).is_err());
+    }
+
+    #[test]
+    fn image_contrast_is_the_difference_from_the_views_median() {
+        // 5 positions × 2 channels; medians (rank 2 of 5) are 3 and 40
+        let v = [1.0, 10.0, 3.0, 50.0, 9.0, 40.0, 2.0, 30.0, 4.0, 60.0];
+        let out = with_image_contrast(&v, 5, 2);
+        let want = [1.0, 10.0, -2.0, -30.0, 3.0, 50.0, 0.0, 10.0, 9.0, 40.0, 6.0, 0.0, 2.0, 30.0, -1.0, -10.0, 4.0, 60.0, 1.0, 20.0];
+        assert_eq!(out, want);
+        // a density over the augmented vectors takes the view's own vectors
+        let g = LocalGaussian {
+            dim: 4,
+            mean: vec![0.0; 4],
+            precision: (0..16).map(|i| if i % 5 == 0 { 1.0 } else { 0.0 }).collect(),
+            image_contrast: true,
+        };
+        let d = g.view_distances(&v, 5);
+        let norm = |r: &[f32]| r.iter().map(|x| x * x).sum::<f32>().sqrt();
+        d.iter().zip(want.chunks_exact(4)).for_each(|(a, r)| assert!((a - norm(r)).abs() < 1e-4, "{a} vs {}", norm(r)));
+    }
+
+    #[test]
+    fn image_contrast_finds_a_region_of_another_images_surface() {
+        // each image's surface is a random level shared by its positions plus small noise: the
+        // vectors alone vary mostly between images, so a band holding another image's level looks
+        // good to the plain density and not to the one with image contrast
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let (positions, channels) = (64, 3);
+        let surface = |level: &[f32; 3], rng: &mut rand_chacha::ChaCha8Rng| -> Vec<f32> {
+            (0..positions * channels).map(|i| level[i % channels] + 0.1 * (rng.random::<f32>() - 0.5)).collect()
+        };
+        let (mut plain, mut contrast) = (GaussianFit::new(channels), GaussianFit::new(2 * channels));
+        for _ in 0..200 {
+            let level = [rng.random_range(-3.0..3.0f32), rng.random_range(-3.0..3.0), rng.random_range(-3.0..3.0)];
+            let v = surface(&level, &mut rng);
+            plain.add(&v);
+            contrast.add(&with_image_contrast(&v, positions, channels));
+        }
+        let plain = plain.finish().unwrap();
+        let contrast = LocalGaussian { image_contrast: true, ..contrast.finish().unwrap() };
+        // a test image at level 1 whose last 20 positions hold a level-(-1) surface
+        let mut v = surface(&[1.0; 3], &mut rng);
+        v[(positions - 20) * channels..].copy_from_slice(&surface(&[-1.0; 3], &mut rng)[(positions - 20) * channels..]);
+        let ratio = |d: Vec<f32>| {
+            let mean = |s: &[f32]| s.iter().sum::<f32>() / s.len() as f32;
+            mean(&d[positions - 20..]) / mean(&d[..positions - 20])
+        };
+        let (r_plain, r_contrast) = (ratio(plain.view_distances(&v, positions)), ratio(contrast.view_distances(&v, positions)));
+        assert!(r_plain < 1.5, "the plain density flags the band: {r_plain}");
+        assert!(r_contrast > 5.0, "image contrast misses the band: {r_contrast}");
     }
 }

@@ -136,13 +136,22 @@ impl Extractor {
     }
 
     /// The first scale's local vectors of each view (stage maps of the 448 input only, for
-    /// fitting the local density): [views × positions, channels] row-major.
-    pub fn local_vectors(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
+    /// fitting the local density): [views × positions, channels] row-major, each followed by its
+    /// difference from its view's median with `image_contrast`.
+    pub fn local_vectors(&self, resized: &Rgb8, views: &[View], image_contrast: bool) -> Result<Vec<f32>> {
         let mut out = vec![];
         for chunk in views.chunks(self.batch.max(1)) {
             let x = self.batch_input(resized, chunk)?;
             let maps = self.backbone.stage_maps(&x, &self.stages)?;
-            out.extend(backbone::local_vectors(&maps)?.vectors.flatten_all()?.to_vec1::<f32>()?);
+            let l = backbone::local_vectors(&maps)?;
+            let v = l.vectors.flatten_all()?.to_vec1::<f32>()?;
+            if image_contrast {
+                let positions = l.height * l.width;
+                v.chunks_exact(positions * self.local_dim())
+                    .for_each(|v| out.extend(local_density::with_image_contrast(v, positions, self.local_dim())));
+            } else {
+                out.extend(v);
+            }
         }
         Ok(out)
     }
@@ -189,8 +198,13 @@ impl Extractor {
         let mut grids = vec![];
         if let (Some(g), Some(l)) = (density, local) {
             let v = l.vectors.flatten_all()?.to_vec1::<f32>()?;
-            let per_view = l.height * l.width * g.dim;
-            grids.extend(v.chunks_exact(per_view).map(|v| DistanceGrid { width: l.width, height: l.height, values: g.distances(v) }));
+            let positions = l.height * l.width;
+            let per_view = v.len() / x.dims()[0].max(1);
+            grids.extend(v.chunks_exact(per_view).map(|v| DistanceGrid {
+                width: l.width,
+                height: l.height,
+                values: g.view_distances(v, positions),
+            }));
         }
         Ok((y.flatten_all()?.to_vec1::<f32>()?, grids))
     }
