@@ -198,8 +198,8 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let density = crate::features::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity, image_contrast: false };
     let plain = fastest(&|| ex.view_features(&resized, &one).map(drop))?;
     let with_map = fastest(&|| {
-        let (_, grids) = ex.view_features_and_distances(&resized, &one, &density)?;
-        crate::localize::feature_map(&grids, &one);
+        let (_, grids) = ex.view_features_and_local(&resized, &one)?;
+        crate::localize::feature_map(&density.image_distances(&grids), &one);
         Ok(())
     })?;
     Ok(BenchReport {

@@ -7,7 +7,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::eval::evaluation::{Evaluation, SampleScore};
 use crate::eval::pixel_metrics::PixelMetrics;
-use crate::features::local_density::{GaussianFit, LocalDensityInfo, LocalGaussian, SHRINKAGE};
+use crate::features::local_density::{modelled_vectors, GaussianFit, LocalDensityInfo, LocalGaussian, SHRINKAGE};
 use crate::features::pose::{check_pose, PoseCheck};
 use crate::features::{Extractor, FeatureCache};
 use crate::flow::train::{train_flow_with_checkpoints, training_features, Checkpoint, SchedulePlan, TrainConfig, TrainingSummary};
@@ -246,17 +246,26 @@ impl Detector {
                 }
             }
         };
-        for (tile, origin) in square_tiles(img, tiles).iter().zip(tile_origins(img.width, img.height, tiles)) {
+        let origins = tile_origins(img.width, img.height, tiles);
+        // every tile's local grids first: image contrast compares them with the whole image's
+        let mut local = vec![];
+        for (tile, &origin) in square_tiles(img, tiles).iter().zip(&origins) {
             let resized = resize_bilinear(tile, n, n);
-            if let Some(full) = fmap.as_mut() {
-                let (f, grids) = self.extractor.view_features_and_distances(&resized, views, self.local_density()?)?;
+            if fmap.is_some() {
+                let (f, grids) = self.extractor.view_features_and_local(&resized, views)?;
                 feats.extend(f);
-                place(full, &feature_map(&grids, views), origin);
+                local.extend(grids);
             } else {
                 feats.extend(self.extractor.view_features(&resized, views)?);
             }
             if let Some(full) = gmap.as_mut() {
                 place(full, &gradient_map(&self.extractor, &self.model.flow, &resized, views)?, origin);
+            }
+        }
+        if let Some(full) = fmap.as_mut() {
+            let distances = self.local_density()?.image_distances(&local);
+            for (grids, &origin) in distances.chunks(views.len().max(1)).zip(&origins) {
+                place(full, &feature_map(grids, views), origin);
             }
         }
         Ok(LocalParts { features_per_view: feats, features: fmap, gradient: gmap })
@@ -306,9 +315,13 @@ impl Detector {
         let (mut features, mut maps) = (Vec::with_capacity(count * self.model.flow.config.dim), vec![]);
         for chunk in rows.chunks(per_row * self.extractor.batch.max(1)) {
             let x = candle_core::Tensor::from_slice(chunk, (chunk.len() / per_row, 3, n, n), &self.extractor.device)?;
-            let (f, grids) = self.extractor.input_features(&x, density)?;
+            let (f, grids) = self.extractor.input_features(&x, density.is_some())?;
             features.extend(f);
-            maps.extend(grids.iter().map(|g| feature_map(std::slice::from_ref(g), &[View::rotation(0.0)])));
+            if let Some(d) = density {
+                // one view of a one-tile image per row: each row is an image of its own
+                let one = [View::rotation(0.0)];
+                maps.extend(grids.iter().map(|g| feature_map(&d.image_distances(std::slice::from_ref(g)), &one)));
+            }
         }
         let m = &self.model;
         let scores = view_scores(&m.flow, &features, m.flow.config.dim, m.manifest.score, &self.extractor.device)?;
@@ -515,8 +528,8 @@ pub struct TrainOptions {
     pub target_fpr: f64,
     /// Fit the local feature density that feature maps need.
     pub feature_maps: bool,
-    /// The local vectors carry their difference from their view's median
-    /// ([`crate::features::local_density::with_image_contrast`]).
+    /// The local vectors carry their difference from their image's median
+    /// ([`crate::features::local_density::modelled_vectors`]).
     pub image_contrast: bool,
     /// Score images by the flow's score and the feature map's maximum, standardized on the
     /// held-out images ([`ImageScore::FlowAndMapMax`]); needs `feature_maps` and held-out images,
@@ -756,13 +769,11 @@ fn fit_local_density(
     let mut fit = GaussianFit::new(ex.local_dim() * if image_contrast { 2 } else { 1 });
     for p in images {
         let img = Detector::read_image(p)?;
+        let mut grids = vec![];
         for tile in square_tiles(&img, ex.tiles_for(img.width, img.height)) {
-            fit.add(&ex.local_vectors(
-                &resize_bilinear(&tile, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE),
-                views,
-                image_contrast,
-            )?);
+            grids.extend(ex.local_vectors(&resize_bilinear(&tile, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE), views)?);
         }
+        fit.add(&modelled_vectors(&grids, ex.local_dim(), image_contrast));
         progress.step(1)?;
     }
     Ok((LocalGaussian { image_contrast, ..fit.finish()? }, fit.count()))

@@ -113,6 +113,19 @@ fn held_out_images_set_the_threshold_and_feature_maps_find_a_painted_defect(home
     assert_eq!(model2.manifest.parameters_sha256, m.parameters_sha256);
     assert_eq!(model2.manifest.local_density, m.local_density);
     assert_eq!(model2.manifest.threshold, m.threshold);
+
+    // with image contrast the density models twice the channels, and the file gives it back
+    let contrast = home.join("contrast.safetensors");
+    let opts3 = TrainOptions { out: contrast.clone(), image_contrast: !opts.image_contrast, ..opts.clone() };
+    let model3 = differnet::pipeline::train(&opts3, &Silent, &Silent, &Silent).unwrap();
+    let (info, plain) = (model3.manifest.local_density.clone().unwrap(), m.local_density.clone().unwrap());
+    assert_eq!(info.image_contrast, opts3.image_contrast);
+    assert_eq!(info.dim * if plain.image_contrast { 2 } else { 1 }, plain.dim * if info.image_contrast { 2 } else { 1 });
+    let d3 = Detector::open(&contrast, &opts.open).unwrap();
+    assert_eq!(d3.model.local, model3.local, "the local density read back differs");
+    let map3 = d3.anomaly_map(&bad, &views, MapKind::Features).unwrap();
+    assert_eq!((map3.width, map3.height), (bad.width, bad.height));
+    assert_ne!(map3.values, map.values, "image contrast left the map unchanged");
 }
 
 fn few_images_are_all_fitted_and_no_threshold_is_stored(home: &std::path::Path) {

@@ -29,6 +29,8 @@ MODELS = {
     # the default: combined score, tiles by aspect ratio, one view
     "effnet-combined": ["--backbone", "efficientnet-lite0"],
     "alexnet-combined": ["--backbone", "alexnet"],
+    # feature maps with image contrast: the median over all of an image's tiles, in the graph too
+    "effnet-image-contrast": ["--backbone", "efficientnet-lite0", "--image-contrast", "on"],
     # the flow stored in f16: in the graph too, widened by Cast nodes
     "effnet-combined-f16": ["--backbone", "efficientnet-lite0", "--flow-storage", "f16"],
     # the paper's score over 4 rotated views, NLL per view

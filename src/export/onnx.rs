@@ -363,20 +363,26 @@ fn emit_feature_map(
     Ok(g.op("ReduceMax", &[&at_image], &[("axes", Attr::Ints(vec![1, 2, 3])), ("keepdims", Attr::Int(0))]))
 }
 
-/// `local_density::with_image_contrast` on [N, side, side, C] local vectors: each followed by
-/// its difference from its view's median (TopK of the positions' values, its last: rank
-/// ⌊positions / 2⌋ from below); [N, side, side, 2C].
+/// `local_density::modelled_vectors` with image contrast on [N, side, side, C] local vectors,
+/// N = images × `tiles` (one view): each vector followed by its difference from its image's
+/// median over all its tiles' positions (TopK of the n values, its last: rank ⌊n / 2⌋ from
+/// below); [N, side, side, 2C].
 fn emit_image_contrast(g: &mut GraphBuilder, nhwc: &str, side: usize, channels: usize) -> String {
-    let positions = side * side;
-    let flat_shape = g.i64s(&[0, positions as i64, channels as i64]);
-    let flat = g.op("Reshape", &[nhwc, &flat_shape], &[]);
-    let k = positions - positions / 2;
-    let k_input = g.i64s(&[k as i64]);
-    let top = g.op_outputs("TopK", &[&flat, &k_input], &[("axis", Attr::Int(1)), ("largest", Attr::Int(1)), ("sorted", Attr::Int(1))], 2);
-    let median = g.slice(&top[0], 1, k as i64 - 1, k as i64, 1);
+    let positions = g.i64s(&[(side * side) as i64]);
+    let n = g.op("Mul", &["tiles", &positions], &[]);
+    let (minus_one, c) = (g.i64s(&[-1]), g.i64s(&[channels as i64]));
+    let per_image = g.op("Concat", &[&minus_one, &n, &c], &[("axis", Attr::Int(0))]);
+    let flat = g.op("Reshape", &[nhwc, &per_image], &[]);
+    let two = g.i64s(&[2]);
+    let half = g.op("Div", &[&n, &two], &[]);
+    let k = g.op("Sub", &[&n, &half], &[]);
+    let top = g.op_outputs("TopK", &[&flat, &k], &[("axis", Attr::Int(1)), ("largest", Attr::Int(1)), ("sorted", Attr::Int(1))], 2);
+    let one = g.i64s(&[1]);
+    let last = g.op("Sub", &[&k, &one], &[]);
+    let median = g.op("Gather", &[&top[0], &last], &[("axis", Attr::Int(1))]);
     let contrast = g.op("Sub", &[&flat, &median], &[]);
     let both = g.op("Concat", &[&flat, &contrast], &[("axis", Attr::Int(2))]);
-    let grid_shape = g.i64s(&[0, side as i64, side as i64, 2 * channels as i64]);
+    let grid_shape = g.i64s(&[-1, side as i64, side as i64, 2 * channels as i64]);
     g.op("Reshape", &[&both, &grid_shape], &[])
 }
 

@@ -6,9 +6,10 @@
 //! tiles of a long image see different places of it, so "what a good vector looks like" must not
 //! depend on where it is.
 //!
-//! With image contrast ([`with_image_contrast`]) each vector is followed by its difference from
-//! its own view's median vector: a region whose surface is good on some part but not like the
-//! rest of this one (a band of another finish) stands out, where the vector alone looks good.
+//! With image contrast ([`modelled_vectors`]) each vector is followed by its difference from its
+//! image's median vector (over all its tiles and views): a region whose surface is good on some
+//! part but not like the rest of this one (a band of another finish) stands out, where the
+//! vector alone looks good.
 
 use crate::error::{Error, Result};
 
@@ -24,27 +25,54 @@ pub struct LocalGaussian {
     pub mean: Vec<f32>,
     /// Σ⁻¹, dim × dim row-major (symmetric).
     pub precision: Vec<f32>,
-    /// The vectors are [`with_image_contrast`]'s: each followed by its difference from its
-    /// view's median vector.
+    /// The vectors are followed by their difference from their image's median vector
+    /// ([`modelled_vectors`]).
     pub image_contrast: bool,
 }
 
-/// Each of a view's local vectors (`positions` × `channels`, row-major) followed by its
-/// difference from the view's median vector (per channel, the value of rank ⌊positions / 2⌋):
-/// `positions` × 2·`channels`.
-pub fn with_image_contrast(vectors: &[f32], positions: usize, channels: usize) -> Vec<f32> {
-    let mut median = vec![0f32; channels];
-    let mut column = vec![0f32; positions];
-    for (c, m) in median.iter_mut().enumerate() {
-        column.iter_mut().enumerate().for_each(|(p, v)| *v = vectors[p * channels + c]);
-        *m = *column.select_nth_unstable_by(positions / 2, f32::total_cmp).1;
-    }
+/// One view's local vectors on the backbone's grid: `width` × `height` positions × channels,
+/// row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalGrid {
+    pub width: usize,
+    pub height: usize,
+    pub vectors: Vec<f32>,
+}
+
+/// The median vector of one image's grids (all its tiles and views): per channel, the value of
+/// rank ⌊n / 2⌋ among the n positions.
+pub fn image_median(grids: &[LocalGrid], channels: usize) -> Vec<f32> {
+    let n: usize = grids.iter().map(|g| g.vectors.len() / channels).sum();
+    let mut column = vec![0f32; n];
+    (0..channels)
+        .map(|c| {
+            let values = grids.iter().flat_map(|g| g.vectors.iter().skip(c).step_by(channels));
+            column.iter_mut().zip(values).for_each(|(dst, v)| *dst = *v);
+            *column.select_nth_unstable_by(n / 2, f32::total_cmp).1
+        })
+        .collect()
+}
+
+/// Each of `vectors` (rows × channels) followed by its difference from `median`: rows × 2·channels.
+fn with_difference(vectors: &[f32], median: &[f32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(2 * vectors.len());
-    for v in vectors.chunks_exact(channels) {
+    for v in vectors.chunks_exact(median.len()) {
         out.extend_from_slice(v);
-        out.extend(v.iter().zip(&median).map(|(a, m)| a - m));
+        out.extend(v.iter().zip(median).map(|(a, m)| a - m));
     }
     out
+}
+
+/// The vectors a density models for one image's grids (all its tiles and views), grid after
+/// grid: the local vectors themselves, or with `image_contrast` each followed by its difference
+/// from the image's median vector ([`image_median`]).
+pub fn modelled_vectors(grids: &[LocalGrid], channels: usize, image_contrast: bool) -> Vec<f32> {
+    if image_contrast {
+        let median = image_median(grids, channels);
+        grids.iter().flat_map(|g| with_difference(&g.vectors, &median)).collect()
+    } else {
+        grids.iter().flat_map(|g| g.vectors.iter().copied()).collect()
+    }
 }
 
 /// Running sums of local vectors for [`LocalGaussian`]: the vectors are shifted by the first
@@ -154,14 +182,21 @@ pub fn invert_spd(a: &[f64], n: usize) -> Option<Vec<f64>> {
 }
 
 impl LocalGaussian {
-    /// Distances of one view's local vectors as the backbone gives them (`positions` × channels),
-    /// made into the vectors this density models first.
-    pub fn view_distances(&self, vectors: &[f32], positions: usize) -> Vec<f32> {
-        if self.image_contrast {
-            self.distances(&with_image_contrast(vectors, positions, vectors.len() / positions.max(1)))
-        } else {
-            self.distances(vectors)
-        }
+    /// The distance grids of one image's local grids (all its tiles and views, as the backbone
+    /// gives them), each vector made into the vector this density models first.
+    pub fn image_distances(&self, grids: &[LocalGrid]) -> Vec<DistanceGrid> {
+        let channels = if self.image_contrast { self.dim / 2 } else { self.dim };
+        let median = self.image_contrast.then(|| image_median(grids, channels));
+        grids
+            .iter()
+            .map(|g| {
+                let values = match &median {
+                    Some(m) => self.distances(&with_difference(&g.vectors, m)),
+                    None => self.distances(&g.vectors),
+                };
+                DistanceGrid { width: g.width, height: g.height, values }
+            })
+            .collect()
     }
 
     /// Mahalanobis distance √((x−μ)ᵀ Σ⁻¹ (x−μ)) of each row of `vectors` (rows × dim).
@@ -228,7 +263,7 @@ pub struct LocalDensityInfo {
     /// Length of a modelled vector: the pooled stages' channels together, twice that with
     /// `image_contrast`.
     pub dim: usize,
-    /// The vectors carry their difference from their view's median ([`with_image_contrast`]);
+    /// The vectors carry their difference from their image's median ([`modelled_vectors`]);
     /// absent (false) in models written before it existed.
     #[serde(default)]
     pub image_contrast: bool,
@@ -305,20 +340,19 @@ mod tests {
     }
 
     #[test]
-    fn image_contrast_is_the_difference_from_the_views_median() {
-        // 5 positions × 2 channels; medians (rank 2 of 5) are 3 and 40
-        let v = [1.0, 10.0, 3.0, 50.0, 9.0, 40.0, 2.0, 30.0, 4.0, 60.0];
-        let out = with_image_contrast(&v, 5, 2);
+    fn image_contrast_is_the_difference_from_the_images_median() {
+        // one image of two grids (2 + 3 positions × 2 channels); medians (rank 2 of 5): 3 and 40
+        let grid = |vectors: Vec<f32>| LocalGrid { width: vectors.len() / 2, height: 1, vectors };
+        let grids = [grid(vec![1.0, 10.0, 3.0, 50.0]), grid(vec![9.0, 40.0, 2.0, 30.0, 4.0, 60.0])];
+        assert_eq!(image_median(&grids, 2), vec![3.0, 40.0]);
+        let out = modelled_vectors(&grids, 2, true);
         let want = [1.0, 10.0, -2.0, -30.0, 3.0, 50.0, 0.0, 10.0, 9.0, 40.0, 6.0, 0.0, 2.0, 30.0, -1.0, -10.0, 4.0, 60.0, 1.0, 20.0];
         assert_eq!(out, want);
-        // a density over the augmented vectors takes the view's own vectors
-        let g = LocalGaussian {
-            dim: 4,
-            mean: vec![0.0; 4],
-            precision: (0..16).map(|i| if i % 5 == 0 { 1.0 } else { 0.0 }).collect(),
-            image_contrast: true,
-        };
-        let d = g.view_distances(&v, 5);
+        assert_eq!(modelled_vectors(&grids, 2, false), [1.0, 10.0, 3.0, 50.0, 9.0, 40.0, 2.0, 30.0, 4.0, 60.0]);
+        // a density over the modelled vectors takes the image's own grids
+        let identity = (0..16).map(|i| if i % 5 == 0 { 1.0 } else { 0.0 }).collect();
+        let g = LocalGaussian { dim: 4, mean: vec![0.0; 4], precision: identity, image_contrast: true };
+        let d: Vec<f32> = g.image_distances(&grids).into_iter().flat_map(|g| g.values).collect();
         let norm = |r: &[f32]| r.iter().map(|x| x * x).sum::<f32>().sqrt();
         d.iter().zip(want.chunks_exact(4)).for_each(|(a, r)| assert!((a - norm(r)).abs() < 1e-4, "{a} vs {}", norm(r)));
     }
@@ -337,8 +371,9 @@ mod tests {
         for _ in 0..200 {
             let level = [rng.random_range(-3.0..3.0f32), rng.random_range(-3.0..3.0), rng.random_range(-3.0..3.0)];
             let v = surface(&level, &mut rng);
-            plain.add(&v);
-            contrast.add(&with_image_contrast(&v, positions, channels));
+            let one = [LocalGrid { width: positions, height: 1, vectors: v }];
+            plain.add(&modelled_vectors(&one, channels, false));
+            contrast.add(&modelled_vectors(&one, channels, true));
         }
         let plain = plain.finish().unwrap();
         let contrast = LocalGaussian { image_contrast: true, ..contrast.finish().unwrap() };
@@ -349,7 +384,9 @@ mod tests {
             let mean = |s: &[f32]| s.iter().sum::<f32>() / s.len() as f32;
             mean(&d[positions - 20..]) / mean(&d[..positions - 20])
         };
-        let (r_plain, r_contrast) = (ratio(plain.view_distances(&v, positions)), ratio(contrast.view_distances(&v, positions)));
+        let one = [LocalGrid { width: positions, height: 1, vectors: v }];
+        let distances = |g: &LocalGaussian| g.image_distances(&one).remove(0).values;
+        let (r_plain, r_contrast) = (ratio(distances(&plain)), ratio(distances(&contrast)));
         assert!(r_plain < 1.5, "the plain density flags the band: {r_plain}");
         assert!(r_contrast > 5.0, "image contrast misses the band: {r_contrast}");
     }

@@ -8,7 +8,7 @@ pub mod pose;
 use crate::backbone::weights::sha256_hex;
 use crate::backbone::{self, multiscale_features, multiscale_features_and_local, Backbone, BackboneKind, INPUT_SIZE};
 use crate::error::{write_atomic, Error, Result};
-use crate::features::local_density::{DistanceGrid, LocalGaussian};
+use crate::features::local_density::LocalGrid;
 use crate::views::{
     auto_tiles, image_size, resize_bilinear, square_tiles, to_normalized_chw, to_normalized_chw_into, InputNormalization, Rgb8, View,
 };
@@ -121,37 +121,22 @@ impl Extractor {
 
     /// Multi-scale features of each view of an image resized to 448×448: [views, dim] row-major.
     pub fn view_features(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<f32>> {
-        Ok(self.run_views(resized, views, None)?.0)
+        Ok(self.run_views(resized, views, false)?.0)
     }
 
     /// [`Self::view_features`] and, from the same forward passes, each view's grid of local
-    /// distances under `density` (the first scale's stage maps, not rotated back).
-    pub fn view_features_and_distances(
-        &self,
-        resized: &Rgb8,
-        views: &[View],
-        density: &LocalGaussian,
-    ) -> Result<(Vec<f32>, Vec<DistanceGrid>)> {
-        self.run_views(resized, views, Some(density))
+    /// vectors (the first scale's stage maps, not rotated back).
+    pub fn view_features_and_local(&self, resized: &Rgb8, views: &[View]) -> Result<(Vec<f32>, Vec<LocalGrid>)> {
+        self.run_views(resized, views, true)
     }
 
     /// The first scale's local vectors of each view (stage maps of the 448 input only, for
-    /// fitting the local density): [views × positions, channels] row-major, each followed by its
-    /// difference from its view's median with `image_contrast`.
-    pub fn local_vectors(&self, resized: &Rgb8, views: &[View], image_contrast: bool) -> Result<Vec<f32>> {
+    /// fitting the local density), a grid per view.
+    pub fn local_vectors(&self, resized: &Rgb8, views: &[View]) -> Result<Vec<LocalGrid>> {
         let mut out = vec![];
         for chunk in views.chunks(self.batch.max(1)) {
             let x = self.batch_input(resized, chunk)?;
-            let maps = self.backbone.stage_maps(&x, &self.stages)?;
-            let l = backbone::local_vectors(&maps)?;
-            let v = l.vectors.flatten_all()?.to_vec1::<f32>()?;
-            if image_contrast {
-                let positions = l.height * l.width;
-                v.chunks_exact(positions * self.local_dim())
-                    .for_each(|v| out.extend(local_density::with_image_contrast(v, positions, self.local_dim())));
-            } else {
-                out.extend(v);
-            }
+            out.extend(local_grids(&backbone::local_vectors(&self.backbone.stage_maps(&x, &self.stages)?)?)?);
         }
         Ok(out)
     }
@@ -180,34 +165,34 @@ impl Extractor {
         Ok(Tensor::from_vec(batch, (views.len(), 3, INPUT_SIZE, INPUT_SIZE), &self.device)?)
     }
 
-    fn run_views(&self, resized: &Rgb8, views: &[View], density: Option<&LocalGaussian>) -> Result<(Vec<f32>, Vec<DistanceGrid>)> {
+    fn run_views(&self, resized: &Rgb8, views: &[View], local: bool) -> Result<(Vec<f32>, Vec<LocalGrid>)> {
         let mut out = Vec::with_capacity(views.len() * self.feature_dim());
         let mut grids = vec![];
         for chunk in views.chunks(self.batch.max(1)) {
-            let (f, g) = self.input_features(&self.batch_input(resized, chunk)?, density)?;
+            let (f, g) = self.input_features(&self.batch_input(resized, chunk)?, local)?;
             out.extend(f);
             grids.extend(g);
         }
         Ok((out, grids))
     }
 
-    /// Pooled features of network inputs [N, 3, 448, 448] ([N, dim] row-major) and, with a
-    /// density, each input's local distances.
-    pub fn input_features(&self, x: &Tensor, density: Option<&LocalGaussian>) -> Result<(Vec<f32>, Vec<DistanceGrid>)> {
-        let (y, local) = multiscale_features_and_local(self.backbone.as_ref(), &self.stages, x, density.is_some())?;
-        let mut grids = vec![];
-        if let (Some(g), Some(l)) = (density, local) {
-            let v = l.vectors.flatten_all()?.to_vec1::<f32>()?;
-            let positions = l.height * l.width;
-            let per_view = v.len() / x.dims()[0].max(1);
-            grids.extend(v.chunks_exact(per_view).map(|v| DistanceGrid {
-                width: l.width,
-                height: l.height,
-                values: g.view_distances(v, positions),
-            }));
-        }
+    /// Pooled features of network inputs [N, 3, 448, 448] ([N, dim] row-major) and, with
+    /// `local`, each input's grid of local vectors.
+    pub fn input_features(&self, x: &Tensor, local: bool) -> Result<(Vec<f32>, Vec<LocalGrid>)> {
+        let (y, l) = multiscale_features_and_local(self.backbone.as_ref(), &self.stages, x, local)?;
+        let grids = match l {
+            Some(l) => local_grids(&l)?,
+            None => vec![],
+        };
         Ok((y.flatten_all()?.to_vec1::<f32>()?, grids))
     }
+}
+
+/// The backbone's local vectors of a batch, a grid per input.
+fn local_grids(l: &backbone::LocalVectors) -> Result<Vec<LocalGrid>> {
+    let v = l.vectors.flatten_all()?.to_vec1::<f32>()?;
+    let per_input = v.len() / l.vectors.dims()[0].max(1);
+    Ok(v.chunks_exact(per_input.max(1)).map(|c| LocalGrid { width: l.width, height: l.height, vectors: c.to_vec() }).collect())
 }
 
 /// On-disk feature cache; `None` folder disables it.
