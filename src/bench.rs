@@ -191,11 +191,12 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     // a gradient map of one backbone batch of views (4 by default, as `serve ?heatmap=1`), per view
     let batch_views = test_views(ex.batch.max(1));
     let gradient = fastest(&|| crate::localize::gradient_map(ex, &flow, &resized, &batch_views).map(drop))? / batch_views.len() as f64;
-    // a density of the right size (its values do not change the cost)
-    let dim = ex.local_dim();
+    // a density of the size `train` fits by default (its values do not change the cost)
+    let image_contrast = crate::pipeline::DEFAULT_IMAGE_CONTRAST;
+    let dim = ex.local_dim() * if image_contrast { 2 } else { 1 };
     let mut identity = vec![0f32; dim * dim];
     (0..dim).for_each(|i| identity[i * dim + i] = 1.0);
-    let density = crate::features::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity, image_contrast: false };
+    let density = crate::features::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity, image_contrast };
     let plain = fastest(&|| ex.view_features(&resized, &one).map(drop))?;
     let with_map = fastest(&|| {
         let (_, grids) = ex.view_features_and_local(&resized, &one)?;

@@ -572,8 +572,10 @@ impl TrainOptions {
     }
 }
 
-/// Whether `train`'s feature maps use image contrast by default.
-pub const DEFAULT_IMAGE_CONTRAST: bool = false;
+/// Whether `train`'s feature maps use image contrast by default: on, chosen on the validation
+/// sets (their region defects localized better on all three, the small ones and image AUROC
+/// unchanged; docs/results.md).
+pub const DEFAULT_IMAGE_CONTRAST: bool = true;
 
 /// `train`'s default held-out fraction of the training images.
 pub const DEFAULT_HOLDOUT: f64 = 0.15;

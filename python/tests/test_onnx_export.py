@@ -26,11 +26,12 @@ MTD = ROOT.parent / "shared" / "data" / "mtd"
 # and standardization); the comparison needs equal models, not good ones
 TRAIN = ["--max-images", "60", "--epochs", "2", "--blocks", "2", "--hidden", "64", "--seed", "5"]
 MODELS = {
-    # the default: combined score, tiles by aspect ratio, one view
+    # the default: combined score, image contrast, tiles by aspect ratio, one view
     "effnet-combined": ["--backbone", "efficientnet-lite0"],
     "alexnet-combined": ["--backbone", "alexnet"],
-    # feature maps with image contrast: the median over all of an image's tiles, in the graph too
-    "effnet-image-contrast": ["--backbone", "efficientnet-lite0", "--image-contrast", "on"],
+    # feature maps from the local vectors alone (the default adds image contrast: the median over
+    # all of an image's tiles, in the graph too)
+    "effnet-no-image-contrast": ["--backbone", "efficientnet-lite0", "--image-contrast", "off"],
     # the flow stored in f16: in the graph too, widened by Cast nodes
     "effnet-combined-f16": ["--backbone", "efficientnet-lite0", "--flow-storage", "f16"],
     # the paper's score over 4 rotated views, NLL per view

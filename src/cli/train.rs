@@ -90,8 +90,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub no_feature_maps: bool,
     /// Feature maps from each local vector together with its difference from its image's median
-    /// vector (on), or from the vector alone (off): on finds a large region of a surface unlike
-    /// the rest of the part (uneven finish, a band of other material) that looks good by itself.
+    /// vector over all its tiles (on, the default), or from the vector alone (off): on finds more
+    /// of a large region of a surface unlike the rest of the part (uneven finish, a band of other
+    /// material) that looks good by itself.
     #[arg(long, value_name = "on|off")]
     pub image_contrast: Option<Switch>,
     /// Image score. `combined` (default but with `--schedule paper`): the flow's score plus the
