@@ -42,7 +42,10 @@ pub struct LocalGrid {
 /// The median vector of one image's grids (all its tiles and views): per channel, the value of
 /// rank ⌊n / 2⌋ among the n positions.
 pub fn image_median(grids: &[LocalGrid], channels: usize) -> Vec<f32> {
-    let n: usize = grids.iter().map(|g| g.vectors.len() / channels).sum();
+    let n: usize = grids.iter().map(|g| g.vectors.len() / channels.max(1)).sum();
+    if n == 0 {
+        return vec![0.0; channels];
+    }
     let mut column = vec![0f32; n];
     (0..channels)
         .map(|c| {
