@@ -193,7 +193,7 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let gradient = fastest(&|| crate::localize::gradient_map(ex, &flow, &resized, &batch_views).map(drop))? / batch_views.len() as f64;
     // a density of the size `train` fits by default (its values do not change the cost)
     let image_contrast = crate::pipeline::DEFAULT_IMAGE_CONTRAST;
-    let dim = ex.local_dim() * if image_contrast { 2 } else { 1 };
+    let dim = crate::features::local_density::modelled_dim(ex.local_dim(), image_contrast);
     let mut identity = vec![0f32; dim * dim];
     (0..dim).for_each(|i| identity[i * dim + i] = 1.0);
     let density = crate::features::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity, image_contrast };

@@ -7,7 +7,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::eval::evaluation::{Evaluation, SampleScore};
 use crate::eval::pixel_metrics::PixelMetrics;
-use crate::features::local_density::{modelled_vectors, GaussianFit, LocalDensityInfo, LocalGaussian, SHRINKAGE};
+use crate::features::local_density::{modelled_dim, modelled_vectors, GaussianFit, LocalDensityInfo, LocalGaussian, SHRINKAGE};
 use crate::features::pose::{check_pose, PoseCheck};
 use crate::features::{Extractor, FeatureCache};
 use crate::flow::train::{train_flow_with_checkpoints, training_features, Checkpoint, SchedulePlan, TrainConfig, TrainingSummary};
@@ -696,7 +696,7 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
         let g = fit_local_density(&ex, &images, &views, opts.image_contrast, after)?;
         manifest.local_density = Some(LocalDensityInfo {
             dim: g.0.dim,
-            image_contrast: opts.image_contrast,
+            image_contrast: g.0.image_contrast,
             vectors: g.1,
             images: images.len(),
             shrinkage: SHRINKAGE,
@@ -768,7 +768,7 @@ fn fit_local_density(
     tracing::info!(images = images.len(), views = views.len(), image_contrast, "fitting the local feature density");
     progress.set_message("local density");
     progress.set_length(images.len() as u64);
-    let mut fit = GaussianFit::new(ex.local_dim() * if image_contrast { 2 } else { 1 });
+    let mut fit = GaussianFit::new(modelled_dim(ex.local_dim(), image_contrast));
     for p in images {
         let img = Detector::read_image(p)?;
         let mut grids = vec![];

@@ -66,6 +66,15 @@ fn with_difference(vectors: &[f32], median: &[f32]) -> Vec<f32> {
     out
 }
 
+/// Length of the vectors a density models for local vectors of `channels`.
+pub fn modelled_dim(channels: usize, image_contrast: bool) -> usize {
+    if image_contrast {
+        2 * channels
+    } else {
+        channels
+    }
+}
+
 /// The vectors a density models for one image's grids (all its tiles and views), grid after
 /// grid: the local vectors themselves, or with `image_contrast` each followed by its difference
 /// from the image's median vector ([`image_median`]).
