@@ -196,7 +196,10 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let dim = crate::features::local_density::modelled_dim(ex.local_dim(), image_contrast);
     let mut identity = vec![0f32; dim * dim];
     (0..dim).for_each(|i| identity[i * dim + i] = 1.0);
-    let density = crate::features::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity, image_contrast };
+    let gaussian = crate::features::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity, image_contrast };
+    let coarse =
+        crate::features::local_density::CoarseGaussian { radius: crate::pipeline::DEFAULT_COARSE_RADIUS, gaussian: gaussian.clone() };
+    let density = crate::features::local_density::LocalDensity { fine: gaussian, coarse: Some(coarse) };
     let plain = fastest(&|| ex.view_features(&resized, &one).map(drop))?;
     let with_map = fastest(&|| {
         let (_, grids) = ex.view_features_and_local(&resized, &one)?;

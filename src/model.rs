@@ -3,7 +3,7 @@
 
 use crate::backbone::BackboneKind;
 use crate::error::{write_atomic, Error, Result};
-use crate::features::local_density::LocalGaussian;
+use crate::features::local_density::LocalDensity;
 use crate::flow::train::{TrainConfig, TrainingSummary};
 use crate::flow::{FlowConfig, NormalizingFlow};
 use crate::score::ScoreKind;
@@ -227,7 +227,7 @@ pub struct Model {
     pub manifest: Manifest,
     pub flow: NormalizingFlow,
     /// The density of local feature vectors (feature maps), when fitted.
-    pub local: Option<LocalGaussian>,
+    pub local: Option<LocalDensity>,
 }
 
 /// sha256 of the parameters' f32 values, in order (f16 ones widened first).
@@ -253,7 +253,7 @@ fn describe(
     mut manifest: Manifest,
     stored: &[(String, candle_core::Tensor)],
     flow: &NormalizingFlow,
-    local: Option<&LocalGaussian>,
+    local: Option<&LocalDensity>,
 ) -> Result<Manifest> {
     manifest.parameters_sha256 = parameters_sha256(stored.iter().map(|(_, t)| t))?;
     if manifest.flow_storage == FlowStorage::F16 {
@@ -263,8 +263,9 @@ fn describe(
     match (local, &mut manifest.local_density) {
         (Some(g), Some(info)) => {
             info.sha256 = g.sha256();
-            info.dim = g.dim;
-            info.image_contrast = g.image_contrast;
+            info.dim = g.fine.dim;
+            info.image_contrast = g.fine.image_contrast;
+            info.coarse_radius = g.coarse.as_ref().map(|c| c.radius);
         }
         (None, None) => {}
         _ => return Err(Error::Config("a local density and its manifest entry go together".into())),
@@ -275,7 +276,7 @@ fn describe(
 /// Writes `flow` (in `manifest.flow_storage`'s type) and the local density, if any, with
 /// `manifest` (checksums and permutations filled in) to `path` atomically: an existing file is
 /// replaced whole or not at all. Returns the manifest as written.
-pub fn write(path: &Path, manifest: Manifest, flow: &NormalizingFlow, local: Option<&LocalGaussian>) -> Result<Manifest> {
+pub fn write(path: &Path, manifest: Manifest, flow: &NormalizingFlow, local: Option<&LocalDensity>) -> Result<Manifest> {
     let mut data = stored_parameters(flow, manifest.flow_storage)?;
     let manifest = describe(manifest, &data, flow, local)?;
     if let Some(g) = local {
@@ -358,7 +359,7 @@ impl Model {
         }
         let local = match &manifest.local_density {
             Some(info) => {
-                let g = LocalGaussian::from_tensors(&tensors, info.dim, info.image_contrast, path)?;
+                let g = LocalDensity::from_tensors(&tensors, info, path)?;
                 if g.sha256() != info.sha256 {
                     return Err(bad("local density checksum mismatch: the file is corrupted or was edited".into()));
                 }

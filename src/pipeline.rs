@@ -7,7 +7,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::eval::evaluation::{Evaluation, SampleScore};
 use crate::eval::pixel_metrics::PixelMetrics;
-use crate::features::local_density::{modelled_dim, modelled_vectors, GaussianFit, LocalDensityInfo, LocalGaussian, SHRINKAGE};
+use crate::features::local_density::{LocalDensity, LocalDensityFit, LocalDensityInfo, SHRINKAGE};
 use crate::features::pose::{check_pose, PoseCheck};
 use crate::features::{Extractor, FeatureCache};
 use crate::flow::train::{train_flow_with_checkpoints, training_features, Checkpoint, SchedulePlan, TrainConfig, TrainingSummary};
@@ -333,7 +333,7 @@ impl Detector {
     }
 
     /// The model's local feature density, or an error saying the model has none.
-    fn local_density(&self) -> Result<&LocalGaussian> {
+    fn local_density(&self) -> Result<&LocalDensity> {
         self.model.local.as_ref().ok_or_else(|| {
             Error::Config(
                 "the model has no local feature density (trained before feature maps existed): retrain it, or use --map gradient".into(),
@@ -531,6 +531,9 @@ pub struct TrainOptions {
     /// The local vectors carry their difference from their image's median
     /// ([`crate::features::local_density::modelled_vectors`]).
     pub image_contrast: bool,
+    /// Radius in grid cells of the local density's coarse scale
+    /// ([`crate::features::local_density::LocalDensity::coarse`]); `None`: the fine scale alone.
+    pub coarse_radius: Option<usize>,
     /// Score images by the flow's score and the feature map's maximum, standardized on the
     /// held-out images ([`ImageScore::FlowAndMapMax`]); needs `feature_maps` and held-out images,
     /// else the flow's score alone.
@@ -564,6 +567,7 @@ impl TrainOptions {
             target_fpr: DEFAULT_TARGET_FPR,
             feature_maps: true,
             image_contrast: DEFAULT_IMAGE_CONTRAST,
+            coarse_radius: Some(DEFAULT_COARSE_RADIUS),
             combined_score: true,
             flow_storage: FlowStorage::F32,
             any_pose_plan: None,
@@ -576,6 +580,11 @@ impl TrainOptions {
 /// sets (their region defects localized better on all three, the small ones and image AUROC
 /// unchanged; docs/results.md).
 pub const DEFAULT_IMAGE_CONTRAST: bool = true;
+
+/// Radius in grid cells of the local density's coarse scale by default: 3, a 7 × 7 window (a
+/// quarter of EfficientNet-Lite0's 28-cell grid), chosen on the validation sets (docs/results.md,
+/// "A coarse scale").
+pub const DEFAULT_COARSE_RADIUS: usize = 3;
 
 /// `train`'s default held-out fraction of the training images.
 pub const DEFAULT_HOLDOUT: f64 = 0.15;
@@ -693,10 +702,11 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
     let mut manifest = manifest(cfg, summary);
     let local = if opts.feature_maps {
         let views = test_views(opts.test_views.clamp(1, LOCAL_FIT_VIEWS));
-        let g = fit_local_density(&ex, &images, &views, opts.image_contrast, after)?;
+        let g = fit_local_density(&ex, &images, &views, opts.image_contrast, opts.coarse_radius, after)?;
         manifest.local_density = Some(LocalDensityInfo {
-            dim: g.0.dim,
-            image_contrast: g.0.image_contrast,
+            dim: g.0.fine.dim,
+            image_contrast: g.0.fine.image_contrast,
+            coarse_radius: g.0.coarse.as_ref().map(|c| c.radius),
             vectors: g.1,
             images: images.len(),
             shrinkage: SHRINKAGE,
@@ -763,22 +773,23 @@ fn fit_local_density(
     images: &[PathBuf],
     views: &[View],
     image_contrast: bool,
+    coarse_radius: Option<usize>,
     progress: &dyn Progress,
-) -> Result<(LocalGaussian, u64)> {
-    tracing::info!(images = images.len(), views = views.len(), image_contrast, "fitting the local feature density");
+) -> Result<(LocalDensity, u64)> {
+    tracing::info!(images = images.len(), views = views.len(), image_contrast, ?coarse_radius, "fitting the local feature density");
     progress.set_message("local density");
     progress.set_length(images.len() as u64);
-    let mut fit = GaussianFit::new(modelled_dim(ex.local_dim(), image_contrast));
+    let mut fit = LocalDensityFit::new(ex.local_dim(), image_contrast, coarse_radius);
     for p in images {
         let img = Detector::read_image(p)?;
         let mut grids = vec![];
         for tile in square_tiles(&img, ex.tiles_for(img.width, img.height)) {
             grids.extend(ex.local_vectors(&resize_bilinear(&tile, crate::backbone::INPUT_SIZE, crate::backbone::INPUT_SIZE), views)?);
         }
-        fit.add(&modelled_vectors(&grids, ex.local_dim(), image_contrast));
+        fit.add_image(&grids);
         progress.step(1)?;
     }
-    Ok((LocalGaussian { image_contrast, ..fit.finish()? }, fit.count()))
+    Ok((fit.finish()?, fit.count()))
 }
 
 /// Scores (and maps) the held-out good images and stores in the model what they set: the

@@ -71,6 +71,8 @@ pub struct TrainSettings {
     pub no_feature_maps: bool,
     /// Feature maps' vectors carry their difference from their image's median.
     pub image_contrast: bool,
+    /// Radius in grid cells of the feature maps' coarse scale; 0: the fine scale alone.
+    pub coarse_radius: usize,
     pub image_score: Option<ImageScoreChoice>,
     pub max_images: Option<usize>,
     pub seed: u64,
@@ -112,6 +114,7 @@ impl Default for TrainSettings {
             target_fpr: DEFAULT_TARGET_FPR,
             no_feature_maps: false,
             image_contrast: crate::pipeline::DEFAULT_IMAGE_CONTRAST,
+            coarse_radius: crate::pipeline::DEFAULT_COARSE_RADIUS,
             image_score: None,
             max_images: None,
             seed: 0,
@@ -208,6 +211,7 @@ impl TrainSettings {
             target_fpr: self.target_fpr,
             feature_maps: !self.no_feature_maps,
             image_contrast: self.image_contrast,
+            coarse_radius: (self.coarse_radius > 0).then_some(self.coarse_radius),
             combined_score: combined == ImageScoreChoice::Combined,
             flow_storage: self.flow_storage,
             any_pose_plan: self.any_pose_plan(),

@@ -126,6 +126,25 @@ fn held_out_images_set_the_threshold_and_feature_maps_find_a_painted_defect(home
     let map3 = d3.anomaly_map(&bad, &views, MapKind::Features).unwrap();
     assert_eq!((map3.width, map3.height), (bad.width, bad.height));
     assert_ne!(map3.values, map.values, "image contrast left the map unchanged");
+
+    // the coarse scale is stored with its radius and read back; without it the map changes
+    let radius = opts.coarse_radius.expect("a coarse scale by default");
+    assert_eq!(plain.coarse_radius, Some(radius));
+    assert_eq!(m.local_density.as_ref().and_then(|i| i.coarse_radius), Some(radius));
+    let fine_only = home.join("fine.safetensors");
+    let opts4 = TrainOptions { out: fine_only.clone(), coarse_radius: None, ..opts.clone() };
+    let model4 = differnet::pipeline::train(&opts4, &Silent, &Silent, &Silent).unwrap();
+    assert_eq!(model4.manifest.local_density.as_ref().unwrap().coarse_radius, None);
+    assert!(model4.local.as_ref().unwrap().coarse.is_none());
+    let d4 = Detector::open(&fine_only, &opts.open).unwrap();
+    assert_eq!(d4.model.local, model4.local, "the fine-only density read back differs");
+    assert_eq!(
+        d4.model.local.as_ref().unwrap().fine,
+        d.model.local.as_ref().unwrap().fine,
+        "the fine scale does not depend on the coarse one"
+    );
+    let map4 = d4.anomaly_map(&bad, &views, MapKind::Features).unwrap();
+    assert!(map.values.iter().zip(&map4.values).any(|(a, b)| a != b), "the coarse scale left the map unchanged");
 }
 
 fn few_images_are_all_fitted_and_no_threshold_is_stored(home: &std::path::Path) {

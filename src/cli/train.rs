@@ -95,6 +95,12 @@ pub struct TrainArgs {
     /// material) that looks good by itself.
     #[arg(long, value_name = "on|off")]
     pub image_contrast: Option<Switch>,
+    /// Feature maps also at a coarse scale: a second density of the local vectors averaged over
+    /// a (2r+1)² window of grid cells, r = CELLS, each position's distance the larger of the two
+    /// scales' (finds large regions of another texture; the fine scale keeps small defects
+    /// sharp). 0: the fine scale alone.
+    #[arg(long, value_name = "CELLS", default_value_t = differnet::pipeline::DEFAULT_COARSE_RADIUS)]
+    pub coarse_radius: usize,
     /// Image score. `combined` (default but with `--schedule paper`): the flow's score plus the
     /// feature map's maximum, each standardized on the held-out good images, so that a small
     /// defect global pooling washes out still counts; `flow`: the flow's score alone, the
@@ -179,6 +185,7 @@ impl TrainArgs {
             target_fpr: self.target_fpr,
             no_feature_maps: self.no_feature_maps,
             image_contrast: self.image_contrast.map_or(differnet::pipeline::DEFAULT_IMAGE_CONTRAST, |s| s == Switch::On),
+            coarse_radius: self.coarse_radius,
             image_score: self.image_score.map(|s| match s {
                 ImageScoreArg::Combined => ImageScoreChoice::Combined,
                 ImageScoreArg::Flow => ImageScoreChoice::Flow,

@@ -6,6 +6,7 @@ use super::graph::{Attr, Dim, GraphBuilder};
 use crate::backbone::layers::{Activation, Layer};
 use crate::backbone::{INPUT_SIZE, N_SCALES};
 use crate::error::{Error, Result};
+use crate::features::local_density::{LocalDensity, LocalGaussian, COARSE_TENSOR_PREFIX, TENSOR_PREFIX};
 use crate::flow::{soft_clamp_factor, NormalizingFlow, Subnet};
 use crate::localize::FEATURE_MAP_SIGMA;
 use crate::model::{FlowStorage, ImageScore};
@@ -302,14 +303,11 @@ fn emit_scale_shift(g: &mut GraphBuilder, s: &Subnet, name: &str, x: &str, n: us
 }
 
 /// The local-feature anomaly map of the first scale (`localize::feature_map` for one view):
-/// stage maps on the largest grid, Mahalanobis distances to the local Gaussian, bilinear to
-/// 448², Gaussian blur; output `anomaly_map`, and `map_max`, its maximum after resizing to the
-/// input `image_size` (default 448 × 448), per row; returns the latter.
-fn emit_feature_map(
-    g: &mut GraphBuilder,
-    maps: &[(String, usize)],
-    density: &crate::features::local_density::LocalGaussian,
-) -> Result<String> {
+/// stage maps on the largest grid, Mahalanobis distances to the local Gaussian (the larger of
+/// the fine and the coarse scale's, `LocalDensity::image_distances`), bilinear to 448², Gaussian
+/// blur; output `anomaly_map`, and `map_max`, its maximum after resizing to the input
+/// `image_size` (default 448 × 448), per row; returns the latter.
+fn emit_feature_map(g: &mut GraphBuilder, maps: &[(String, usize)], density: &LocalDensity) -> Result<String> {
     let side = maps.iter().map(|m| m.1).max().unwrap_or(1);
     let mut same = vec![];
     for (map, s) in maps {
@@ -334,20 +332,18 @@ fn emit_feature_map(
     }
     let same: Vec<&str> = same.iter().map(String::as_str).collect();
     let all = g.op("Concat", &same, &[("axis", Attr::Int(1))]);
-    let mut nhwc = g.op("Transpose", &[&all], &[("perm", Attr::Ints(vec![0, 2, 3, 1]))]);
-    if density.image_contrast {
-        nhwc = emit_image_contrast(g, &nhwc, side, density.dim / 2);
+    let mut dist = emit_distances(g, &all, side, &density.fine, TENSOR_PREFIX);
+    if let Some(c) = &density.coarse {
+        // `local_density::box_average`: the window clipped at the border, only its cells counted
+        let (k, r) = (2 * c.radius as i64 + 1, c.radius as i64);
+        let boxed = g.op(
+            "AveragePool",
+            &[&all],
+            &[("kernel_shape", Attr::Ints(vec![k, k])), ("pads", Attr::Ints(vec![r, r, r, r])), ("count_include_pad", Attr::Int(0))],
+        );
+        let coarse = emit_distances(g, &boxed, side, &c.gaussian, COARSE_TENSOR_PREFIX);
+        dist = g.op("Max", &[&dist, &coarse], &[]);
     }
-    let c = density.dim;
-    let mean = g.f32s("local_density.mean", &[c], &density.mean);
-    let precision = g.f32s("local_density.precision", &[c, c], &density.precision);
-    let centred = g.op("Sub", &[&nhwc, &mean], &[]);
-    let y = g.op("MatMul", &[&centred, &precision], &[]);
-    let prod = g.op("Mul", &[&centred, &y], &[]);
-    let last = g.i64s(&[-1]);
-    let q = g.op("ReduceSum", &[&prod, &last], &[("keepdims", Attr::Int(0))]);
-    let q = g.op("Relu", &[&q], &[]);
-    let dist = g.op("Sqrt", &[&q], &[]);
     let one = g.i64s(&[1]);
     let grid = g.op("Unsqueeze", &[&dist, &one], &[]);
     let lead = g.op("Shape", &[&grid], &[("start", Attr::Int(0)), ("end", Attr::Int(2))]);
@@ -361,6 +357,26 @@ fn emit_feature_map(
     let sizes = g.op("Concat", &[&lead, "image_size"], &[("axis", Attr::Int(0))]);
     let at_image = bilinear(g, "anomaly_map", &sizes);
     Ok(g.op("ReduceMax", &[&at_image], &[("axes", Attr::Ints(vec![1, 2, 3])), ("keepdims", Attr::Int(0))]))
+}
+
+/// Mahalanobis distances [N, side, side] of [N, C, side, side] local vectors under `gaussian`
+/// (its tensors named `{prefix}.mean`, `{prefix}.precision`), made into the vectors it models
+/// first (image contrast).
+fn emit_distances(g: &mut GraphBuilder, nchw: &str, side: usize, gaussian: &LocalGaussian, prefix: &str) -> String {
+    let mut nhwc = g.op("Transpose", &[nchw], &[("perm", Attr::Ints(vec![0, 2, 3, 1]))]);
+    if gaussian.image_contrast {
+        nhwc = emit_image_contrast(g, &nhwc, side, gaussian.dim / 2);
+    }
+    let c = gaussian.dim;
+    let mean = g.f32s(&format!("{prefix}.mean"), &[c], &gaussian.mean);
+    let precision = g.f32s(&format!("{prefix}.precision"), &[c, c], &gaussian.precision);
+    let centred = g.op("Sub", &[&nhwc, &mean], &[]);
+    let y = g.op("MatMul", &[&centred, &precision], &[]);
+    let prod = g.op("Mul", &[&centred, &y], &[]);
+    let last = g.i64s(&[-1]);
+    let q = g.op("ReduceSum", &[&prod, &last], &[("keepdims", Attr::Int(0))]);
+    let q = g.op("Relu", &[&q], &[]);
+    g.op("Sqrt", &[&q], &[])
 }
 
 /// `local_density::modelled_vectors` with image contrast on [N, side, side, C] local vectors,

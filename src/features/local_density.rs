@@ -10,6 +10,10 @@
 //! image's median vector (over all its tiles and views): a region whose surface is good on some
 //! part but not like the rest of this one (a band of another finish) stands out, where the
 //! vector alone looks good.
+//!
+//! With a coarse scale ([`LocalDensity::coarse`]) a second Gaussian models the vectors averaged
+//! over a window of grid cells ([`box_average`]); a position's distance is the larger of the
+//! two: the fine scale keeps small defects sharp, the coarse one sees a region's texture.
 
 use crate::error::{Error, Result};
 
@@ -54,6 +58,144 @@ pub fn image_median(grids: &[LocalGrid], channels: usize) -> Vec<f32> {
             *column.select_nth_unstable_by(n / 2, f32::total_cmp).1
         })
         .collect()
+}
+
+/// The local feature density of a model: a Gaussian of the local vectors and, optionally, one
+/// of the vectors box-averaged at a coarse scale. Distances are the larger of the two.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalDensity {
+    /// The Gaussian of the local vectors themselves.
+    pub fine: LocalGaussian,
+    pub coarse: Option<CoarseGaussian>,
+}
+
+/// The Gaussian of the local vectors averaged over a (2r + 1)² window of grid cells.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoarseGaussian {
+    /// r, in cells of the backbone's grid.
+    pub radius: usize,
+    pub gaussian: LocalGaussian,
+}
+
+impl LocalDensity {
+    /// The distance grids of one image's local grids (all its tiles and views): per position,
+    /// the larger of the fine and the coarse scale's distance.
+    pub fn image_distances(&self, grids: &[LocalGrid]) -> Vec<DistanceGrid> {
+        let mut fine = self.fine.image_distances(grids);
+        if let Some(c) = &self.coarse {
+            let boxed: Vec<LocalGrid> = grids.iter().map(|g| box_average(g, c.radius)).collect();
+            for (f, coarse) in fine.iter_mut().zip(c.gaussian.image_distances(&boxed)) {
+                f.values.iter_mut().zip(coarse.values).for_each(|(a, b)| *a = a.max(b));
+            }
+        }
+        fine
+    }
+
+    /// Named tensors for the model file: the fine scale's under `local_density.`, the coarse
+    /// one's under `local_density.coarse.`.
+    pub fn tensors(&self) -> Result<Vec<(String, candle_core::Tensor)>> {
+        let mut out = self.fine.tensors(TENSOR_PREFIX)?;
+        if let Some(c) = &self.coarse {
+            out.extend(c.gaussian.tensors(COARSE_TENSOR_PREFIX)?);
+        }
+        Ok(out)
+    }
+
+    /// From the tensors of a model file as its manifest entry describes them (`path` names
+    /// the file in errors).
+    pub fn from_tensors(
+        tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+        info: &LocalDensityInfo,
+        path: &std::path::Path,
+    ) -> Result<Self> {
+        let read = |prefix| LocalGaussian::from_tensors(tensors, prefix, info.dim, info.image_contrast, path);
+        let coarse = match info.coarse_radius {
+            Some(radius) => Some(CoarseGaussian { radius, gaussian: read(COARSE_TENSOR_PREFIX)? }),
+            None => None,
+        };
+        Ok(LocalDensity { fine: read(TENSOR_PREFIX)?, coarse })
+    }
+
+    /// sha256 over the fine scale's mean and precision, then the coarse scale's (f32
+    /// little-endian): for a fine scale alone the same as [`LocalGaussian::sha256`].
+    pub fn sha256(&self) -> String {
+        let scales = std::iter::once(&self.fine).chain(self.coarse.as_ref().map(|c| &c.gaussian));
+        let bytes: Vec<u8> = scales.flat_map(|g| g.mean.iter().chain(&g.precision)).flat_map(|v| v.to_le_bytes()).collect();
+        crate::backbone::weights::sha256_hex(&bytes)
+    }
+}
+
+/// Running fit of a [`LocalDensity`], image by image.
+#[derive(Clone, Debug)]
+pub struct LocalDensityFit {
+    channels: usize,
+    image_contrast: bool,
+    fine: GaussianFit,
+    coarse: Option<(usize, GaussianFit)>,
+}
+
+impl LocalDensityFit {
+    /// A fit of local vectors of `channels`, with image contrast or not, and a coarse scale of
+    /// `coarse_radius` cells when given.
+    pub fn new(channels: usize, image_contrast: bool, coarse_radius: Option<usize>) -> Self {
+        let dim = modelled_dim(channels, image_contrast);
+        LocalDensityFit { channels, image_contrast, fine: GaussianFit::new(dim), coarse: coarse_radius.map(|r| (r, GaussianFit::new(dim))) }
+    }
+
+    /// Adds one image's local grids (all its tiles and views).
+    pub fn add_image(&mut self, grids: &[LocalGrid]) {
+        self.fine.add(&modelled_vectors(grids, self.channels, self.image_contrast));
+        if let Some((radius, fit)) = &mut self.coarse {
+            let boxed: Vec<LocalGrid> = grids.iter().map(|g| box_average(g, *radius)).collect();
+            fit.add(&modelled_vectors(&boxed, self.channels, self.image_contrast));
+        }
+    }
+
+    /// Local vectors added so far (per scale).
+    pub fn count(&self) -> u64 {
+        self.fine.count()
+    }
+
+    pub fn finish(&self) -> Result<LocalDensity> {
+        let image_contrast = self.image_contrast;
+        let coarse = match &self.coarse {
+            Some((radius, fit)) => Some(CoarseGaussian { radius: *radius, gaussian: LocalGaussian { image_contrast, ..fit.finish()? } }),
+            None => None,
+        };
+        Ok(LocalDensity { fine: LocalGaussian { image_contrast, ..self.fine.finish()? }, coarse })
+    }
+}
+
+/// The grid with each vector replaced by the mean of the vectors within `radius` cells of it
+/// (a (2r + 1)² window clipped at the grid's border).
+pub fn box_average(grid: &LocalGrid, radius: usize) -> LocalGrid {
+    let (w, h) = (grid.width, grid.height);
+    let c = grid.vectors.len() / (w * h).max(1);
+    // summed-area table over positions, per channel: (h + 1) × (w + 1) × c, f64
+    let mut sat = vec![0f64; (h + 1) * (w + 1) * c];
+    for y in 0..h {
+        for x in 0..w {
+            for k in 0..c {
+                let v = grid.vectors[(y * w + x) * c + k] as f64;
+                sat[((y + 1) * (w + 1) + x + 1) * c + k] =
+                    v + sat[(y * (w + 1) + x + 1) * c + k] + sat[((y + 1) * (w + 1) + x) * c + k] - sat[(y * (w + 1) + x) * c + k];
+            }
+        }
+    }
+    let mut vectors = vec![0f32; grid.vectors.len()];
+    for y in 0..h {
+        let (y0, y1) = (y.saturating_sub(radius), (y + radius + 1).min(h));
+        for x in 0..w {
+            let (x0, x1) = (x.saturating_sub(radius), (x + radius + 1).min(w));
+            let area = ((y1 - y0) * (x1 - x0)) as f64;
+            for k in 0..c {
+                let s = sat[(y1 * (w + 1) + x1) * c + k] - sat[(y0 * (w + 1) + x1) * c + k] - sat[(y1 * (w + 1) + x0) * c + k]
+                    + sat[(y0 * (w + 1) + x0) * c + k];
+                vectors[(y * w + x) * c + k] = (s / area) as f32;
+            }
+        }
+    }
+    LocalGrid { width: w, height: h, vectors }
 }
 
 /// Each of `vectors` (rows × channels) followed by its difference from `median`: rows × 2·channels.
@@ -225,30 +367,33 @@ impl LocalGaussian {
             .collect()
     }
 
-    /// Named tensors for the model file.
-    pub fn tensors(&self) -> Result<Vec<(String, candle_core::Tensor)>> {
+    /// Named tensors for the model file: `{prefix}.mean` and `{prefix}.precision`.
+    pub fn tensors(&self, prefix: &str) -> Result<Vec<(String, candle_core::Tensor)>> {
         let dev = candle_core::Device::Cpu;
         Ok(vec![
-            (MEAN_TENSOR.into(), candle_core::Tensor::from_slice(&self.mean, self.dim, &dev)?),
-            (PRECISION_TENSOR.into(), candle_core::Tensor::from_slice(&self.precision, (self.dim, self.dim), &dev)?),
+            (format!("{prefix}.mean"), candle_core::Tensor::from_slice(&self.mean, self.dim, &dev)?),
+            (format!("{prefix}.precision"), candle_core::Tensor::from_slice(&self.precision, (self.dim, self.dim), &dev)?),
         ])
     }
 
-    /// From the tensors of a model file (`path` names it in errors).
+    /// From the tensors `{prefix}.mean` and `{prefix}.precision` of a model file (`path` names
+    /// it in errors).
     pub fn from_tensors(
         tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+        prefix: &str,
         dim: usize,
         image_contrast: bool,
         path: &std::path::Path,
     ) -> Result<Self> {
-        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let t = tensors.get(name).ok_or_else(|| Error::format(path, format!("missing local density tensor `{name}`")))?;
+        let get = |part: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let name = format!("{prefix}.{part}");
+            let t = tensors.get(&name).ok_or_else(|| Error::format(path, format!("missing local density tensor `{name}`")))?;
             if t.dims() != shape {
                 return Err(Error::format(path, format!("`{name}` has shape {:?}, expected {shape:?}", t.dims())));
             }
             Ok(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
         };
-        Ok(LocalGaussian { dim, mean: get(MEAN_TENSOR, &[dim])?, precision: get(PRECISION_TENSOR, &[dim, dim])?, image_contrast })
+        Ok(LocalGaussian { dim, mean: get("mean", &[dim])?, precision: get("precision", &[dim, dim])?, image_contrast })
     }
 
     /// sha256 over the mean and precision (f32 little-endian), recorded in the manifest.
@@ -266,8 +411,10 @@ pub struct DistanceGrid {
     pub values: Vec<f32>,
 }
 
-pub const MEAN_TENSOR: &str = "local_density.mean";
-pub const PRECISION_TENSOR: &str = "local_density.precision";
+/// Prefix of the fine scale's tensors in a model file (`.mean`, `.precision`).
+pub const TENSOR_PREFIX: &str = "local_density";
+/// Prefix of the coarse scale's tensors.
+pub const COARSE_TENSOR_PREFIX: &str = "local_density.coarse";
 
 /// What the manifest records of a model's local density.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -279,11 +426,15 @@ pub struct LocalDensityInfo {
     /// absent (false) in models written before it existed.
     #[serde(default)]
     pub image_contrast: bool,
+    /// Radius in grid cells of the coarse scale's box average, when it has one (absent in
+    /// models written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coarse_radius: Option<usize>,
     /// Local vectors (positions × views × images) it was fitted on.
     pub vectors: u64,
     pub images: usize,
     pub shrinkage: f64,
-    /// sha256 of the mean and precision tensors.
+    /// sha256 of the mean and precision tensors ([`LocalDensity::sha256`]).
     pub sha256: String,
 }
 
@@ -345,10 +496,105 @@ mod tests {
 
     #[test]
     fn tensors_round_trip() {
-        let g = LocalGaussian { dim: 2, mean: vec![1.0, 2.0], precision: vec![1.0, 0.5, 0.5, 2.0], image_contrast: true };
-        let map: std::collections::HashMap<_, _> = g.tensors().unwrap().into_iter().collect();
-        assert_eq!(LocalGaussian::from_tensors(&map, 2, true, std::path::Path::new("m")).unwrap(), g);
-        assert!(LocalGaussian::from_tensors(&map, 3, true, std::path::Path::new("m")).is_err());
+        let fine = LocalGaussian { dim: 2, mean: vec![1.0, 2.0], precision: vec![1.0, 0.5, 0.5, 2.0], image_contrast: true };
+        let coarse = LocalGaussian { mean: vec![-1.0, 0.5], precision: vec![3.0, 0.0, 0.0, 0.25], ..fine.clone() };
+        let d = LocalDensity { fine: fine.clone(), coarse: Some(CoarseGaussian { radius: 2, gaussian: coarse }) };
+        let map: std::collections::HashMap<_, _> = d.tensors().unwrap().into_iter().collect();
+        let mut info = LocalDensityInfo {
+            dim: 2,
+            image_contrast: true,
+            coarse_radius: Some(2),
+            vectors: 0,
+            images: 0,
+            shrinkage: SHRINKAGE,
+            sha256: String::new(),
+        };
+        let path = std::path::Path::new("m");
+        assert_eq!(LocalDensity::from_tensors(&map, &info, path).unwrap(), d);
+        // the fine scale alone keeps the checksum of a model without a coarse scale
+        info.coarse_radius = None;
+        let alone = LocalDensity::from_tensors(&map, &info, path).unwrap();
+        assert_eq!(alone, LocalDensity { fine: fine.clone(), coarse: None });
+        assert_eq!(alone.sha256(), fine.sha256());
+        assert_ne!(d.sha256(), fine.sha256());
+        info.dim = 3;
+        assert!(LocalDensity::from_tensors(&map, &info, path).is_err());
+    }
+
+    #[test]
+    fn box_average_is_the_mean_over_the_clipped_window() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (w, h, c, r) = (5, 4, 3, 1);
+        let grid = LocalGrid { width: w, height: h, vectors: (0..w * h * c).map(|_| rng.random_range(-2.0..2.0)).collect() };
+        let boxed = box_average(&grid, r);
+        for y in 0..h {
+            for x in 0..w {
+                for k in 0..c {
+                    let (mut sum, mut n) = (0f64, 0);
+                    for yy in y.saturating_sub(r)..(y + r + 1).min(h) {
+                        for xx in x.saturating_sub(r)..(x + r + 1).min(w) {
+                            sum += grid.vectors[(yy * w + xx) * c + k] as f64;
+                            n += 1;
+                        }
+                    }
+                    let got = boxed.vectors[(y * w + x) * c + k] as f64;
+                    assert!((got - sum / n as f64).abs() < 1e-6, "({x}, {y}, {k}): {got} vs {}", sum / n as f64);
+                }
+            }
+        }
+        // a corner averages 2 × 2 cells, an inner cell 3 × 3
+        assert_eq!(box_average(&LocalGrid { width: 1, height: 1, vectors: vec![7.0] }, 4).vectors, vec![7.0]);
+    }
+
+    #[test]
+    fn a_coarse_scale_finds_a_region_whose_texture_differs_where_the_fine_one_cannot() {
+        // good grids: every vector ±1 per channel at random (a fine texture); the defect region
+        // (the left half) holds [1, 1] everywhere, a vector as likely as any good one, whose
+        // window means are far from a good texture's (about 0)
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (side, c) = (12, 2);
+        let good = |rng: &mut rand::rngs::StdRng| LocalGrid {
+            width: side,
+            height: side,
+            vectors: (0..side * side * c).map(|_| if rng.random_bool(0.5) { 1.0 } else { -1.0 }).collect(),
+        };
+        let mut fit = LocalDensityFit::new(c, false, Some(2));
+        (0..40).for_each(|_| fit.add_image(&[good(&mut rng)]));
+        let density = fit.finish().unwrap();
+        let mut test = good(&mut rng);
+        for y in 0..side {
+            for x in 0..side / 2 {
+                test.vectors[(y * side + x) * c..][..c].copy_from_slice(&[1.0, 1.0]);
+            }
+        }
+        // defect positions against good ones at least a window's radius from the boundary
+        let auroc = |values: &[f32]| {
+            let column = |i: usize| i % side;
+            let inside: Vec<f32> = values.iter().enumerate().filter(|(i, _)| column(*i) < side / 2).map(|p| *p.1).collect();
+            let outside: Vec<f32> = values.iter().enumerate().filter(|(i, _)| column(*i) >= side / 2 + 2).map(|p| *p.1).collect();
+            let wins: f64 = inside
+                .iter()
+                .flat_map(|a| {
+                    outside.iter().map(move |b| {
+                        if a > b {
+                            1.0
+                        } else if a == b {
+                            0.5
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .sum();
+            wins / (inside.len() * outside.len()) as f64
+        };
+        let fine = auroc(&density.fine.image_distances(std::slice::from_ref(&test))[0].values);
+        let both = auroc(&density.image_distances(std::slice::from_ref(&test))[0].values);
+        assert!(both > 0.95 && both > fine + 0.2, "fine scale {fine:.3}, with the coarse scale {both:.3}");
+        // the coarse scale can only raise a distance
+        let f = density.fine.image_distances(std::slice::from_ref(&test)).remove(0).values;
+        let b = density.image_distances(std::slice::from_ref(&test)).remove(0).values;
+        assert!(f.iter().zip(&b).all(|(f, b)| b >= f));
     }
 
     #[test]
