@@ -26,7 +26,16 @@ pub fn summary(m: &Manifest, bytes: u64) -> String {
         Some(th) => format!("{:.6} ({})", th.value, th.method),
         None => "none (set one with `differnet calibrate`)".into(),
     };
-    let kind = if m.local_density.is_some() { "feature maps" } else { "gradient maps" };
+    let kind = match &m.local_density {
+        Some(d) => {
+            let contrast = if d.image_contrast { "image contrast" } else { "vectors alone" };
+            match d.coarse_radius {
+                Some(r) => format!("feature maps ({contrast}, coarse scale of {r} cells)"),
+                None => format!("feature maps ({contrast}, fine scale only)"),
+            }
+        }
+        None => "gradient maps".to_string(),
+    };
     let heat_maps = match &m.localization {
         Some(r) => format!("{kind}, scaled against {} good images' {} maps ({} views)", r.images, r.map.id(), r.views),
         None => format!("{kind}, scaled per image"),
