@@ -542,7 +542,7 @@ mod tests {
                 }
             }
         }
-        // a corner averages 2 × 2 cells, an inner cell 3 × 3
+        // a window wider than the grid averages only the cells there are
         assert_eq!(box_average(&LocalGrid { width: 1, height: 1, vectors: vec![7.0] }, 4).vectors, vec![7.0]);
     }
 
