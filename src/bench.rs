@@ -197,8 +197,11 @@ pub fn run(ex: &Extractor, views: usize, flow_cfg: &FlowConfig, flow_batch: usiz
     let mut identity = vec![0f32; dim * dim];
     (0..dim).for_each(|i| identity[i * dim + i] = 1.0);
     let gaussian = crate::features::local_density::LocalGaussian { dim, mean: vec![0.0; dim], precision: identity, image_contrast };
-    let coarse =
-        crate::features::local_density::CoarseGaussian { radius: crate::pipeline::DEFAULT_COARSE_RADIUS, gaussian: gaussian.clone() };
+    let coarse = crate::features::local_density::CoarseGaussian {
+        radius: crate::pipeline::DEFAULT_COARSE_RADIUS,
+        eroded: true,
+        gaussian: gaussian.clone(),
+    };
     let density = crate::features::local_density::LocalDensity { fine: gaussian, coarse: Some(coarse) };
     let plain = fastest(&|| ex.view_features(&resized, &one).map(drop))?;
     let with_map = fastest(&|| {

@@ -3,7 +3,7 @@
 
 use crate::backbone::BackboneKind;
 use crate::error::{write_atomic, Error, Result};
-use crate::features::local_density::LocalDensity;
+use crate::features::local_density::{LocalDensity, LocalDensityInfo};
 use crate::flow::train::{TrainConfig, TrainingSummary};
 use crate::flow::{FlowConfig, NormalizingFlow};
 use crate::score::ScoreKind;
@@ -176,7 +176,7 @@ pub struct Manifest {
     pub score_range: Option<ScoreRange>,
     /// The local feature density behind feature maps, when the model has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub local_density: Option<crate::features::local_density::LocalDensityInfo>,
+    pub local_density: Option<LocalDensityInfo>,
     /// Range of good images' maps, for heat maps normalized against good parts.
     #[serde(default)]
     pub localization: Option<crate::localize::GoodMapRange>,
@@ -261,12 +261,7 @@ fn describe(
     }
     manifest.permutations = flow.blocks.iter().map(|b| b.perm.clone()).collect();
     match (local, &mut manifest.local_density) {
-        (Some(g), Some(info)) => {
-            info.sha256 = g.sha256();
-            info.dim = g.fine.dim;
-            info.image_contrast = g.fine.image_contrast;
-            info.coarse_radius = g.coarse.as_ref().map(|c| c.radius);
-        }
+        (Some(g), Some(info)) => *info = LocalDensityInfo::of(g, info.vectors, info.images),
         (None, None) => {}
         _ => return Err(Error::Config("a local density and its manifest entry go together".into())),
     }

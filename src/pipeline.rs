@@ -7,7 +7,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::eval::evaluation::{Evaluation, SampleScore};
 use crate::eval::pixel_metrics::PixelMetrics;
-use crate::features::local_density::{LocalDensity, LocalDensityFit, LocalDensityInfo, SHRINKAGE};
+use crate::features::local_density::{LocalDensity, LocalDensityFit, LocalDensityInfo};
 use crate::features::pose::{check_pose, PoseCheck};
 use crate::features::{Extractor, FeatureCache};
 use crate::flow::train::{train_flow_with_checkpoints, training_features, Checkpoint, SchedulePlan, TrainConfig, TrainingSummary};
@@ -704,15 +704,7 @@ pub fn train(opts: &TrainOptions, features: &dyn Progress, flow: &dyn Progress, 
     let local = if opts.feature_maps {
         let views = test_views(opts.test_views.clamp(1, LOCAL_FIT_VIEWS));
         let g = fit_local_density(&ex, &images, &views, opts.image_contrast, opts.coarse_radius, after)?;
-        manifest.local_density = Some(LocalDensityInfo {
-            dim: g.0.fine.dim,
-            image_contrast: g.0.fine.image_contrast,
-            coarse_radius: g.0.coarse.as_ref().map(|c| c.radius),
-            vectors: g.1,
-            images: images.len(),
-            shrinkage: SHRINKAGE,
-            sha256: String::new(),
-        });
+        manifest.local_density = Some(LocalDensityInfo::of(&g.0, g.1, images.len()));
         Some(g.0)
     } else {
         None

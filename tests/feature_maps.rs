@@ -130,6 +130,7 @@ fn held_out_images_set_the_threshold_and_feature_maps_find_a_painted_defect(home
     // the coarse scale is stored with its radius and read back; without it the map changes
     let radius = opts.coarse_radius.expect("a coarse scale by default");
     assert_eq!(plain.coarse_radius, Some(radius));
+    assert!(plain.coarse_eroded, "a new model erodes its coarse scale");
     assert_eq!(m.local_density.as_ref().and_then(|i| i.coarse_radius), Some(radius));
     let fine_only = home.join("fine.safetensors");
     let opts4 = TrainOptions { out: fine_only.clone(), coarse_radius: None, ..opts.clone() };

@@ -30,6 +30,7 @@ pub fn summary(m: &Manifest, bytes: u64) -> String {
         Some(d) => {
             let contrast = if d.image_contrast { "image contrast" } else { "vectors alone" };
             match d.coarse_radius {
+                Some(r) if d.coarse_eroded => format!("feature maps ({contrast}, eroded coarse scale of {r} cells)"),
                 Some(r) => format!("feature maps ({contrast}, coarse scale of {r} cells)"),
                 None => format!("feature maps ({contrast}, fine scale only)"),
             }

@@ -304,7 +304,7 @@ fn emit_scale_shift(g: &mut GraphBuilder, s: &Subnet, name: &str, x: &str, n: us
 
 /// The local-feature anomaly map of the first scale (`localize::feature_map` for one view):
 /// stage maps on the largest grid, Mahalanobis distances to the local Gaussian (the larger of
-/// the fine and the coarse scale's, `LocalDensity::image_distances`), bilinear to 448², Gaussian
+/// the fine and the eroded coarse scale's, `LocalDensity::image_distances`), bilinear to 448², Gaussian
 /// blur; output `anomaly_map`, and `map_max`, its maximum after resizing to the input
 /// `image_size` (default 448 × 448), per row; returns the latter.
 fn emit_feature_map(g: &mut GraphBuilder, maps: &[(String, usize)], density: &LocalDensity) -> Result<String> {
@@ -341,7 +341,16 @@ fn emit_feature_map(g: &mut GraphBuilder, maps: &[(String, usize)], density: &Lo
             &[&all],
             &[("kernel_shape", Attr::Ints(vec![k, k])), ("pads", Attr::Ints(vec![r, r, r, r])), ("count_include_pad", Attr::Int(0))],
         );
-        let coarse = emit_distances(g, &boxed, side, &c.gaussian, COARSE_TENSOR_PREFIX);
+        let mut coarse = emit_distances(g, &boxed, side, &c.gaussian, COARSE_TENSOR_PREFIX);
+        if c.eroded {
+            // `local_density::min_filter`: −max(−x) over the same window; MaxPool ignores its pads
+            let one = g.i64s(&[1]);
+            let grid = g.op("Unsqueeze", &[&coarse, &one], &[]);
+            let negated = g.op("Neg", &[&grid], &[]);
+            let pooled = g.op("MaxPool", &[&negated], &[("kernel_shape", Attr::Ints(vec![k, k])), ("pads", Attr::Ints(vec![r, r, r, r]))]);
+            let eroded = g.op("Neg", &[&pooled], &[]);
+            coarse = g.op("Squeeze", &[&eroded, &one], &[]);
+        }
         dist = g.op("Max", &[&dist, &coarse], &[]);
     }
     let one = g.i64s(&[1]);

@@ -13,7 +13,9 @@
 //!
 //! With a coarse scale ([`LocalDensity::coarse`]) a second Gaussian models the vectors averaged
 //! over a window of grid cells ([`box_average`]); a position's distance is the larger of the
-//! two: the fine scale keeps small defects sharp, the coarse one sees a region's texture.
+//! two: the fine scale keeps small defects sharp, the coarse one sees a region's texture. The
+//! coarse distances are eroded ([`min_filter`], same radius): every window within reach of a
+//! thin defect covers it, so without the erosion its whole neighbourhood would light up.
 
 use crate::error::{Error, Result};
 
@@ -74,7 +76,24 @@ pub struct LocalDensity {
 pub struct CoarseGaussian {
     /// r, in cells of the backbone's grid.
     pub radius: usize,
+    /// Each distance is replaced by the smallest within r cells ([`min_filter`]); false only in
+    /// models written before the erosion existed.
+    pub eroded: bool,
     pub gaussian: LocalGaussian,
+}
+
+impl CoarseGaussian {
+    /// The coarse scale's distance grids of one image's local grids: the distances of the
+    /// box-averaged vectors, eroded when [`CoarseGaussian::eroded`].
+    pub fn image_distances(&self, grids: &[LocalGrid]) -> Vec<DistanceGrid> {
+        let boxed: Vec<LocalGrid> = grids.iter().map(|g| box_average(g, self.radius)).collect();
+        let distances = self.gaussian.image_distances(&boxed);
+        if self.eroded {
+            distances.iter().map(|d| min_filter(d, self.radius)).collect()
+        } else {
+            distances
+        }
+    }
 }
 
 impl LocalDensity {
@@ -83,8 +102,7 @@ impl LocalDensity {
     pub fn image_distances(&self, grids: &[LocalGrid]) -> Vec<DistanceGrid> {
         let mut fine = self.fine.image_distances(grids);
         if let Some(c) = &self.coarse {
-            let boxed: Vec<LocalGrid> = grids.iter().map(|g| box_average(g, c.radius)).collect();
-            for (f, coarse) in fine.iter_mut().zip(c.gaussian.image_distances(&boxed)) {
+            for (f, coarse) in fine.iter_mut().zip(c.image_distances(grids)) {
                 f.values.iter_mut().zip(coarse.values).for_each(|(a, b)| *a = a.max(b));
             }
         }
@@ -110,7 +128,7 @@ impl LocalDensity {
     ) -> Result<Self> {
         let read = |prefix| LocalGaussian::from_tensors(tensors, prefix, info.dim, info.image_contrast, path);
         let coarse = match info.coarse_radius {
-            Some(radius) => Some(CoarseGaussian { radius, gaussian: read(COARSE_TENSOR_PREFIX)? }),
+            Some(radius) => Some(CoarseGaussian { radius, eroded: info.coarse_eroded, gaussian: read(COARSE_TENSOR_PREFIX)? }),
             None => None,
         };
         Ok(LocalDensity { fine: read(TENSOR_PREFIX)?, coarse })
@@ -159,7 +177,9 @@ impl LocalDensityFit {
     pub fn finish(&self) -> Result<LocalDensity> {
         let image_contrast = self.image_contrast;
         let coarse = match &self.coarse {
-            Some((radius, fit)) => Some(CoarseGaussian { radius: *radius, gaussian: LocalGaussian { image_contrast, ..fit.finish()? } }),
+            Some((radius, fit)) => {
+                Some(CoarseGaussian { radius: *radius, eroded: true, gaussian: LocalGaussian { image_contrast, ..fit.finish()? } })
+            }
             None => None,
         };
         Ok(LocalDensity { fine: LocalGaussian { image_contrast, ..self.fine.finish()? }, coarse })
@@ -196,6 +216,27 @@ pub fn box_average(grid: &LocalGrid, radius: usize) -> LocalGrid {
         }
     }
     LocalGrid { width: w, height: h, vectors }
+}
+
+/// The grid with each value replaced by the smallest within `radius` cells of it (a (2r + 1)²
+/// window clipped at the grid's border): a grey-scale erosion, rows then columns.
+pub fn min_filter(grid: &DistanceGrid, radius: usize) -> DistanceGrid {
+    let (w, h) = (grid.width, grid.height);
+    let mut rows = vec![0f32; grid.values.len()];
+    for y in 0..h {
+        let row = &grid.values[y * w..(y + 1) * w];
+        for x in 0..w {
+            rows[y * w + x] = row[x.saturating_sub(radius)..(x + radius + 1).min(w)].iter().copied().fold(f32::INFINITY, f32::min);
+        }
+    }
+    let mut values = vec![0f32; grid.values.len()];
+    for y in 0..h {
+        for x in 0..w {
+            values[y * w + x] =
+                (y.saturating_sub(radius)..(y + radius + 1).min(h)).map(|yy| rows[yy * w + x]).fold(f32::INFINITY, f32::min);
+        }
+    }
+    DistanceGrid { width: w, height: h, values }
 }
 
 /// Each of `vectors` (rows × channels) followed by its difference from `median`: rows × 2·channels.
@@ -430,12 +471,32 @@ pub struct LocalDensityInfo {
     /// models written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coarse_radius: Option<usize>,
+    /// The coarse distances are eroded ([`CoarseGaussian::eroded`]); absent (false) in models
+    /// written before the erosion existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub coarse_eroded: bool,
     /// Local vectors (positions × views × images) it was fitted on.
     pub vectors: u64,
     pub images: usize,
     pub shrinkage: f64,
     /// sha256 of the mean and precision tensors ([`LocalDensity::sha256`]).
     pub sha256: String,
+}
+
+impl LocalDensityInfo {
+    /// The manifest entry of `density`, fitted on `vectors` local vectors of `images` images.
+    pub fn of(density: &LocalDensity, vectors: u64, images: usize) -> Self {
+        LocalDensityInfo {
+            dim: density.fine.dim,
+            image_contrast: density.fine.image_contrast,
+            coarse_radius: density.coarse.as_ref().map(|c| c.radius),
+            coarse_eroded: density.coarse.as_ref().is_some_and(|c| c.eroded),
+            vectors,
+            images,
+            shrinkage: SHRINKAGE,
+            sha256: density.sha256(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -498,19 +559,18 @@ mod tests {
     fn tensors_round_trip() {
         let fine = LocalGaussian { dim: 2, mean: vec![1.0, 2.0], precision: vec![1.0, 0.5, 0.5, 2.0], image_contrast: true };
         let coarse = LocalGaussian { mean: vec![-1.0, 0.5], precision: vec![3.0, 0.0, 0.0, 0.25], ..fine.clone() };
-        let d = LocalDensity { fine: fine.clone(), coarse: Some(CoarseGaussian { radius: 2, gaussian: coarse }) };
+        let d = LocalDensity { fine: fine.clone(), coarse: Some(CoarseGaussian { radius: 2, eroded: true, gaussian: coarse }) };
         let map: std::collections::HashMap<_, _> = d.tensors().unwrap().into_iter().collect();
-        let mut info = LocalDensityInfo {
-            dim: 2,
-            image_contrast: true,
-            coarse_radius: Some(2),
-            vectors: 0,
-            images: 0,
-            shrinkage: SHRINKAGE,
-            sha256: String::new(),
-        };
+        let mut info = LocalDensityInfo::of(&d, 0, 0);
+        assert_eq!((info.dim, info.image_contrast, info.coarse_radius, info.coarse_eroded), (2, true, Some(2), true));
+        assert_eq!(info.sha256, d.sha256());
         let path = std::path::Path::new("m");
         assert_eq!(LocalDensity::from_tensors(&map, &info, path).unwrap(), d);
+        // a manifest written before the erosion existed has no `coarse_eroded`: read as false
+        let mut json = serde_json::to_value(&info).unwrap();
+        json.as_object_mut().unwrap().remove("coarse_eroded");
+        let older: LocalDensityInfo = serde_json::from_value(json).unwrap();
+        assert!(!LocalDensity::from_tensors(&map, &older, path).unwrap().coarse.unwrap().eroded);
         // the fine scale alone keeps the checksum of a model without a coarse scale
         info.coarse_radius = None;
         let alone = LocalDensity::from_tensors(&map, &info, path).unwrap();
@@ -544,6 +604,68 @@ mod tests {
         }
         // a window wider than the grid averages only the cells there are
         assert_eq!(box_average(&LocalGrid { width: 1, height: 1, vectors: vec![7.0] }, 4).vectors, vec![7.0]);
+    }
+
+    #[test]
+    fn min_filter_is_the_smallest_value_in_the_clipped_window() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let (w, h) = (7, 5);
+        let grid = DistanceGrid { width: w, height: h, values: (0..w * h).map(|_| rng.random_range(0.0..5.0)).collect() };
+        for r in [0, 1, 2, 9] {
+            let eroded = min_filter(&grid, r);
+            for y in 0..h {
+                for x in 0..w {
+                    let mut smallest = f32::INFINITY;
+                    for yy in y.saturating_sub(r)..(y + r + 1).min(h) {
+                        for xx in x.saturating_sub(r)..(x + r + 1).min(w) {
+                            smallest = smallest.min(grid.values[yy * w + xx]);
+                        }
+                    }
+                    assert_eq!(eroded.values[y * w + x], smallest, "r {r} at ({x}, {y})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_eroded_coarse_scale_does_not_light_up_a_thin_defects_neighbourhood() {
+        // good grids: ±1 per channel at random; the defect: one column of [4, 4], far from any
+        // good vector. Every window within r columns of it covers it.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let (side, c, r, line) = (20, 2, 2, 10);
+        let good = |rng: &mut rand::rngs::StdRng| LocalGrid {
+            width: side,
+            height: side,
+            vectors: (0..side * side * c).map(|_| if rng.random_bool(0.5) { 1.0 } else { -1.0 }).collect(),
+        };
+        let mut fit = LocalDensityFit::new(c, false, Some(r));
+        (0..40).for_each(|_| fit.add_image(&[good(&mut rng)]));
+        let eroded = fit.finish().unwrap();
+        assert!(eroded.coarse.as_ref().unwrap().eroded, "a new fit erodes its coarse scale");
+        let mut plain = eroded.clone();
+        plain.coarse.as_mut().unwrap().eroded = false;
+        let mut test = good(&mut rng);
+        for y in 0..side {
+            test.vectors[(y * side + line) * c..][..c].copy_from_slice(&[4.0, 4.0]);
+        }
+        let column_values = |d: &LocalDensity, keep: &dyn Fn(usize) -> bool| -> Vec<f32> {
+            let values = d.image_distances(std::slice::from_ref(&test)).remove(0).values;
+            values.into_iter().enumerate().filter(|(i, _)| keep((i % side).abs_diff(line))).map(|p| p.1).collect()
+        };
+        let near = |off: usize| (1..=r).contains(&off);
+        let far = |off: usize| off > 2 * r + 1;
+        let largest = |v: &[f32]| v.iter().copied().fold(f32::MIN, f32::max);
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+        let far_largest = largest(&column_values(&eroded, &far));
+        // beside the line the eroded coarse scale raises no distance more than 1% above the fine
+        // scale's, which is a good vector's there; without the erosion the neighbours glow
+        let fine_only = LocalDensity { coarse: None, ..eroded.clone() };
+        let (with_coarse, fine) = (column_values(&eroded, &near), column_values(&fine_only, &near));
+        assert!(with_coarse.iter().zip(&fine).all(|(e, f)| *e <= 1.01 * f), "the eroded map glows beside the line");
+        assert!(mean(&column_values(&plain, &near)) > 1.5 * far_largest, "without erosion the neighbours should glow");
+        // the line itself stands out either way
+        let on_line = column_values(&eroded, &|off| off == 0);
+        assert!(on_line.iter().all(|v| *v > 2.0 * far_largest));
     }
 
     #[test]
