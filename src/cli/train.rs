@@ -96,9 +96,9 @@ pub struct TrainArgs {
     #[arg(long, value_name = "on|off")]
     pub image_contrast: Option<Switch>,
     /// Feature maps also at a coarse scale: a second density of the local vectors averaged over
-    /// a (2r+1)² window of grid cells, r = CELLS, each position's distance the larger of the two
-    /// scales' (finds large regions of another texture; the fine scale keeps small defects
-    /// sharp). 0: the fine scale alone.
+    /// a (2r+1)² window of grid cells, r = CELLS, its distances eroded over the same window, each
+    /// position's distance the larger of the two scales' (finds large regions of another texture;
+    /// the fine scale keeps small defects sharp). 0: the fine scale alone.
     #[arg(long, value_name = "CELLS", default_value_t = differnet::pipeline::DEFAULT_COARSE_RADIUS)]
     pub coarse_radius: usize,
     /// Image score. `combined` (default but with `--schedule paper`): the flow's score plus the
