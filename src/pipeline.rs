@@ -583,8 +583,8 @@ pub const DEFAULT_IMAGE_CONTRAST: bool = true;
 
 /// Radius in grid cells of the local density's coarse scale by default: 8, a 17 × 17 window
 /// (272 px of the 448 input on EfficientNet-Lite0's 28-cell grid), eroded over the same window;
-/// chosen on the validation sets (the highest AUPRO averaged over the three of radii 5, 8 and 11;
-/// docs/results.md, "A coarse scale").
+/// chosen on the validation sets (the highest AUPRO averaged over the three of radii 5 and 8;
+/// 11 fell below 8 on both sets it was run on; docs/results.md, "A coarse scale").
 pub const DEFAULT_COARSE_RADIUS: usize = 8;
 
 /// `train`'s default held-out fraction of the training images.
