@@ -34,7 +34,8 @@ pub use error::{Error, Result};
 /// allocates and frees buffers of MBs; by default glibc returns them and the kernel zero-fills
 /// the next ones page by page. Flow training at width 2048, batch 96, on a 2-vCPU AMD EPYC with
 /// AVX-512: 0.95-1.03 s per step without, 0.89-0.97 s with (three interleaved runs each).
-/// The binary calls it once at start; returns false where it is unsupported or refused.
+/// The binary and the Python module call it once at start; returns false where it is unsupported
+/// or refused.
 pub fn keep_freed_buffers() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes the allocator's thresholds; it has no preconditions.

@@ -290,7 +290,9 @@ fn fetch_weights(py: Python<'_>, name: &str) -> PyResult<PathBuf> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // as the CLI does: load OpenBLAS and read (or measure and cache) the faster backend per shape
+    // as the CLI does: keep freed buffers for reuse, load OpenBLAS and read (or measure and
+    // cache) the faster backend per shape
+    differnet::keep_freed_buffers();
     differnet::kernels::sgemm::init(Some(&differnet::backbone::weights::home().join("sgemm-choice.json")));
     m.add_class::<PyDetector>()?;
     m.add_function(wrap_pyfunction!(train, m)?)?;
