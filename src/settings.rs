@@ -51,6 +51,8 @@ pub struct TrainSettings {
     pub epochs: Option<usize>,
     pub views: Option<usize>,
     pub cached_views: Option<usize>,
+    /// Each epoch trains on views no earlier epoch saw (epochs × views cached per image).
+    pub fresh_views: bool,
     pub batch: usize,
     pub test_views: Option<usize>,
     pub blocks: usize,
@@ -96,6 +98,7 @@ impl Default for TrainSettings {
             epochs: None,
             views: None,
             cached_views: None,
+            fresh_views: false,
             batch: 24,
             test_views: None,
             blocks: 8,
@@ -136,10 +139,12 @@ impl TrainSettings {
     pub fn plan(&self) -> SchedulePlan {
         let base = self.schedule.plan();
         let views = self.views.unwrap_or(base.views_per_image);
+        let epochs = self.epochs.unwrap_or(base.epochs);
+        let cached = if self.fresh_views { epochs * views } else { base.cached_views.max(views) };
         SchedulePlan {
-            epochs: self.epochs.unwrap_or(base.epochs),
+            epochs,
             views_per_image: views,
-            cached_views: self.cached_views.unwrap_or(base.cached_views.max(views)),
+            cached_views: self.cached_views.unwrap_or(cached),
             test_views: self.test_views.unwrap_or(base.test_views),
             rotate: self.rotate.unwrap_or(base.rotate),
             tiles: base.tiles,
@@ -193,6 +198,7 @@ impl TrainSettings {
         cfg.batch_images = self.batch;
         cfg.augment = Augment { rotate: plan.rotate, brightness: self.brightness, contrast: self.contrast, saturation: self.saturation };
         cfg.train_by(&plan);
+        cfg.fresh_views = self.fresh_views;
         cfg.seed = self.seed;
         let open =
             OpenOptions { device: device.clone(), backbone_batch: self.backbone_batch, cache: self.cache(), ..OpenOptions::default() };
@@ -236,6 +242,17 @@ mod tests {
         let err = serde_json::from_str::<TrainSettings>(r#"{"epoch": 3}"#).unwrap_err().to_string();
         assert!(err.contains("unknown field `epoch`"), "{err}");
         assert!(TilesSetting::Word("auto".into()).count().unwrap() == 0 && TilesSetting::Count(0).count().is_err());
+    }
+
+    #[test]
+    fn fresh_views_extract_a_view_per_epoch_and_view() {
+        let s = TrainSettings { schedule: Schedule::Paper, epochs: Some(6), fresh_views: true, ..TrainSettings::default() };
+        assert_eq!(s.plan().cached_views, 24, "6 epochs × 4 views");
+        let o = TrainSettings { backbone: Some(BackboneKind::Alexnet), ..s }
+            .options("d".into(), "m".into(), &candle_core::Device::Cpu)
+            .unwrap();
+        assert!(o.config.fresh_views && o.config.cached_views == 24);
+        assert!(!TrainSettings::default().fresh_views && TrainSettings::default().plan().cached_views == 1);
     }
 
     #[test]

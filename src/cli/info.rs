@@ -66,11 +66,11 @@ pub fn summary(m: &Manifest, bytes: u64) -> String {
             params as f64 / 1e6
         ),
         format!(
-            "schedule      {} epochs, batch {} images x {} views (from {} cached), rotation {}{jitter}, lr {:e}, Adam betas ({}, {}), seed {}{pose}",
+            "schedule      {} epochs, batch {} images x {} views ({}), rotation {}{jitter}, lr {:e}, Adam betas ({}, {}), seed {}{pose}",
             t.epochs,
             t.batch_images,
             t.views_per_image,
-            t.cached_views,
+            if t.fresh_views { format!("new each epoch, {} extracted", t.cached_views) } else { format!("from {} cached", t.cached_views) },
             if a.rotate { "on" } else { "off" },
             t.adam.lr,
             t.adam.beta1,

@@ -39,6 +39,13 @@ pub struct TrainArgs {
     /// Views extracted once per training image and sampled each epoch (fast: 1, rotation: 8, paper: 16).
     #[arg(long)]
     pub cached_views: Option<usize>,
+    /// Train every epoch on views no earlier epoch saw, as the paper draws new random transforms
+    /// each epoch: epochs × views are extracted per image before training (the paper schedule:
+    /// 768 AlexNet views of each image, about 16 hours for MTD on 2 cores, 1.8 GB of features).
+    /// Without it each epoch samples from the cached views, which the flow overfits over long
+    /// schedules (docs/results.md).
+    #[arg(long, conflicts_with = "cached_views")]
+    pub fresh_views: bool,
     /// Images per batch (official: 24, i.e. 96 views).
     #[arg(long, default_value_t = 24)]
     pub batch: usize,
@@ -167,6 +174,7 @@ impl TrainArgs {
             epochs: self.epochs,
             views: self.views,
             cached_views: self.cached_views,
+            fresh_views: self.fresh_views,
             batch: self.batch,
             test_views: self.test_views,
             blocks: self.blocks,

@@ -41,6 +41,11 @@ pub struct TrainConfig {
     /// 0: per image, by its aspect ratio).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub tiles: usize,
+    /// Every epoch takes views no earlier epoch took: epoch e uses cached views
+    /// [e·views_per_image, (e+1)·views_per_image) of each image, so `cached_views` must be at
+    /// least epochs × views_per_image (the paper draws new random transforms every epoch).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh_views: bool,
 }
 
 /// The training schedules: what they fix (the rest is the paper's everywhere).
@@ -164,6 +169,7 @@ impl TrainConfig {
             seed: 0,
             input_normalization: backbone.input_normalization(),
             tiles: 1,
+            fresh_views: false,
         }
     }
     /// The pooled stages (the last one for models written before stages could be chosen).
@@ -193,6 +199,13 @@ impl TrainConfig {
             return Err(Error::Config(format!(
                 "cached views ({}) must be at least the views per image ({})",
                 self.cached_views, self.views_per_image
+            )));
+        }
+        if self.fresh_views && self.cached_views < self.epochs * self.views_per_image {
+            return Err(Error::Config(format!(
+                "fresh views every epoch need epochs × views per image = {} cached views, got {}",
+                self.epochs * self.views_per_image,
+                self.cached_views
             )));
         }
         let (b1, b2) = (self.adam.beta1, self.adam.beta2);
@@ -248,6 +261,19 @@ pub fn training_features(
     // a tile's cached views are consecutive rows
     let per_tile = cfg.cached_views * ex.feature_dim();
     Ok(per_image.iter().flat_map(|f| f.chunks(per_tile).map(<[f32]>::to_vec)).collect())
+}
+
+/// Which of an image's `cached` views epoch `epoch` trains on: the next `views_per_image` of
+/// them with [`TrainConfig::fresh_views`], else that many drawn at random.
+fn epoch_views(cfg: &TrainConfig, epoch: usize, cached: usize, rng: &mut impl rand::Rng) -> Vec<usize> {
+    let k = cfg.views_per_image;
+    if cfg.fresh_views {
+        return (epoch * k..(epoch + 1) * k).map(|v| v % cached).collect();
+    }
+    let mut picks: Vec<usize> = (0..cached).collect();
+    picks.shuffle(rng);
+    picks.truncate(k);
+    picks
 }
 
 fn check_finite(loss: f64, epoch: usize) -> Result<()> {
@@ -308,10 +334,7 @@ pub fn train_flow_with_checkpoints(
         for chunk in order.chunks(cfg.batch_images) {
             let mut rows = Vec::with_capacity(chunk.len() * cfg.views_per_image * dim);
             for &i in chunk {
-                let n = features[i].len() / dim;
-                let mut picks: Vec<usize> = (0..n).collect();
-                picks.shuffle(&mut rng);
-                for &v in &picks[..cfg.views_per_image] {
+                for v in epoch_views(cfg, epoch, features[i].len() / dim, &mut rng) {
                     rows.extend_from_slice(&features[i][v * dim..(v + 1) * dim]);
                 }
             }
@@ -385,5 +408,34 @@ mod stage_tests {
         assert_eq!(cfg.flow.dim, 960);
         assert!(cfg.set_stages(&[5, 4]).is_err() && cfg.set_stages(&[7]).is_err() && cfg.set_stages(&[]).is_err());
         assert!(TrainConfig::new(BackboneKind::Alexnet).set_stages(&[1]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_views_take_every_cached_view_once_and_need_enough_of_them() {
+        let mut cfg = TrainConfig::new(BackboneKind::Alexnet);
+        (cfg.epochs, cfg.views_per_image, cfg.cached_views, cfg.fresh_views) = (5, 4, 20, true);
+        cfg.validate().unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut used: Vec<usize> = (0..cfg.epochs).flat_map(|e| epoch_views(&cfg, e, cfg.cached_views, &mut rng)).collect();
+        assert_eq!(&used[..4], &[0, 1, 2, 3], "epoch 0 takes the first views");
+        used.sort_unstable();
+        assert_eq!(used, (0..20).collect::<Vec<_>>(), "each view exactly once over the epochs");
+        cfg.cached_views = 19;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("20 cached views, got 19"), "{err}");
+        // sampled views: distinct within an epoch, from the cached ones, repeating across epochs
+        cfg.fresh_views = false;
+        let sampled: Vec<Vec<usize>> = (0..cfg.epochs).map(|e| epoch_views(&cfg, e, 6, &mut rng)).collect();
+        for s in &sampled {
+            let mut d = s.clone();
+            d.sort_unstable();
+            d.dedup();
+            assert!(d.len() == 4 && d.iter().all(|v| *v < 6), "{s:?}");
+        }
     }
 }
